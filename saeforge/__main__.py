@@ -1,0 +1,5 @@
+import sys
+
+from saeforge.cli import main
+
+sys.exit(main())

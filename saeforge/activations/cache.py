@@ -1,0 +1,374 @@
+"""The activation cache: harvest a model's activations to disk once, read them back many times.
+
+Layout of a cache folder (see docs/cache.md for every manifest field)::
+
+    out/manifest.json            what was harvested, how, and the list of finished shards
+    out/shard_00000.safetensors  "acts.<hook>" [N, d] per hook, "token_id" int32 [N], "doc" int64 [N], "pos" int32 [N]
+    out/shard_00001.safetensors  ...
+
+Only positions whose packing ``keep`` mask is True are stored (no BOS / padding / special tokens by
+default). A shard always covers a whole number of forward batches (``shard_batches`` of them), so the
+shard boundaries and bytes depend only on the config, never on when a run was interrupted.
+
+Crash safety: each shard is written atomically (temp file + rename), *then* the manifest is rewritten
+atomically to list it. A rerun with the same config re-reads and re-packs the text (cheap), checks the
+listed shards' checksums, skips the forward passes of the contexts they cover, and carries on. The
+manifest holds no timestamps or absolute paths, so a resumed cache is byte-identical to one harvested
+in a single run.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from safetensors import safe_open
+
+from saeforge.config import JsonConfig
+from saeforge.data.packing import batch_contexts, pack
+from saeforge.data.text import iter_documents
+from saeforge.device import resolve_device
+from saeforge.errors import SaeforgeError
+from saeforge.io import save_safetensors_atomic, sha256_bytes, sha256_file, write_json_atomic
+
+FORMAT = "saeforge-activation-cache/1"
+STORE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+MANIFEST = "manifest.json"
+INCOMPLETE_HINT = "rerun `saeforge harvest` with the same arguments to finish it"
+
+
+@dataclass
+class HarvestConfig(JsonConfig):
+    """What to harvest. Every field except ``out`` and ``device`` determines the cache's bytes."""
+
+    model: str
+    data: str
+    hooks: list[str]
+    out: str
+    tokenizer: str | None = None
+    text_field: str = "text"
+    split: str = "train"
+    context_len: int = 128
+    batch_contexts: int = 32
+    shard_tokens: int = 65536
+    max_tokens: int | None = None
+    dtype: str = "float32"
+    device: str = "cpu"
+    keep_special: bool = False
+
+    def validate(self) -> None:
+        if not self.hooks:
+            raise SaeforgeError("no hooks given; pass --hooks, e.g. --hooks resid_post.2")
+        if self.dtype not in STORE_DTYPES:
+            raise SaeforgeError(f"unknown --dtype {self.dtype!r}; use one of {', '.join(STORE_DTYPES)}")
+        for name in ("context_len", "batch_contexts", "shard_tokens"):
+            if getattr(self, name) < 1:
+                raise SaeforgeError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.max_tokens is not None and self.max_tokens < 1:
+            raise SaeforgeError(f"max_tokens must be positive or unset, got {self.max_tokens}")
+        if len(set(self.hooks)) != len(self.hooks):
+            raise SaeforgeError(f"hook list {self.hooks} repeats a name; give each hook once")
+
+    @property
+    def shard_batches(self) -> int:
+        """Forward batches per shard: shard_tokens rounded to a whole number of batches (at least 1)."""
+        return max(1, round(self.shard_tokens / (self.batch_contexts * self.context_len)))
+
+    def identity(self) -> dict[str, Any]:
+        """The fields that decide the cache contents (``out`` is where, ``device`` only how fast)."""
+        d = self.to_dict()
+        d.pop("out")
+        d.pop("device")
+        return d
+
+
+# ----------------------------------------------------------------------------- shared with LiveStream
+
+
+def context_batches(
+    tokenizer: Any,
+    data: str,
+    *,
+    context_len: int,
+    batch_size: int,
+    text_field: str = "text",
+    split: str = "train",
+    keep_special: bool = False,
+    max_tokens: int | None = None,
+) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Packed ``(tokens, doc, pos, keep)`` batches of ``data``, stopping once ``max_tokens`` kept rows exist.
+
+    The keep mask of the last context is cut so that exactly ``max_tokens`` rows are kept in total.
+    """
+    contexts = pack(iter_documents(data, text_field=text_field, split=split), tokenizer,
+                    context_len=context_len, keep_special=keep_special)
+
+    def capped() -> Iterator[Any]:
+        kept = 0
+        for ctx in contexts:
+            n = int(ctx.keep.sum())
+            if max_tokens is not None and kept + n >= max_tokens:
+                idx = torch.nonzero(ctx.keep).flatten()
+                ctx.keep[idx[max_tokens - kept:]] = False
+                yield ctx
+                return
+            kept += n
+            yield ctx
+
+    yield from batch_contexts(capped(), batch_size)
+
+
+def forward_rows(
+    model: torch.nn.Module,
+    hook_points: list[Any],
+    batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
+    device: torch.device,
+) -> dict[str, torch.Tensor]:
+    """One forward pass; returns the kept rows: ``acts.<hook>`` [N, d] (model dtype, CPU) and metadata."""
+    from saeforge.hooks import capture
+
+    tokens, doc, pos, keep = batch
+    real = doc >= 0  # False only at padding of the final partial context
+    mask = None if bool(real.all()) else real.long().to(device)
+    with torch.no_grad():
+        acts = capture(model, hook_points, tokens.to(device), attention_mask=mask, stop_early=True)
+    out = {f"acts.{h.name}": acts[h.name][keep.to(device)].cpu() for h in hook_points}
+    out["token_id"] = tokens[keep].to(torch.int32)
+    out["doc"] = doc[keep].to(torch.int64)
+    out["pos"] = pos[keep].to(torch.int32)
+    return out
+
+
+def _concat(parts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
+
+
+# ----------------------------------------------------------------------------- writer
+
+
+def _version() -> str:
+    try:
+        from importlib.metadata import version
+
+        return version("saeforge")
+    except Exception:  # noqa: BLE001 - not installed (running from a checkout)
+        import saeforge
+
+        return str(getattr(saeforge, "__version__", "unknown"))
+
+
+def _jsonable(spec: Any) -> Any:
+    if hasattr(spec, "to_dict"):
+        return spec.to_dict()
+    if dataclasses.is_dataclass(spec):
+        return dataclasses.asdict(spec)
+    return spec if isinstance(spec, (dict, list, str, int, float, bool, type(None))) else str(spec)
+
+
+def _shard_name(i: int) -> str:
+    return f"shard_{i:05d}.safetensors"
+
+
+def _prepare_folder(out: Path, cfg: HarvestConfig) -> dict[str, Any] | None:
+    """Check ``out`` is new or a cache of this exact config; return its manifest (or None) and tidy it."""
+    manifest_path = out / MANIFEST
+    old = None
+    if manifest_path.exists():
+        try:
+            old = json.loads(manifest_path.read_text())
+            old_cfg = old["config"]
+        except (json.JSONDecodeError, KeyError, TypeError):
+            raise SaeforgeError(f"{manifest_path} is not a saeforge cache manifest; pick a new --out or delete the folder") from None
+        new_cfg = cfg.identity()
+        if old_cfg != new_cfg:
+            diff = sorted(k for k in set(old_cfg) | set(new_cfg) if old_cfg.get(k) != new_cfg.get(k))
+            shown = ", ".join(f"{k}: {old_cfg.get(k)!r} -> {new_cfg.get(k)!r}" for k in diff)
+            raise SaeforgeError(
+                f"{out} holds a cache harvested with a different config ({shown}); pick a new --out or delete the folder"
+            )
+    elif out.exists():
+        if not out.is_dir():
+            raise SaeforgeError(f"--out {out} is a file; pass a folder path")
+        strays = [p.name for p in out.iterdir() if not (p.name.startswith("shard_") or p.name.endswith(".tmp"))]
+        if strays:
+            raise SaeforgeError(f"--out {out} is not empty and not an activation cache; pick a new --out or empty it")
+    out.mkdir(parents=True, exist_ok=True)
+    # Leftovers of a crash: temp files of interrupted atomic writes, shards the manifest never listed.
+    listed = {s["file"] for s in (old or {}).get("shards", [])}
+    for p in out.iterdir():
+        if p.name.endswith(".tmp") or (p.name.startswith("shard_") and p.name not in listed):
+            p.unlink()
+    return old
+
+
+def _verified_prefix(out: Path, shards: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The listed shards up to the first one that is missing or fails its checksum (to be redone)."""
+    good = []
+    for s in shards:
+        f = out / s["file"]
+        if not f.exists() or sha256_file(f) != s["sha256"]:
+            break
+        good.append(s)
+    for s in shards[len(good):]:
+        (out / s["file"]).unlink(missing_ok=True)
+    return good
+
+
+def harvest(cfg: HarvestConfig, progress: bool = True) -> Path:
+    """Run the model over ``cfg.data`` and store the hooked activations in ``cfg.out``; returns the folder.
+
+    Resumable: rerunning an interrupted harvest with the same config finishes it (see module docstring).
+    A complete cache with the same config is left untouched.
+    """
+    from tqdm.auto import tqdm
+
+    from saeforge.hooks import resolve_hook
+    from saeforge.models import load_model
+
+    cfg.validate()
+    out = Path(cfg.out)
+    old = _prepare_folder(out, cfg)
+    shards = _verified_prefix(out, old["shards"]) if old else []
+    if old and old.get("complete") and len(shards) == len(old["shards"]):
+        return out
+
+    device = resolve_device(cfg.device)
+    loaded = load_model(cfg.model, tokenizer=cfg.tokenizer, device=device)
+    hook_points = [resolve_hook(loaded, h) for h in cfg.hooks]
+    store_dtype = STORE_DTYPES[cfg.dtype]
+    manifest: dict[str, Any] = {
+        "format": FORMAT,
+        "saeforge_version": _version(),
+        "config": cfg.identity(),
+        "model": {"family": loaded.family, "spec": _jsonable(loaded.spec),
+                  "d_model": loaded.d_model, "n_layers": loaded.n_layers},
+        "hooks": list(cfg.hooks),
+        "d": dict(old.get("d", {})) if old else {},
+        "dtype": cfg.dtype,
+        "context_len": cfg.context_len,
+        "batch_contexts": cfg.batch_contexts,
+        "shard_batches": cfg.shard_batches,
+        "data": cfg.data,
+        "n_tokens": 0,
+        "n_contexts": 0,
+        "shards": shards,
+        "complete": False,
+    }
+
+    def write_manifest() -> None:
+        manifest["n_tokens"] = sum(s["rows"] for s in shards)
+        manifest["n_contexts"] = sum(s["n_contexts"] for s in shards)
+        write_json_atomic(out / MANIFEST, manifest)
+
+    write_manifest()
+    skip_batches = len(shards) * cfg.shard_batches
+    n_contexts_done = manifest["n_contexts"]
+    bar = tqdm(total=cfg.max_tokens, initial=manifest["n_tokens"], unit="tok", unit_scale=True,
+               desc=f"harvest {out.name}", disable=not progress)
+    pending: list[dict[str, torch.Tensor]] = []
+    pending_contexts = 0
+
+    def flush() -> None:
+        nonlocal pending, pending_contexts, n_contexts_done
+        rows = _concat(pending)
+        tensors = {k: (v.to(store_dtype) if k.startswith("acts.") else v).contiguous() for k, v in rows.items()}
+        name = _shard_name(len(shards))
+        data = save_safetensors_atomic(out / name, tensors)
+        shards.append({"file": name, "rows": int(rows["token_id"].shape[0]), "sha256": sha256_bytes(data),
+                       "first_context": n_contexts_done, "n_contexts": pending_contexts})
+        n_contexts_done += pending_contexts
+        pending, pending_contexts = [], 0
+        write_manifest()
+
+    batches = context_batches(loaded.tokenizer, cfg.data, context_len=cfg.context_len,
+                              batch_size=cfg.batch_contexts, text_field=cfg.text_field, split=cfg.split,
+                              keep_special=cfg.keep_special, max_tokens=cfg.max_tokens)
+    try:
+        for b, batch in enumerate(batches):
+            if b < skip_batches:
+                continue
+            rows = forward_rows(loaded.model, hook_points, batch, device)
+            for h in cfg.hooks:
+                manifest["d"].setdefault(h, int(rows[f"acts.{h}"].shape[-1]))
+            pending.append(rows)
+            pending_contexts += int(batch[0].shape[0])
+            bar.update(int(rows["token_id"].shape[0]))
+            if len(pending) == cfg.shard_batches:
+                flush()
+        if pending:
+            flush()
+    finally:
+        bar.close()
+    if not shards:
+        raise SaeforgeError(
+            f"{cfg.data} gave no context of {cfg.context_len} tokens; use more text or a smaller --context-len"
+        )
+    manifest["complete"] = True
+    write_manifest()
+    return out
+
+
+# ----------------------------------------------------------------------------- reader
+
+
+class ActivationCache:
+    """Read-only view of a complete cache folder: the manifest plus one shard at a time."""
+
+    def __init__(self, path: str | os.PathLike[str]):
+        self.path = Path(path)
+        mpath = self.path / MANIFEST
+        if not mpath.exists():
+            raise SaeforgeError(f"{self.path} is not an activation cache (no {MANIFEST}); create one with `saeforge harvest`")
+        try:
+            self.manifest: dict[str, Any] = json.loads(mpath.read_text())
+        except json.JSONDecodeError:
+            raise SaeforgeError(f"{mpath} is not valid JSON; {INCOMPLETE_HINT}") from None
+        if self.manifest.get("format") != FORMAT:
+            raise SaeforgeError(f"{mpath} has format {self.manifest.get('format')!r}, expected {FORMAT!r}; harvest it again")
+        if not self.manifest.get("complete"):
+            raise SaeforgeError(
+                f"activation cache {self.path} is incomplete ({len(self.manifest['shards'])} shards so far); {INCOMPLETE_HINT}"
+            )
+        self.hooks: list[str] = list(self.manifest["hooks"])
+        self.d: dict[str, int] = {h: int(self.manifest["d"][h]) for h in self.hooks}
+        self.n_tokens: int = int(self.manifest["n_tokens"])
+        self.n_shards: int = len(self.manifest["shards"])
+        self.dtype: torch.dtype = STORE_DTYPES[self.manifest["dtype"]]
+
+    def __len__(self) -> int:
+        return self.n_tokens
+
+    def shard_rows(self, i: int) -> int:
+        return int(self.manifest["shards"][i]["rows"])
+
+    def shard(self, i: int, hooks: list[str] | None = None) -> dict[str, torch.Tensor]:
+        """Load shard ``i`` (only the given hooks' activations if ``hooks`` is set) into CPU memory."""
+        if not 0 <= i < self.n_shards:
+            raise SaeforgeError(f"shard index {i} out of range; the cache has {self.n_shards} shards")
+        hooks = self.hooks if hooks is None else hooks
+        missing = [h for h in hooks if h not in self.d]
+        if missing:
+            raise SaeforgeError(f"hooks {missing} are not in cache {self.path} (it has {self.hooks}); pick from those")
+        entry = self.manifest["shards"][i]
+        f = self.path / entry["file"]
+        if not f.exists():
+            raise SaeforgeError(f"{f} is missing; {INCOMPLETE_HINT} (it re-creates missing shards)")
+        keys = [f"acts.{h}" for h in hooks] + ["token_id", "doc", "pos"]
+        with safe_open(f, framework="pt") as fh:
+            out = {k: fh.get_tensor(k) for k in keys}
+        if out["token_id"].shape[0] != entry["rows"]:
+            raise SaeforgeError(f"{f} has {out['token_id'].shape[0]} rows, manifest says {entry['rows']}; {INCOMPLETE_HINT}")
+        return out
+
+    def verify(self) -> None:
+        """Check every shard's sha256 against the manifest; raise naming the first bad shard."""
+        for entry in self.manifest["shards"]:
+            f = self.path / entry["file"]
+            if not f.exists():
+                raise SaeforgeError(f"{f} is missing; {INCOMPLETE_HINT} (it re-creates missing shards)")
+            if sha256_file(f) != entry["sha256"]:
+                raise SaeforgeError(f"{f} fails its checksum (corrupted); {INCOMPLETE_HINT} (it redoes bad shards)")

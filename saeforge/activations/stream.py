@@ -1,0 +1,356 @@
+"""Activation streams: the one interface the trainer reads activations through.
+
+A stream yields :class:`ActivationBatch` objects -- float32 rows for each hook, plus the token id, the
+document and the position each row came from -- drawn at random from a bounded :class:`ShuffleBuffer`.
+Two sources feed it:
+
+* :class:`CachedStream` reads a harvested cache (``saeforge harvest``) shard by shard;
+* :class:`LiveStream` runs the model on text as it goes, with no cache at all.
+
+Given the same model, data and packing settings both produce the same multiset of rows per epoch.
+All randomness comes from ``torch.Generator`` objects seeded with ``(seed, epoch)``, so a stream is
+reproducible, and ``iterate(skip_batches=k)`` resumes a run exactly: it replays the first ``k`` batches
+without handing them out (whole epochs are skipped without any work, since each epoch starts afresh).
+"""
+from __future__ import annotations
+
+import queue
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Protocol, runtime_checkable
+
+import torch
+
+from saeforge.activations.cache import MANIFEST, ActivationCache, context_batches, forward_rows
+from saeforge.device import resolve_device
+from saeforge.errors import SaeforgeError
+
+META_KEYS = ("token_id", "doc", "pos")
+
+
+@dataclass
+class ActivationBatch:
+    """One training batch: ``acts[hook]`` is float32 [B, d] on the stream's device; metadata is int64 [B]."""
+
+    acts: dict[str, torch.Tensor]
+    token_id: torch.Tensor | None = None
+    doc: torch.Tensor | None = None
+    pos: torch.Tensor | None = None
+
+    def __len__(self) -> int:
+        return next(iter(self.acts.values())).shape[0]
+
+
+@runtime_checkable
+class ActivationStream(Protocol):
+    hooks: list[str]
+    d: dict[str, int]
+
+    def iterate(self, skip_batches: int = 0) -> Iterator[ActivationBatch]: ...
+
+    def __iter__(self) -> Iterator[ActivationBatch]: ...
+
+
+def _epoch_generator(seed: int, epoch: int) -> torch.Generator:
+    # A distinct, reproducible stream of random numbers per (seed, epoch).
+    return torch.Generator().manual_seed((seed * 1_000_003 + epoch) % (2**63))
+
+
+class ShuffleBuffer:
+    """A fixed-capacity pool of rows; ``pop`` removes a uniformly random subset of the resident rows.
+
+    Rows are kept in preallocated tensors (one per key, allocated on the first ``push``), so memory is
+    ``capacity`` rows no matter how much data flows through. A pop picks ``b`` distinct slots uniformly
+    at random and fills the holes with the rows from the tail (swap-remove), keeping the residents
+    contiguous in ``[0, size)``. Sampling uses the given CPU generator, so the row order is
+    reproducible and independent of the device the rows live on.
+    """
+
+    def __init__(self, capacity: int, generator: torch.Generator, device: str | torch.device = "cpu"):
+        if capacity < 1:
+            raise SaeforgeError(f"shuffle buffer capacity must be positive, got {capacity}")
+        self.capacity = capacity
+        self.generator = generator
+        self.device = torch.device(device)
+        self.size = 0
+        self._store: dict[str, torch.Tensor] | None = None
+
+    def __len__(self) -> int:
+        return self.size
+
+    @property
+    def free(self) -> int:
+        return self.capacity - self.size
+
+    def push(self, chunk: dict[str, torch.Tensor]) -> None:
+        """Copy all rows of ``chunk`` in; they must fit (``len <= free``)."""
+        n = next(iter(chunk.values())).shape[0]
+        if n > self.free:
+            raise ValueError(f"push of {n} rows into a buffer with {self.free} free slots")
+        if self._store is None:
+            self._store = {k: torch.empty((self.capacity, *v.shape[1:]), dtype=v.dtype, device=self.device)
+                           for k, v in chunk.items()}
+        for k, v in chunk.items():
+            self._store[k][self.size:self.size + n] = v
+        self.size += n
+
+    def pop(self, batch_size: int, gather: bool = True) -> dict[str, torch.Tensor] | None:
+        """Remove ``batch_size`` uniformly random resident rows; return them (or None with ``gather=False``,
+        which advances the random state identically -- used to replay batches on resume)."""
+        n, b = self.size, batch_size
+        if b > n:
+            raise ValueError(f"pop of {b} rows from a buffer holding {n}")
+        assert self._store is not None
+        idx = torch.randperm(n, generator=self.generator)[:b]
+        out = None
+        if gather:
+            idx_d = idx.to(self.device)
+            out = {k: v.index_select(0, idx_d) for k, v in self._store.items()}
+        # Swap-remove: holes below n-b take the unpicked rows of the tail [n-b, n).
+        picked_tail = torch.zeros(b, dtype=torch.bool)
+        picked_tail[idx[idx >= n - b] - (n - b)] = True
+        holes = idx[idx < n - b]
+        if holes.numel():
+            movers = torch.arange(n - b, n)[~picked_tail]
+            holes_d, movers_d = holes.to(self.device), movers.to(self.device)
+            for v in self._store.values():
+                v[holes_d] = v[movers_d]
+        self.size = n - b
+        return out
+
+    def flush(self, batch_size: int, gather: Callable[[], bool] = lambda: True) -> Iterator[dict[str, torch.Tensor] | None]:
+        """Empty the buffer in random batches (the last one may be smaller)."""
+        while self.size:
+            yield self.pop(min(batch_size, self.size), gather())
+
+    def shuffle_chunks(
+        self, chunks: Iterable[dict[str, torch.Tensor]], batch_size: int, gather: Callable[[], bool]
+    ) -> Iterator[dict[str, torch.Tensor] | None]:
+        """Stream chunks through the buffer: fill it, pop a batch whenever it is full, flush at the end.
+
+        ``gather()`` is asked before each pop whether the batch is wanted (False while replaying).
+        """
+        if batch_size > self.capacity:
+            raise SaeforgeError(
+                f"batch size {batch_size} exceeds the shuffle buffer ({self.capacity} rows); raise shuffle_buffer"
+            )
+        for chunk in chunks:
+            n = next(iter(chunk.values())).shape[0]
+            off = 0
+            while off < n:
+                take = min(self.free, n - off)
+                self.push({k: v[off:off + take] for k, v in chunk.items()})
+                off += take
+                if self.free == 0:
+                    yield self.pop(batch_size, gather())
+        yield from self.flush(batch_size, gather)
+
+
+class _BufferedStream:
+    """Shared epoch / replay / batching logic; subclasses provide the chunks of one epoch."""
+
+    hooks: list[str]
+    d: dict[str, int]
+
+    def __init__(self, batch_size: int, shuffle_buffer: int, epochs: int | None, seed: int, device: Any):
+        if batch_size < 1:
+            raise SaeforgeError(f"batch_size must be positive, got {batch_size}")
+        if epochs is not None and epochs < 1:
+            raise SaeforgeError(f"epochs must be positive or None (forever), got {epochs}")
+        self.batch_size = batch_size
+        self.shuffle_buffer = max(shuffle_buffer, batch_size)
+        self.epochs = epochs
+        self.seed = seed
+        self.device = resolve_device(device)
+
+    def _n_rows(self) -> int | None:
+        """Rows per epoch when known without a pass (lets ``iterate`` skip whole epochs for free)."""
+        return None
+
+    def _epoch_chunks(self, epoch: int, generator: torch.Generator) -> Iterator[dict[str, torch.Tensor]]:
+        raise NotImplementedError
+
+    def batches_per_epoch(self) -> int | None:
+        n = self._n_rows()
+        return None if n is None else -(-n // self.batch_size)
+
+    def _to_batch(self, rows: dict[str, torch.Tensor]) -> ActivationBatch:
+        dev = self.device
+        acts = {h: rows[f"acts.{h}"].to(dev, torch.float32, non_blocking=True) for h in self.hooks}
+        meta = {k: rows[k].to(dev, torch.int64) for k in META_KEYS}
+        return ActivationBatch(acts=acts, **meta)
+
+    def iterate(self, skip_batches: int = 0) -> Iterator[ActivationBatch]:
+        """Yield batches epoch after epoch (forever when ``epochs`` is None).
+
+        The first ``skip_batches`` batches are replayed without being returned, so a resumed training
+        run sees exactly the batches an uninterrupted one would have seen next.
+        """
+        per_epoch = self.batches_per_epoch()
+        epoch = 0
+        if per_epoch and skip_batches >= per_epoch:  # whole epochs: nothing to replay
+            epoch, skip_batches = divmod(skip_batches, per_epoch)
+        while self.epochs is None or epoch < self.epochs:
+            g = _epoch_generator(self.seed, epoch)
+            n_rows = self._n_rows()
+            cap = self.shuffle_buffer if n_rows is None else max(self.batch_size, min(self.shuffle_buffer, n_rows))
+            buf = ShuffleBuffer(cap, g, self.device)
+            produced = 0
+            for rows in buf.shuffle_chunks(self._epoch_chunks(epoch, g), self.batch_size,
+                                           gather=lambda: skip_batches == 0):
+                produced += 1
+                if skip_batches:
+                    skip_batches -= 1
+                    continue
+                yield self._to_batch(rows)
+            if produced == 0:
+                raise SaeforgeError(f"{type(self).__name__} has no rows to give; point it at a non-empty cache or more text")
+            epoch += 1
+
+    def __iter__(self) -> Iterator[ActivationBatch]:
+        return self.iterate()
+
+
+def _prefetched(load: Callable[[int], dict[str, torch.Tensor]], order: list[int]) -> Iterator[dict[str, torch.Tensor]]:
+    """Load ``order``'s shards one ahead on a background thread (I/O overlaps the consumer's compute)."""
+    q: queue.Queue = queue.Queue(maxsize=1)
+    stop = threading.Event()
+
+    def work() -> None:
+        try:
+            for i in order:
+                if stop.is_set():
+                    return
+                q.put(("ok", load(i)))
+            q.put(("end", None))
+        except BaseException as e:  # noqa: BLE001 - re-raised in the consumer
+            q.put(("err", e))
+
+    t = threading.Thread(target=work, daemon=True, name="saeforge-shard-prefetch")
+    t.start()
+    try:
+        while True:
+            kind, val = q.get()
+            if kind == "end":
+                return
+            if kind == "err":
+                raise val
+            yield val
+    finally:
+        stop.set()
+        while t.is_alive():  # unblock a worker waiting on a full queue, then let it finish
+            try:
+                q.get_nowait()
+            except queue.Empty:
+                pass
+            t.join(timeout=0.01)
+
+
+class CachedStream(_BufferedStream):
+    """Rows of a harvested cache, shuffled: per epoch the shard order is a random permutation (seeded by
+    ``(seed, epoch)``) and rows pass through a ShuffleBuffer. Memory: the buffer plus one shard (two
+    with ``prefetch``), independent of the cache size. Rows are bit-exact copies of the cache, cast to
+    float32."""
+
+    def __init__(
+        self,
+        cache: str | Path | ActivationCache,
+        batch_size: int = 4096,
+        hooks: list[str] | None = None,
+        shuffle_buffer: int = 262144,
+        epochs: int | None = None,
+        seed: int = 0,
+        device: Any = "cpu",
+        prefetch: bool = True,
+    ):
+        super().__init__(batch_size, shuffle_buffer, epochs, seed, device)
+        self.cache = cache if isinstance(cache, ActivationCache) else ActivationCache(cache)
+        self.hooks = list(self.cache.hooks if hooks is None else hooks)
+        missing = [h for h in self.hooks if h not in self.cache.d]
+        if missing:
+            raise SaeforgeError(f"hooks {missing} are not in cache {self.cache.path} (it has {self.cache.hooks}); pick from those")
+        self.d = {h: self.cache.d[h] for h in self.hooks}
+        self.prefetch = prefetch
+
+    def _n_rows(self) -> int:
+        return self.cache.n_tokens
+
+    def _epoch_chunks(self, epoch: int, generator: torch.Generator) -> Iterator[dict[str, torch.Tensor]]:
+        order = torch.randperm(self.cache.n_shards, generator=generator).tolist()
+        load = lambda i: self.cache.shard(i, self.hooks)  # noqa: E731
+        if self.prefetch:
+            yield from _prefetched(load, order)
+        else:
+            for i in order:
+                yield load(i)
+
+
+class LiveStream(_BufferedStream):
+    """The same rows as a cache would hold, computed on the fly: text -> pack -> model forward -> buffer.
+
+    Packing, batching and ``max_tokens`` follow :func:`saeforge.activations.cache.harvest` exactly, so a
+    LiveStream and a CachedStream over a float32 harvest of the same data give the same rows per epoch
+    (in a different order). Replaying ``skip_batches`` re-runs the forward passes it skips.
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        hooks: list[str],
+        data: str,
+        batch_size: int = 4096,
+        context_len: int = 128,
+        batch_contexts: int = 32,
+        shuffle_buffer: int = 262144,
+        seed: int = 0,
+        text_field: str = "text",
+        split: str = "train",
+        device: Any = "cpu",
+        epochs: int | None = None,
+        keep_special: bool = False,
+        max_tokens: int | None = None,
+        tokenizer: str | None = None,
+    ):
+        from saeforge.hooks import resolve_hook
+        from saeforge.models import load_model
+
+        super().__init__(batch_size, shuffle_buffer, epochs, seed, device)
+        self.loaded = load_model(model, tokenizer=tokenizer, device=self.device) if isinstance(model, (str, Path)) else model
+        self.hooks = list(hooks)
+        if not self.hooks:
+            raise SaeforgeError("no hooks given to LiveStream; name at least one, e.g. resid_post.2")
+        self.hook_points = [resolve_hook(self.loaded, h) for h in self.hooks]
+        self.data, self.context_len, self.batch_contexts = data, context_len, batch_contexts
+        self.text_field, self.split, self.keep_special, self.max_tokens = text_field, split, keep_special, max_tokens
+        self.d = self._probe_widths()
+
+    def _model_device(self) -> torch.device:
+        p = next(self.loaded.model.parameters(), None)
+        return p.device if p is not None else self.device
+
+    def _probe_widths(self) -> dict[str, int]:
+        bos = self.loaded.tokenizer.bos_id
+        tok = torch.tensor([[bos if bos is not None else 0, 0]])
+        batch = (tok, torch.zeros_like(tok), torch.zeros_like(tok), torch.ones_like(tok, dtype=torch.bool))
+        rows = forward_rows(self.loaded.model, self.hook_points, batch, self._model_device())
+        return {h: int(rows[f"acts.{h}"].shape[-1]) for h in self.hooks}
+
+    def _epoch_chunks(self, epoch: int, generator: torch.Generator) -> Iterator[dict[str, torch.Tensor]]:
+        batches = context_batches(self.loaded.tokenizer, self.data, context_len=self.context_len,
+                                  batch_size=self.batch_contexts, text_field=self.text_field, split=self.split,
+                                  keep_special=self.keep_special, max_tokens=self.max_tokens)
+        dev = self._model_device()
+        for batch in batches:
+            yield forward_rows(self.loaded.model, self.hook_points, batch, dev)
+
+
+def open_stream(source: str | Path, **kw: Any) -> ActivationStream:
+    """Open an activation stream on ``source``: a cache folder gives a :class:`CachedStream`."""
+    path = Path(source)
+    if (path / MANIFEST).exists():
+        return CachedStream(ActivationCache(path), **kw)
+    raise SaeforgeError(
+        f"{source} is not an activation cache folder (no {MANIFEST}); harvest one with `saeforge harvest` "
+        "or build a LiveStream from a model and data"
+    )

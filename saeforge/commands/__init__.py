@@ -1,0 +1,1 @@
+"""Subcommands of the ``saeforge`` CLI, one module each, discovered automatically by ``saeforge.cli``."""

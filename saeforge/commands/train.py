@@ -1,0 +1,156 @@
+"""``saeforge train``: train one SAE from an activation cache, or straight from a model and a corpus."""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from saeforge.errors import SaeforgeError
+
+
+def parse_size(text: str) -> int:
+    """'5M' -> 5_000_000, '64k' -> 64_000, '1e6' -> 1_000_000."""
+    t = str(text).strip().lower().replace("_", "")
+    mult = {"k": 10**3, "m": 10**6, "g": 10**9, "b": 10**9}.get(t[-1:], 1)
+    try:
+        return int(float(t[:-1] if mult > 1 else t) * mult)
+    except ValueError:
+        raise SaeforgeError(f"cannot read {text!r} as a count; write e.g. 5M, 250k or 100000") from None
+
+
+def parse_sets(items: list[str] | None) -> dict[str, Any]:
+    """``--set key=value`` pairs; values are read as JSON when they parse, else kept as strings."""
+    out: dict[str, Any] = {}
+    for item in items or []:
+        if "=" not in item:
+            raise SaeforgeError(f"--set {item!r} needs the form key=value")
+        k, v = item.split("=", 1)
+        try:
+            out[k.strip()] = json.loads(v)
+        except json.JSONDecodeError:
+            out[k.strip()] = v
+    return out
+
+
+def add_stream_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("data")
+    g.add_argument("--data",
+                   help="an activation cache folder from `saeforge harvest`, or a text source (.txt/.jsonl/"
+                        ".parquet/HF dataset) to stream activations from the model with no cache")
+    g.add_argument("--model", help="model (HF hub id, local folder or llama2.c .bin); needed with text --data")
+    g.add_argument("--tokenizer", help="tokenizer file for llama2.c models (default: tok*.bin beside the model)")
+    g.add_argument("--context-len", type=int, default=128, help="tokens per context when streaming text (default 128)")
+    g.add_argument("--text-field", default="text", help="text field of .jsonl/.parquet/HF data (default text)")
+    g.add_argument("--shuffle-buffer", type=parse_size, default=262144,
+                   help="rows held in the shuffle buffer; bounds memory (default 262144)")
+
+
+def open_training_stream(args: argparse.Namespace, hooks: list[str], batch_size: int, seed: int):
+    from saeforge.activations.stream import CachedStream, LiveStream
+
+    data = Path(args.data)
+    if data.is_dir() and (data / "manifest.json").exists():
+        return CachedStream(str(data), batch_size=batch_size, hooks=hooks, shuffle_buffer=args.shuffle_buffer,
+                            seed=seed)
+    if not args.model:
+        raise SaeforgeError(f"{args.data} is not an activation cache; pass --model to stream from text")
+    from saeforge.models import load_model
+
+    model = load_model(args.model, tokenizer=args.tokenizer, device=getattr(args, "device", "cpu") or "cpu")
+    return LiveStream(model, hooks, args.data, batch_size=batch_size, context_len=args.context_len,
+                      shuffle_buffer=args.shuffle_buffer, seed=seed, text_field=args.text_field)
+
+
+def add_train_args(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--tokens", type=parse_size, default=5_000_000, help="training tokens (default 5M; loops the data)")
+    g.add_argument("--batch-size", type=int, default=4096, help="rows per step (default 4096)")
+    g.add_argument("--lr", type=float, help="learning rate (default: the recipe's, e.g. 2e-4/sqrt(n/2^14) for topk)")
+    g.add_argument("--warmup-steps", type=int, help="LR warm-up steps (default min(1000, 5%% of steps))")
+    g.add_argument("--decay-frac", type=float, default=0.2, help="linear LR decay over the last fraction (default 0.2)")
+    g.add_argument("--grad-clip", type=float, default=1.0, help="gradient-norm clip, 0 to disable (default 1)")
+    g.add_argument("--dead-tokens", type=parse_size, default=10_000_000,
+                   help="tokens without firing before a latent counts as dead (default 10M, Gao et al.)")
+    g.add_argument("--log-every", type=int, default=25, help="steps between metric lines (default 25)")
+    g.add_argument("--checkpoint-every", type=int, default=500, help="steps between checkpoints (default 500)")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--device", default="auto", help="auto (cuda if present, else cpu), cpu, cuda, cuda:1, mps")
+    g.add_argument("--dtype", default="auto",
+                   help="autocast dtype: auto (bf16 on CUDA and on CPUs with AMX/AVX512-BF16, else fp32), "
+                        "float32, bfloat16")
+    g.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    g.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def train_config_from_args(args: argparse.Namespace):
+    from saeforge.train import TrainConfig
+
+    return TrainConfig(
+        total_tokens=args.tokens, batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup_steps,
+        decay_frac=args.decay_frac, grad_clip=args.grad_clip, dead_tokens=args.dead_tokens,
+        log_every=args.log_every, checkpoint_every=args.checkpoint_every, seed=args.seed, device=args.device,
+        dtype=args.dtype,
+    )
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "train", help="train an SAE (any architecture) on activations",
+        description="Train one SAE. Data comes from a cache written by `saeforge harvest` or straight from "
+                    "the model. Writes OUT/cfg.json, OUT/sae.safetensors, OUT/metrics.jsonl and a checkpoint "
+                    "that --resume continues from.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    add_stream_args(p)
+    g = p.add_argument_group("SAE")
+    g.add_argument("--hook", help="input hook point, e.g. resid_post.2 (default: the cache's only hook)")
+    g.add_argument("--target", help="target hook point for a transcoder (default: reconstruct --hook)")
+    g.add_argument("--arch", default="topk", help="architecture: see `saeforge train --list-archs`")
+    g.add_argument("--width", type=int, help="number of latents (default: 16 x input width)")
+    g.add_argument("--expansion", type=int, default=16, help="latents per input dimension when --width is unset")
+    g.add_argument("--k", type=int, help="active latents per token (topk, batchtopk, matryoshka)")
+    g.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="any other field of the architecture's config, e.g. --set multi_topk=true (repeatable)")
+    g.add_argument("--list-archs", action="store_true", help="print the architectures and their options, then exit")
+    add_train_args(p)
+    p.add_argument("--out", default="runs/sae", help="output folder")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    import dataclasses
+
+    from saeforge.sae import architectures, make_config
+    from saeforge.train import Trainer
+
+    if args.list_archs:
+        for name, cls in sorted(architectures().items()):
+            fields = [f.name for f in dataclasses.fields(cls.config_class)]
+            print(f"{name:12s} {cls.config_class.__name__}: {', '.join(fields)}")
+        return 0
+    if not args.data:
+        raise SaeforgeError("--data is required: an activation cache folder or a text source")
+    hooks = [h for h in (args.hook, args.target) if h]
+    stream = open_training_stream(args, hooks or None, args.batch_size, args.seed)
+    hook = args.hook or (stream.hooks[0] if len(stream.hooks) == 1 else None)
+    if hook is None:
+        raise SaeforgeError(f"the data has several hooks {stream.hooks}; choose one with --hook")
+    d_in = stream.d[hook]
+    d_out = stream.d[args.target] if args.target else None
+    width = args.width or args.expansion * d_in
+    opts = parse_sets(args.set)
+    if args.k is not None:
+        opts["k"] = args.k
+    if args.target and args.target != hook:
+        opts.setdefault("apply_b_dec_to_input", False)
+    model_spec = getattr(stream, "model_spec", None) or args.model
+    cfg = make_config(args.arch, d_in=d_in, d_sae=width, d_out=d_out, hook=hook, target_hook=args.target,
+                      model=model_spec, **opts)
+    trainer = Trainer({"": cfg}, stream, train_config_from_args(args), args.out)
+    trainer.fit(resume=args.resume, progress=not args.no_progress)
+    last = trainer.out / "metrics.jsonl"
+    if last.exists():
+        rec = json.loads(last.read_text().splitlines()[-1])
+        print(f"saved {args.out}: fvu {rec['fvu']:.4f}  l0 {rec['l0']:.1f}  dead {rec['dead_frac']:.1%}")
+    return 0

@@ -1,0 +1,343 @@
+"""The one SAE interface every architecture implements, and the architecture registry.
+
+Conventions (the same as SAELens, so its users read our weights without surprise):
+
+* ``W_enc`` is ``[d_in, d_sae]`` and pre-activations are ``x' @ W_enc + b_enc``;
+* ``W_dec`` is ``[d_sae, d_out]``: **row i is latent i's decoder direction**; ``x̂ = f @ W_dec + b_dec``;
+* ``x'`` is the input after input normalisation (``input_norm``, ``input_scale``) and, when
+  ``apply_b_dec_to_input`` is true, after subtracting ``b_dec`` (Gao et al.'s ``b_pre``);
+* ``decode`` undoes the input normalisation, so ``decode(encode(x))`` lives in the space of ``x``
+  (of the target, for transcoders);
+* a skip connection (``W_skip [d_out, d_in]``), when present, is added by ``forward`` only, never by
+  ``decode`` (the convention of SAELens's skip transcoders and sparsify).
+
+An architecture subclasses :class:`SAE`, sets its config class, implements ``activate`` (pre-activations to
+dense codes) and ``training_forward`` (one training step's losses), and registers itself with
+``@register("name")``. Saving writes ``cfg.json`` + ``sae.safetensors``; ``load`` reads them back.
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+from safetensors.torch import load_file
+from torch import Tensor, nn
+
+from saeforge.config import JsonConfig
+from saeforge.errors import SaeforgeError
+from saeforge.io import save_safetensors_atomic, write_json_atomic
+
+FORMAT = "saeforge/1"
+INPUT_NORMS = ("none", "layer_norm", "constant_norm_rescale")
+
+
+@dataclass
+class SAEConfig(JsonConfig):
+    """Fields every architecture shares. Architectures subclass this to add their own."""
+
+    arch: str = "topk"
+    d_in: int = 0
+    d_sae: int = 0
+    d_out: int | None = None  # width of the target; None means d_in (an SAE, not a transcoder)
+    hook: str | None = None  # input hook point
+    target_hook: str | None = None  # None: reconstruct the input hook (an SAE); else a transcoder
+    model: str | None = None  # model spec the SAE was trained on
+    apply_b_dec_to_input: bool = True
+    input_norm: str = "none"  # "none" | "layer_norm" | "constant_norm_rescale" (applied at run time)
+    input_scale: float = 1.0  # dataset-level scalar multiplied into inputs (e.g. E‖x‖ = √d_in)
+    output_scale: float = 1.0  # the same for the target; decode divides by it
+    skip: bool = False  # learned skip connection W_skip (transcoders)
+    dtype: str = "float32"
+    metadata: dict[str, Any] = field(default_factory=dict)  # provenance: source format, trainer, ...
+    format: str = FORMAT
+
+    def __post_init__(self) -> None:
+        if self.d_out is None:
+            self.d_out = self.d_in
+        if self.input_norm not in INPUT_NORMS:
+            raise SaeforgeError(
+                f"input_norm={self.input_norm!r} is not known; use one of {', '.join(INPUT_NORMS)}"
+            )
+        if self.d_in <= 0 or self.d_sae <= 0:
+            raise SaeforgeError(f"SAE widths must be positive (got d_in={self.d_in}, d_sae={self.d_sae})")
+        if self.apply_b_dec_to_input and self.d_out != self.d_in:
+            raise SaeforgeError(
+                "apply_b_dec_to_input needs d_out == d_in; set it false for transcoders"
+            )
+
+    @property
+    def is_transcoder(self) -> bool:
+        return (self.target_hook is not None and self.target_hook != self.hook) or self.d_out != self.d_in
+
+
+@dataclass
+class TrainStepInput:
+    """What the trainer hands an SAE for one step (SAELens's split between step input and output)."""
+
+    x: Tensor  # [B, d_in] raw input activations
+    y: Tensor  # [B, d_out] raw target activations (== x for an SAE)
+    step: int
+    total_steps: int
+    dead_mask: Tensor | None = None  # [d_sae] bool, latents that have not fired for dead_tokens
+
+
+@dataclass
+class TrainStepOutput:
+    """What one training forward returns. Every tensor stays on device (no host sync)."""
+
+    loss: Tensor  # scalar to backprop
+    losses: dict[str, Tensor]  # named scalar parts, e.g. {"mse": ..., "aux": ...}
+    y_hat: Tensor  # [B, d_out] reconstruction in the SAE's working (normalised) space
+    y: Tensor  # [B, d_out] target in the same space
+    fired: Tensor  # [d_sae] bool: latents active at least once in this batch
+    l0: Tensor  # scalar: mean number of active latents per row
+
+
+_REGISTRY: dict[str, type["SAE"]] = {}
+
+
+def register(name: str):
+    """Class decorator: make an architecture available under ``name`` (``--arch name``)."""
+
+    def deco(cls: type[SAE]) -> type[SAE]:
+        if name in _REGISTRY and _REGISTRY[name] is not cls:
+            raise RuntimeError(f"architecture {name!r} registered twice")
+        cls.arch = name
+        _REGISTRY[name] = cls
+        return cls
+
+    return deco
+
+
+def architectures() -> dict[str, type["SAE"]]:
+    from saeforge import sae as _pkg  # noqa: F401  (importing the package registers every arch)
+
+    return dict(_REGISTRY)
+
+
+def get_arch(name: str) -> type["SAE"]:
+    archs = architectures()
+    if name not in archs:
+        raise SaeforgeError(f"unknown SAE architecture {name!r}; choose one of {', '.join(sorted(archs))}")
+    return archs[name]
+
+
+def make_config(arch: str, **kwargs: Any) -> SAEConfig:
+    """Build the typed config of ``arch`` from keyword arguments (unknown keys are an error)."""
+    cls = get_arch(arch)
+    return cls.config_class.from_dict({"arch": arch, **kwargs})
+
+
+def create_sae(cfg: SAEConfig | dict[str, Any], device: str | torch.device = "cpu") -> "SAE":
+    if isinstance(cfg, dict):
+        cfg = make_config(cfg["arch"], **{k: v for k, v in cfg.items() if k != "arch"})
+    return get_arch(cfg.arch)(cfg).to(device)
+
+
+class SAE(nn.Module):
+    """Base class: shared parameters, normalisation, encode/decode/forward, save/load."""
+
+    arch: ClassVar[str] = "base"
+    config_class: ClassVar[type[SAEConfig]] = SAEConfig
+    has_b_enc: ClassVar[bool] = True
+
+    def __init__(self, cfg: SAEConfig):
+        super().__init__()
+        if not isinstance(cfg, self.config_class):
+            raise SaeforgeError(f"{type(self).__name__} needs a {self.config_class.__name__}")
+        self.cfg = cfg
+        d_in, d_sae, d_out = cfg.d_in, cfg.d_sae, cfg.d_out
+        self.W_enc = nn.Parameter(torch.empty(d_in, d_sae))
+        if self.has_b_enc:
+            self.b_enc = nn.Parameter(torch.zeros(d_sae))
+        self.W_dec = nn.Parameter(torch.empty(d_sae, d_out))
+        self.b_dec = nn.Parameter(torch.zeros(d_out))
+        if cfg.skip:
+            self.W_skip = nn.Parameter(torch.zeros(d_out, d_in))
+        self._norm_ctx: tuple[Tensor, Tensor] | None = None
+        self.reset_parameters()
+
+    # ---- initialisation -------------------------------------------------------------------------
+    def reset_parameters(self) -> None:
+        """Default: random unit-norm decoder rows, encoder = decoder transpose, zero biases."""
+        with torch.no_grad():
+            nn.init.kaiming_uniform_(self.W_dec, a=math.sqrt(5))
+            self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12))
+            if self.cfg.d_out == self.cfg.d_in:
+                self.W_enc.copy_(self.W_dec.T)
+            else:
+                nn.init.kaiming_uniform_(self.W_enc, a=math.sqrt(5))
+
+    def init_from_data(self, x: Tensor, y: Tensor) -> None:
+        """Data-dependent initialisation from a sample of raw inputs/targets (recipe-specific)."""
+
+    # ---- normalisation --------------------------------------------------------------------------
+    def normalize_input(self, x: Tensor) -> tuple[Tensor, tuple[Tensor, Tensor] | None]:
+        norm = self.cfg.input_norm
+        ctx = None
+        if norm == "layer_norm":
+            mu = x.mean(-1, keepdim=True)
+            x = x - mu
+            std = x.std(-1, keepdim=True)  # unbiased (N-1), as SAELens and OpenAI do
+            x = x / (std + 1e-5)
+            ctx = (mu, std)
+        elif norm == "constant_norm_rescale":
+            scale = math.sqrt(self.cfg.d_in) / x.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+            x = x * scale
+            ctx = (torch.zeros_like(scale), 1.0 / scale)
+        if self.cfg.input_scale != 1.0:
+            x = x * self.cfg.input_scale
+        return x, ctx
+
+    def normalize_target(self, y: Tensor) -> Tensor:
+        """The target in the working space (same normalisation as the input for a plain SAE)."""
+        if not self.cfg.is_transcoder:
+            return self.normalize_input(y)[0]
+        return y * self.cfg.output_scale if self.cfg.output_scale != 1.0 else y
+
+    def denormalize_output(self, y: Tensor, ctx: tuple[Tensor, Tensor] | None) -> Tensor:
+        if self.cfg.output_scale != 1.0:
+            y = y / self.cfg.output_scale
+        if ctx is not None and not self.cfg.is_transcoder:
+            mu, std = ctx
+            y = y * std + mu
+        return y
+
+    # ---- inference ------------------------------------------------------------------------------
+    def pre_acts(self, x_n: Tensor) -> Tensor:
+        """Pre-activations from a *normalised* input."""
+        if self.cfg.apply_b_dec_to_input:
+            x_n = x_n - self.b_dec
+        return x_n @ self.W_enc + self.b_enc
+
+    def activate(self, h: Tensor) -> Tensor:
+        """Pre-activations -> dense codes. Each architecture defines it."""
+        raise NotImplementedError
+
+    def encode(self, x: Tensor) -> Tensor:
+        """Dense latent activations ``[..., d_sae]``. Stashes the normalisation context for ``decode``."""
+        x_n, self._norm_ctx = self.normalize_input(x)
+        return self.activate(self.pre_acts(x_n))
+
+    def decode_normalized(self, f: Tensor) -> Tensor:
+        return f @ self.W_dec + self.b_dec
+
+    def decode(self, f: Tensor, norm_ctx: tuple[Tensor, Tensor] | None = None) -> Tensor:
+        """Reconstruction from codes, input normalisation undone. With ``layer_norm`` inputs the
+        statistics come from ``norm_ctx`` or, as in SAELens, from the last ``encode`` call."""
+        if norm_ctx is None and self.cfg.input_norm != "none":
+            norm_ctx = self._norm_ctx
+        return self.denormalize_output(self.decode_normalized(f), norm_ctx)
+
+    def skip_term(self, x: Tensor) -> Tensor:
+        return x @ self.W_skip.T
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.decode(self.encode(x))
+        if self.cfg.skip:
+            out = out + self.skip_term(x)
+        return out
+
+    # ---- training hooks (the one trainer calls these) -------------------------------------------
+    def inputs_from(self, acts: dict[str, Tensor]) -> tuple[Tensor, Tensor]:
+        """Pick this SAE's input and target out of a stream batch (hook name -> [B, d])."""
+        hook = self.cfg.hook
+        if hook is None:
+            if len(acts) != 1:
+                raise SaeforgeError(f"the SAE names no hook and the stream has several: {sorted(acts)}")
+            hook = next(iter(acts))
+        if hook not in acts:
+            raise SaeforgeError(f"the stream has no hook {hook!r} (it has {sorted(acts)}); harvest it first")
+        x = acts[hook]
+        target = self.cfg.target_hook
+        if target is None or target == hook:
+            return x, x
+        if target not in acts:
+            raise SaeforgeError(f"the stream has no target hook {target!r} (it has {sorted(acts)})")
+        return x, acts[target]
+
+    def training_forward(self, inp: TrainStepInput) -> TrainStepOutput:
+        raise NotImplementedError
+
+    def before_optimizer_step(self) -> None:
+        """Called after backward, before the optimizer (e.g. remove gradient parallel to decoder rows)."""
+
+    def after_optimizer_step(self, step: int, total_steps: int) -> None:
+        """Called after the optimizer step (e.g. renormalise decoder rows)."""
+
+    def folded(self) -> "SAE":
+        """An inference-equivalent copy in the form saved to disk (e.g. decoder norms folded)."""
+        return self
+
+    # ---- helpers shared by architectures --------------------------------------------------------
+    def decoder_norms(self) -> Tensor:
+        return self.W_dec.norm(dim=1)
+
+    @torch.no_grad()
+    def set_decoder_norm_to_unit(self) -> None:
+        self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12))
+
+    @torch.no_grad()
+    def remove_parallel_decoder_grad(self) -> None:
+        """Project out the gradient component parallel to each (unit) decoder row (Gao et al. 2024, §2.4)."""
+        if self.W_dec.grad is None:
+            return
+        w = self.W_dec / self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        g = self.W_dec.grad
+        g.sub_((g * w).sum(dim=1, keepdim=True) * w)
+
+    def working_inputs(self, inp: TrainStepInput) -> tuple[Tensor, Tensor]:
+        x_n, _ = self.normalize_input(inp.x)
+        y_n = x_n if inp.y is inp.x else self.normalize_target(inp.y)
+        return x_n, y_n
+
+    # ---- persistence ----------------------------------------------------------------------------
+    def save(self, path: str | Path, fold: bool = True) -> Path:
+        """Write ``cfg.json`` + ``sae.safetensors`` (each atomically) into folder ``path``."""
+        path = Path(path)
+        path.mkdir(parents=True, exist_ok=True)
+        sae = self.folded() if fold else self
+        tensors = {k: v.detach().float() for k, v in sae.state_dict().items()}
+        save_safetensors_atomic(path / "sae.safetensors", tensors, metadata={"format": FORMAT})
+        write_json_atomic(path / "cfg.json", sae.cfg.to_dict())
+        return path
+
+    @classmethod
+    def load(cls, path: str | Path, device: str | torch.device = "cpu") -> "SAE":
+        path = Path(path)
+        cfg_path, w_path = path / "cfg.json", path / "sae.safetensors"
+        if not cfg_path.exists() or not w_path.exists():
+            raise SaeforgeError(f"{path} is not a saeforge SAE folder (needs cfg.json and sae.safetensors)")
+        with open(cfg_path) as fh:
+            d = json.load(fh)
+        if "arch" not in d:
+            raise SaeforgeError(f"{cfg_path} has no 'arch' key; load foreign formats with saeforge.load_sae")
+        sae = create_sae(d, device="cpu")
+        state = load_file(str(w_path))
+        missing = set(sae.state_dict()) - set(state)
+        unexpected = set(state) - set(sae.state_dict())
+        if missing or unexpected:
+            raise SaeforgeError(
+                f"{w_path}: tensors do not match arch {d['arch']!r} (missing {sorted(missing)}, "
+                f"unexpected {sorted(unexpected)})"
+            )
+        sae.load_state_dict(state)
+        return sae.to(device)
+
+    def extra_repr(self) -> str:
+        c = self.cfg
+        return f"arch={c.arch}, d_in={c.d_in}, d_sae={c.d_sae}, d_out={c.d_out}, hook={c.hook}"
+
+
+def config_fields(cfg_cls: type[SAEConfig]) -> list[str]:
+    return [f.name for f in dataclasses.fields(cfg_cls)]
+
+
+def fvu(y: Tensor, y_hat: Tensor) -> Tensor:
+    """Fraction of variance unexplained: ‖y − ŷ‖² / ‖y − mean(y)‖² over the batch."""
+    return (y - y_hat).pow(2).sum() / (y - y.mean(0)).pow(2).sum().clamp_min(1e-12)

@@ -1,0 +1,225 @@
+"""The one trainer: any number of SAEs (any architectures, hooks, widths) from one activation stream.
+
+Each step pulls one :class:`~saeforge.activations.stream.ActivationBatch`, and every SAE takes its
+input/target from it (``SAE.inputs_from``), runs ``training_forward`` under autocast, and steps its own
+Adam. The loop never synchronises with the host except on logging steps: losses accumulate on device
+and dead-latent counters are updated with tensor ops.
+"""
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterable
+
+import torch
+from tqdm.auto import tqdm
+
+from saeforge.device import resolve_device, resolve_dtype
+from saeforge.errors import SaeforgeError
+from saeforge.io import atomic_open
+from saeforge.sae.base import SAE, SAEConfig, TrainStepInput, create_sae, fvu
+from saeforge.train.checkpoint import load_checkpoint, save_checkpoint
+from saeforge.train.config import TrainConfig
+from saeforge.train.schedule import default_warmup, lr_factor
+
+CHECKPOINT = "checkpoint.safetensors"
+
+
+@dataclass
+class _Run:
+    name: str
+    sae: SAE
+    opt: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.LambdaLR
+    since_fired: torch.Tensor
+    out: Path
+    acc: dict[str, torch.Tensor]
+    n_acc: int = 0
+
+
+class Trainer:
+    """Train ``saes`` (name -> SAE or SAEConfig) on ``stream`` into folder ``out``.
+
+    With one SAE named ``""`` the SAE's files go straight into ``out``; otherwise into ``out/<name>``.
+    """
+
+    def __init__(self, saes: dict[str, SAE | SAEConfig], stream: Any, cfg: TrainConfig, out: str | Path):
+        if not saes:
+            raise SaeforgeError("nothing to train: give at least one SAE config")
+        self.cfg = cfg
+        self.stream = stream
+        self.out = Path(out)
+        self.device = resolve_device(cfg.device)
+        self.amp_dtype = resolve_dtype(cfg.dtype, self.device)
+        self.total_steps = max(1, math.ceil(cfg.total_tokens / cfg.batch_size))
+        self.warmup = cfg.warmup_steps if cfg.warmup_steps is not None else default_warmup(self.total_steps)
+        torch.manual_seed(cfg.seed)
+        self.runs: dict[str, _Run] = {}
+        for name, s in saes.items():
+            sae = s if isinstance(s, SAE) else create_sae(s)
+            sae = sae.to(self.device)
+            lr = cfg.lr if cfg.lr is not None else getattr(sae, "recommended_lr", lambda: 2e-4)()
+            opt = torch.optim.Adam(sae.parameters(), lr=lr, betas=tuple(cfg.betas), eps=cfg.eps)
+            sched = torch.optim.lr_scheduler.LambdaLR(
+                opt, lambda st: lr_factor(st, self.total_steps, self.warmup, cfg.decay_frac)
+            )
+            since = torch.zeros(sae.cfg.d_sae, dtype=torch.long, device=self.device)
+            run_out = self.out if (len(saes) == 1 and name == "") else self.out / name
+            self.runs[name] = _Run(name, sae, opt, sched, since, run_out, {})
+        self.step = 0
+        self.tokens = 0
+
+    # ---- setup ----------------------------------------------------------------------------------
+    def _init_from_data(self) -> None:
+        need = self.cfg.init_tokens
+        rows: dict[str, list[torch.Tensor]] = {}
+        got = 0
+        for batch in self.stream.iterate(0):
+            for h, a in batch.acts.items():
+                rows.setdefault(h, []).append(a)
+            got += next(iter(batch.acts.values())).shape[0]
+            if got >= need:
+                break
+        if got == 0:
+            raise SaeforgeError("the activation stream is empty; check --data / the cache")
+        sample = {h: torch.cat(v)[:need].to(self.device).float() for h, v in rows.items()}
+        for run in self.runs.values():
+            x, y = run.sae.inputs_from(sample)
+            run.sae.init_from_data(x, y)
+
+    def _resume(self) -> bool:
+        path = self.out / CHECKPOINT
+        if not path.exists():
+            return False
+        meta, states, rng = load_checkpoint(path)
+        if sorted(meta["names"]) != sorted(self.runs):
+            raise SaeforgeError(f"{path} holds SAEs {meta['names']}, not {sorted(self.runs)}; use a new --out")
+        if meta.get("total_steps") != self.total_steps:
+            raise SaeforgeError(
+                f"{path} was made for {meta.get('total_steps')} steps, not {self.total_steps}; "
+                "resume with the same --tokens and --batch-size"
+            )
+        for name, run in self.runs.items():
+            st = states[name]
+            run.sae.cfg = type(run.sae.cfg).from_dict(meta["cfgs"][name])
+            run.sae.load_state_dict(st["model"])
+            run.sae.to(self.device)
+            run.opt.load_state_dict(st["opt"])
+            run.since_fired = st["since_fired"].to(self.device)
+            run.sched.last_epoch = meta["step"] - 1
+            run.sched.step()
+        torch.set_rng_state(rng)
+        self.step, self.tokens = meta["step"], meta["tokens"]
+        return True
+
+    def _checkpoint(self) -> None:
+        runs = {n: {"sae": r.sae, "opt": r.opt, "since_fired": r.since_fired} for n, r in self.runs.items()}
+        extra = {"total_steps": self.total_steps, "cfgs": {n: r.sae.cfg.to_dict() for n, r in self.runs.items()}}
+        save_checkpoint(self.out / CHECKPOINT, self.step, self.tokens, runs, extra)
+
+    def save_saes(self) -> None:
+        for run in self.runs.values():
+            run.sae.cfg.metadata.setdefault("trainer", "saeforge")
+            run.sae.cfg.metadata["train_tokens"] = self.tokens
+            run.sae.save(run.out)
+
+    # ---- the loop -------------------------------------------------------------------------------
+    def _step(self, run: _Run, acts: dict[str, torch.Tensor]) -> None:
+        x, y = run.sae.inputs_from(acts)
+        dead = run.since_fired >= self.cfg.dead_tokens
+        with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype != torch.float32):
+            out = run.sae.training_forward(TrainStepInput(x, y, self.step, self.total_steps, dead))
+        out.loss.float().backward()
+        run.sae.before_optimizer_step()
+        if self.cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(run.sae.parameters(), self.cfg.grad_clip)
+        run.opt.step()
+        run.sched.step()
+        run.opt.zero_grad(set_to_none=True)
+        run.sae.after_optimizer_step(self.step, self.total_steps)
+        run.since_fired += x.shape[0]
+        run.since_fired.masked_fill_(out.fired, 0)
+        with torch.no_grad():
+            parts = {"loss": out.loss.float(), "fvu": fvu(out.y.float(), out.y_hat.float()), "l0": out.l0.float()}
+            parts.update({k: v.float() for k, v in out.losses.items()})
+            for k, v in parts.items():
+                run.acc[k] = run.acc[k] + v.detach() if k in run.acc else v.detach().clone()
+            run.n_acc += 1
+
+    def _log(self, pbar: tqdm | None, t0: float) -> dict[str, dict[str, float]]:
+        lines = {}
+        for run in self.runs.values():
+            if run.n_acc == 0:
+                continue
+            rec: dict[str, Any] = {"step": self.step, "tokens": self.tokens, "lr": run.sched.get_last_lr()[0]}
+            rec.update({k: (v / run.n_acc).item() for k, v in run.acc.items()})
+            rec["dead_frac"] = (run.since_fired >= self.cfg.dead_tokens).float().mean().item()
+            rec["elapsed_s"] = round(time.perf_counter() - t0, 3)
+            run.acc, run.n_acc = {}, 0
+            run.out.mkdir(parents=True, exist_ok=True)
+            with open(run.out / "metrics.jsonl", "a") as fh:
+                fh.write(json.dumps(rec) + "\n")
+            lines[run.name] = rec
+        if pbar is not None and lines:
+            rec = next(iter(lines.values()))
+            pbar.set_postfix(loss=f"{rec['loss']:.4f}", fvu=f"{rec['fvu']:.4f}", l0=f"{rec['l0']:.1f}",
+                             dead=f"{rec['dead_frac']:.1%}")
+        return lines
+
+    def fit(self, resume: bool = False, progress: bool = True) -> dict[str, SAE]:
+        self.out.mkdir(parents=True, exist_ok=True)
+        if not (resume and self._resume()):
+            if (self.out / CHECKPOINT).exists():
+                raise SaeforgeError(f"{self.out} already holds a training run; pass --resume or pick a new --out")
+            for run in self.runs.values():
+                (run.out / "metrics.jsonl").unlink(missing_ok=True)
+            self._init_from_data()
+        self.cfg.save(self.out / "train_cfg.json")
+        for run in self.runs.values():
+            run.sae.train()
+        pbar = tqdm(total=self.total_steps, initial=self.step, unit="step", disable=not progress,
+                    desc="train", dynamic_ncols=True)
+        t0 = time.perf_counter()
+        it = iter(self.stream.iterate(self.step))
+        while self.step < self.total_steps:
+            try:
+                batch = next(it)
+            except StopIteration:
+                raise SaeforgeError(
+                    "the activation stream ran out before --tokens was reached; use a stream that loops "
+                    "(epochs=None) or lower --tokens"
+                ) from None
+            acts = {h: a.to(self.device, non_blocking=True) for h, a in batch.acts.items()}
+            for run in self.runs.values():
+                self._step(run, acts)
+            self.tokens += next(iter(acts.values())).shape[0]
+            self.step += 1
+            pbar.update(1)
+            if self.step % self.cfg.log_every == 0 or self.step == self.total_steps:
+                self._log(pbar, t0)
+            if self.cfg.checkpoint_every and self.step % self.cfg.checkpoint_every == 0:
+                self._checkpoint()
+        pbar.close()
+        self._checkpoint()
+        self.save_saes()
+        for run in self.runs.values():
+            run.sae.eval()
+        return {n: r.sae for n, r in self.runs.items()}
+
+
+def train(
+    saes: SAEConfig | SAE | dict[str, SAE | SAEConfig],
+    stream: Any,
+    cfg: TrainConfig | None = None,
+    out: str | Path = "runs/sae",
+    resume: bool = False,
+    progress: bool = True,
+) -> SAE | dict[str, SAE]:
+    """Python API mirroring ``saeforge train``: one SAE in -> one SAE out; a dict in -> a dict out."""
+    single = not isinstance(saes, dict)
+    trainer = Trainer({"": saes} if single else saes, stream, cfg or TrainConfig(), out)
+    result = trainer.fit(resume=resume, progress=progress)
+    return result[""] if single else result
