@@ -1,0 +1,15 @@
+"""Activations: harvest them into an on-disk cache, and stream them (cached or live) to the trainer."""
+from saeforge.activations.cache import ActivationCache, HarvestConfig, harvest
+from saeforge.activations.stream import (
+    ActivationBatch,
+    ActivationStream,
+    CachedStream,
+    LiveStream,
+    ShuffleBuffer,
+    open_stream,
+)
+
+__all__ = [
+    "ActivationBatch", "ActivationCache", "ActivationStream", "CachedStream", "HarvestConfig", "LiveStream",
+    "ShuffleBuffer", "harvest", "open_stream",
+]
