@@ -19,6 +19,7 @@ in a single run.
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import os
 from dataclasses import dataclass
@@ -173,48 +174,51 @@ def _shard_name(i: int) -> str:
     return f"shard_{i:05d}.safetensors"
 
 
-def _prepare_folder(out: Path, cfg: HarvestConfig) -> dict[str, Any] | None:
-    """Check ``out`` is new or a cache of this exact config; return its manifest (or None) and tidy it."""
+def _check_folder(out: Path, cfg: HarvestConfig) -> dict[str, Any] | None:
+    """Check ``out`` is new or a cache of this exact config (no side effects); return its manifest or None."""
     manifest_path = out / MANIFEST
-    old = None
     if manifest_path.exists():
         try:
             old = json.loads(manifest_path.read_text())
             old_cfg = old["config"]
         except (json.JSONDecodeError, KeyError, TypeError):
-            raise SaeforgeError(f"{manifest_path} is not a saeforge cache manifest; pick a new --out or delete the folder") from None
+            raise SaeforgeError(
+                f"{manifest_path} is not a saeforge cache manifest; pick a new --out or delete the folder"
+            ) from None
         new_cfg = cfg.identity()
         if old_cfg != new_cfg:
             diff = sorted(k for k in set(old_cfg) | set(new_cfg) if old_cfg.get(k) != new_cfg.get(k))
             shown = ", ".join(f"{k}: {old_cfg.get(k)!r} -> {new_cfg.get(k)!r}" for k in diff)
             raise SaeforgeError(
-                f"{out} holds a cache harvested with a different config ({shown}); pick a new --out or delete the folder"
+                f"{out} holds a cache harvested with a different config ({shown}); "
+                "pick a new --out or delete the folder"
             )
-    elif out.exists():
+        return old
+    if out.exists():
         if not out.is_dir():
             raise SaeforgeError(f"--out {out} is a file; pass a folder path")
-        strays = [p.name for p in out.iterdir() if not (p.name.startswith("shard_") or p.name.endswith(".tmp"))]
-        if strays:
+        if any(not (p.name.startswith("shard_") or p.name.endswith(".tmp")) for p in out.iterdir()):
             raise SaeforgeError(f"--out {out} is not empty and not an activation cache; pick a new --out or empty it")
+    return None
+
+
+def _tidy(out: Path, old: dict[str, Any] | None) -> None:
+    """Remove crash leftovers: temp files of interrupted atomic writes and shards the manifest never listed."""
     out.mkdir(parents=True, exist_ok=True)
-    # Leftovers of a crash: temp files of interrupted atomic writes, shards the manifest never listed.
     listed = {s["file"] for s in (old or {}).get("shards", [])}
     for p in out.iterdir():
         if p.name.endswith(".tmp") or (p.name.startswith("shard_") and p.name not in listed):
             p.unlink()
-    return old
 
 
 def _verified_prefix(out: Path, shards: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """The listed shards up to the first one that is missing or fails its checksum (to be redone)."""
+    """The listed shards up to the first one that is missing or fails its checksum (that one is redone)."""
     good = []
     for s in shards:
         f = out / s["file"]
         if not f.exists() or sha256_file(f) != s["sha256"]:
             break
         good.append(s)
-    for s in shards[len(good):]:
-        (out / s["file"]).unlink(missing_ok=True)
     return good
 
 
@@ -231,14 +235,28 @@ def harvest(cfg: HarvestConfig, progress: bool = True) -> Path:
 
     cfg.validate()
     out = Path(cfg.out)
-    old = _prepare_folder(out, cfg)
+    old = _check_folder(out, cfg)
     shards = _verified_prefix(out, old["shards"]) if old else []
     if old and old.get("complete") and len(shards) == len(old["shards"]):
-        return out
+        return out  # already finished: nothing to do
 
     device = resolve_device(cfg.device)
     loaded = load_model(cfg.model, tokenizer=cfg.tokenizer, device=device)
     hook_points = [resolve_hook(loaded, h) for h in cfg.hooks]
+    names = [hp.name for hp in hook_points]  # canonical spellings (e.g. "mod:input" -> "mod:in")
+    if len(set(names)) != len(names):
+        raise SaeforgeError(f"hooks {cfg.hooks} name the same hook point twice; give each once")
+    batches = context_batches(loaded.tokenizer, cfg.data, context_len=cfg.context_len,
+                              batch_size=cfg.batch_contexts, text_field=cfg.text_field, split=cfg.split,
+                              keep_special=cfg.keep_special, max_tokens=cfg.max_tokens)
+    first = next(batches, None)  # surfaces data errors before anything is written
+    if first is None:
+        raise SaeforgeError(
+            f"{cfg.data} gave no context of {cfg.context_len} tokens; use more text or a smaller --context-len"
+        )
+    if old:
+        old = {**old, "shards": shards}
+    _tidy(out, old)
     store_dtype = STORE_DTYPES[cfg.dtype]
     manifest: dict[str, Any] = {
         "format": FORMAT,
@@ -246,7 +264,7 @@ def harvest(cfg: HarvestConfig, progress: bool = True) -> Path:
         "config": cfg.identity(),
         "model": {"family": loaded.family, "spec": _jsonable(loaded.spec),
                   "d_model": loaded.d_model, "n_layers": loaded.n_layers},
-        "hooks": list(cfg.hooks),
+        "hooks": names,
         "d": dict(old.get("d", {})) if old else {},
         "dtype": cfg.dtype,
         "context_len": cfg.context_len,
@@ -284,15 +302,12 @@ def harvest(cfg: HarvestConfig, progress: bool = True) -> Path:
         pending, pending_contexts = [], 0
         write_manifest()
 
-    batches = context_batches(loaded.tokenizer, cfg.data, context_len=cfg.context_len,
-                              batch_size=cfg.batch_contexts, text_field=cfg.text_field, split=cfg.split,
-                              keep_special=cfg.keep_special, max_tokens=cfg.max_tokens)
     try:
-        for b, batch in enumerate(batches):
+        for b, batch in enumerate(itertools.chain([first], batches)):
             if b < skip_batches:
                 continue
             rows = forward_rows(loaded.model, hook_points, batch, device)
-            for h in cfg.hooks:
+            for h in names:
                 manifest["d"].setdefault(h, int(rows[f"acts.{h}"].shape[-1]))
             pending.append(rows)
             pending_contexts += int(batch[0].shape[0])
@@ -303,10 +318,6 @@ def harvest(cfg: HarvestConfig, progress: bool = True) -> Path:
             flush()
     finally:
         bar.close()
-    if not shards:
-        raise SaeforgeError(
-            f"{cfg.data} gave no context of {cfg.context_len} tokens; use more text or a smaller --context-len"
-        )
     manifest["complete"] = True
     write_manifest()
     return out
@@ -322,16 +333,21 @@ class ActivationCache:
         self.path = Path(path)
         mpath = self.path / MANIFEST
         if not mpath.exists():
-            raise SaeforgeError(f"{self.path} is not an activation cache (no {MANIFEST}); create one with `saeforge harvest`")
+            raise SaeforgeError(
+                f"{self.path} is not an activation cache (no {MANIFEST}); create one with `saeforge harvest`"
+            )
         try:
             self.manifest: dict[str, Any] = json.loads(mpath.read_text())
         except json.JSONDecodeError:
             raise SaeforgeError(f"{mpath} is not valid JSON; {INCOMPLETE_HINT}") from None
         if self.manifest.get("format") != FORMAT:
-            raise SaeforgeError(f"{mpath} has format {self.manifest.get('format')!r}, expected {FORMAT!r}; harvest it again")
+            raise SaeforgeError(
+                f"{mpath} has format {self.manifest.get('format')!r}, expected {FORMAT!r}; harvest it again"
+            )
         if not self.manifest.get("complete"):
             raise SaeforgeError(
-                f"activation cache {self.path} is incomplete ({len(self.manifest['shards'])} shards so far); {INCOMPLETE_HINT}"
+                f"activation cache {self.path} is incomplete ({len(self.manifest['shards'])} shards so far); "
+                + INCOMPLETE_HINT
             )
         self.hooks: list[str] = list(self.manifest["hooks"])
         self.d: dict[str, int] = {h: int(self.manifest["d"][h]) for h in self.hooks}
@@ -345,14 +361,19 @@ class ActivationCache:
     def shard_rows(self, i: int) -> int:
         return int(self.manifest["shards"][i]["rows"])
 
+    def check_hooks(self, hooks: list[str] | None) -> list[str]:
+        """``hooks`` (all of the cache's when None), after checking the cache holds each of them."""
+        hooks = list(self.hooks if hooks is None else hooks)
+        missing = [h for h in hooks if h not in self.d]
+        if missing:
+            raise SaeforgeError(f"hooks {missing} are not in cache {self.path} (it has {self.hooks}); pick from those")
+        return hooks
+
     def shard(self, i: int, hooks: list[str] | None = None) -> dict[str, torch.Tensor]:
         """Load shard ``i`` (only the given hooks' activations if ``hooks`` is set) into CPU memory."""
         if not 0 <= i < self.n_shards:
             raise SaeforgeError(f"shard index {i} out of range; the cache has {self.n_shards} shards")
-        hooks = self.hooks if hooks is None else hooks
-        missing = [h for h in hooks if h not in self.d]
-        if missing:
-            raise SaeforgeError(f"hooks {missing} are not in cache {self.path} (it has {self.hooks}); pick from those")
+        hooks = self.check_hooks(hooks)
         entry = self.manifest["shards"][i]
         f = self.path / entry["file"]
         if not f.exists():
@@ -361,7 +382,9 @@ class ActivationCache:
         with safe_open(f, framework="pt") as fh:
             out = {k: fh.get_tensor(k) for k in keys}
         if out["token_id"].shape[0] != entry["rows"]:
-            raise SaeforgeError(f"{f} has {out['token_id'].shape[0]} rows, manifest says {entry['rows']}; {INCOMPLETE_HINT}")
+            raise SaeforgeError(
+                f"{f} has {out['token_id'].shape[0]} rows, manifest says {entry['rows']}; {INCOMPLETE_HINT}"
+            )
         return out
 
     def verify(self) -> None:

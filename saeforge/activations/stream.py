@@ -14,8 +14,7 @@ without handing them out (whole epochs are skipped without any work, since each 
 """
 from __future__ import annotations
 
-import queue
-import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator, Protocol, runtime_checkable
@@ -119,7 +118,9 @@ class ShuffleBuffer:
         self.size = n - b
         return out
 
-    def flush(self, batch_size: int, gather: Callable[[], bool] = lambda: True) -> Iterator[dict[str, torch.Tensor] | None]:
+    def flush(
+        self, batch_size: int, gather: Callable[[], bool] = lambda: True
+    ) -> Iterator[dict[str, torch.Tensor] | None]:
         """Empty the buffer in random batches (the last one may be smaller)."""
         while self.size:
             yield self.pop(min(batch_size, self.size), gather())
@@ -144,6 +145,7 @@ class ShuffleBuffer:
                 off += take
                 if self.free == 0:
                     yield self.pop(batch_size, gather())
+            del chunk  # let the source drop this chunk before it produces the next one
         yield from self.flush(batch_size, gather)
 
 
@@ -205,7 +207,9 @@ class _BufferedStream:
                     continue
                 yield self._to_batch(rows)
             if produced == 0:
-                raise SaeforgeError(f"{type(self).__name__} has no rows to give; point it at a non-empty cache or more text")
+                raise SaeforgeError(
+                    f"{type(self).__name__} has no rows to give; point it at a non-empty cache or more text"
+                )
             epoch += 1
 
     def __iter__(self) -> Iterator[ActivationBatch]:
@@ -213,45 +217,24 @@ class _BufferedStream:
 
 
 def _prefetched(load: Callable[[int], dict[str, torch.Tensor]], order: list[int]) -> Iterator[dict[str, torch.Tensor]]:
-    """Load ``order``'s shards one ahead on a background thread (I/O overlaps the consumer's compute)."""
-    q: queue.Queue = queue.Queue(maxsize=1)
-    stop = threading.Event()
-
-    def work() -> None:
-        try:
-            for i in order:
-                if stop.is_set():
-                    return
-                q.put(("ok", load(i)))
-            q.put(("end", None))
-        except BaseException as e:  # noqa: BLE001 - re-raised in the consumer
-            q.put(("err", e))
-
-    t = threading.Thread(target=work, daemon=True, name="saeforge-shard-prefetch")
-    t.start()
-    try:
-        while True:
-            kind, val = q.get()
-            if kind == "end":
-                return
-            if kind == "err":
-                raise val
-            yield val
-    finally:
-        stop.set()
-        while t.is_alive():  # unblock a worker waiting on a full queue, then let it finish
-            try:
-                q.get_nowait()
-            except queue.Empty:
-                pass
-            t.join(timeout=0.01)
+    """Yield ``load(i)`` for ``i`` in ``order``, loading the next shard on a worker thread while the
+    current one is consumed (I/O overlaps compute). At most two shards are alive at any time."""
+    if not order:
+        return
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="saeforge-prefetch") as pool:
+        future = pool.submit(load, order[0])
+        for k in range(len(order)):
+            chunk = future.result()
+            future = pool.submit(load, order[k + 1]) if k + 1 < len(order) else None
+            yield chunk
+            del chunk
 
 
 class CachedStream(_BufferedStream):
     """Rows of a harvested cache, shuffled: per epoch the shard order is a random permutation (seeded by
     ``(seed, epoch)``) and rows pass through a ShuffleBuffer. Memory: the buffer plus one shard (two
-    with ``prefetch``), independent of the cache size. Rows are bit-exact copies of the cache, cast to
-    float32."""
+    with ``prefetch``: the one being consumed and the next), independent of the cache size. Rows are
+    bit-exact copies of the cache, cast to float32."""
 
     def __init__(
         self,
@@ -266,10 +249,7 @@ class CachedStream(_BufferedStream):
     ):
         super().__init__(batch_size, shuffle_buffer, epochs, seed, device)
         self.cache = cache if isinstance(cache, ActivationCache) else ActivationCache(cache)
-        self.hooks = list(self.cache.hooks if hooks is None else hooks)
-        missing = [h for h in self.hooks if h not in self.cache.d]
-        if missing:
-            raise SaeforgeError(f"hooks {missing} are not in cache {self.cache.path} (it has {self.cache.hooks}); pick from those")
+        self.hooks = self.cache.check_hooks(hooks)
         self.d = {h: self.cache.d[h] for h in self.hooks}
         self.prefetch = prefetch
 
@@ -316,11 +296,13 @@ class LiveStream(_BufferedStream):
         from saeforge.models import load_model
 
         super().__init__(batch_size, shuffle_buffer, epochs, seed, device)
-        self.loaded = load_model(model, tokenizer=tokenizer, device=self.device) if isinstance(model, (str, Path)) else model
-        self.hooks = list(hooks)
-        if not self.hooks:
+        if isinstance(model, (str, Path)):
+            model = load_model(str(model), tokenizer=tokenizer, device=self.device)
+        self.loaded = model
+        if not hooks:
             raise SaeforgeError("no hooks given to LiveStream; name at least one, e.g. resid_post.2")
-        self.hook_points = [resolve_hook(self.loaded, h) for h in self.hooks]
+        self.hook_points = [resolve_hook(self.loaded, h) for h in hooks]
+        self.hooks = [hp.name for hp in self.hook_points]  # canonical names, as a cache stores them
         self.data, self.context_len, self.batch_contexts = data, context_len, batch_contexts
         self.text_field, self.split, self.keep_special, self.max_tokens = text_field, split, keep_special, max_tokens
         self.d = self._probe_widths()

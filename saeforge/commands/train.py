@@ -113,6 +113,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="any other field of the architecture's config, e.g. --set multi_topk=true (repeatable)")
     g.add_argument("--list-archs", action="store_true", help="print the architectures and their options, then exit")
+    g.add_argument("--objective", choices=["mse", "kl"], default="mse",
+                   help="mse: reconstruct activations (the recipe's loss); kl: end-to-end, train the SAE "
+                        "spliced into the model on KL(clean || spliced) next-token distributions (needs --model "
+                        "and text --data; the baseline of `saeforge adapt`)")
+    g.add_argument("--init-sae", help="with --objective kl: start from this SAE (any format) instead of a fresh one")
     add_train_args(p)
     p.add_argument("--out", default="runs/sae", help="output folder")
     p.set_defaults(func=run)
@@ -131,6 +136,8 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if not args.data:
         raise SaeforgeError("--data is required: an activation cache folder or a text source")
+    if args.objective == "kl":
+        return run_kl(args)
     hooks = [h for h in (args.hook, args.target) if h]
     stream = open_training_stream(args, hooks or None, args.batch_size, args.seed)
     hook = args.hook or (stream.hooks[0] if len(stream.hooks) == 1 else None)
@@ -153,4 +160,45 @@ def run(args: argparse.Namespace) -> int:
     if last.exists():
         rec = json.loads(last.read_text().splitlines()[-1])
         print(f"saved {args.out}: fvu {rec['fvu']:.4f}  l0 {rec['l0']:.1f}  dead {rec['dead_frac']:.1%}")
+    return 0
+
+
+def run_kl(args: argparse.Namespace) -> int:
+    """End-to-end SAE training through the model on the KL objective (saeforge.adapt with trainable="sae")."""
+    from saeforge.adapt import AdaptConfig, build, fit, save
+    from saeforge.models import load_model
+    from saeforge.sae import make_config
+
+    if not args.model:
+        raise SaeforgeError("--objective kl needs --model (the SAE is trained spliced into it)")
+    out = Path(args.out)
+    init = args.init_sae
+    if init is None:
+        if not args.hook:
+            raise SaeforgeError("--objective kl without --init-sae needs --hook to place a fresh SAE")
+        loaded = load_model(args.model, tokenizer=args.tokenizer)
+        opts = parse_sets(args.set)
+        if args.k is not None:
+            opts["k"] = args.k
+        cfg = make_config(args.arch, d_in=loaded.d_model, d_sae=args.width or args.expansion * loaded.d_model,
+                          hook=args.hook, model=args.model, **opts)
+        from saeforge.activations.stream import LiveStream
+        from saeforge.sae import create_sae
+
+        sae = create_sae(cfg)
+        sample = next(iter(LiveStream(loaded, [args.hook], args.data, batch_size=16384, context_len=args.context_len,
+                                      seed=args.seed, text_field=args.text_field).iterate(0)))
+        x = sample.acts[args.hook]
+        sae.init_from_data(x, x)
+        init = str(sae.save(out / "init", fold=False))
+    lr = args.lr if args.lr is not None else 5e-5
+    acfg = AdaptConfig(model=args.model, tokenizer=args.tokenizer, saes=[init], data=args.data, trainable="sae",
+                       lr=lr, tokens=args.tokens, context_len=args.context_len, grad_clip=args.grad_clip,
+                       seed=args.seed, device=args.device, text_field=args.text_field,
+                       checkpoint_every=args.checkpoint_every, log_every=args.log_every)
+    ad = build(acfg)
+    fit(ad, acfg, out, resume=args.resume, progress=not args.no_progress)
+    save(ad, acfg, out)
+    ad.saes[0].save(out)
+    print(f"saved {out} (end-to-end SAE on KL; also in {out}/saes/0)")
     return 0

@@ -58,7 +58,8 @@ def _field(row: dict[str, Any], text_field: str, where: str) -> str | None:
         return None
     if not isinstance(value, str):
         raise SaeforgeError(
-            f"{where}: field {text_field!r} holds {type(value).__name__}, not text; pass --text-field naming a text column"
+            f"{where}: field {text_field!r} holds {type(value).__name__}, not text; "
+            "pass --text-field naming a text column"
         )
     return value
 
@@ -74,7 +75,9 @@ def _iter_jsonl(path: Path, text_field: str) -> Iterator[str]:
             except json.JSONDecodeError as e:
                 raise SaeforgeError(f"{path}:{lineno} is not valid JSON ({e.msg}); fix or remove that line") from None
             if not isinstance(row, dict):
-                raise SaeforgeError(f"{path}:{lineno} is a JSON {type(row).__name__}, not an object; write one object per line")
+                raise SaeforgeError(
+                    f"{path}:{lineno} is a JSON {type(row).__name__}, not an object; write one object per line"
+                )
             text = _field(row, text_field, f"{path}:{lineno}")
             if text is not None and text.strip():
                 yield text

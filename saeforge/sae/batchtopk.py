@@ -1,25 +1,49 @@
-"""BatchTopK SAE (Bussmann, Leask & Nanda 2024): top B·k pre-activations over the whole batch while training;
-at inference one global threshold θ (estimated during training and saved), f = h · 1[h > θ] after ReLU.
+"""BatchTopK SAE (Bussmann, Leask & Nanda 2024, arXiv:2412.06410).
+
+Training keeps the top B·k ReLU'd pre-activations of the whole batch (so k active latents per row *on
+average*). Inference needs no batch: one global threshold θ, f = h · 1[h > θ] after ReLU, where θ is
+estimated during training as a running average of the smallest kept activation of each batch (the
+paper's §3; the EMA form and its constants follow the reference code in dictionary_learning's
+``BatchTopKTrainer``: β = 0.999, updates start after step 1000). θ is a buffer, saved with the weights.
+
+Everything else is Gao et al.'s TopK recipe: b_dec at the geometric median, W_enc = W_decᵀ at init,
+unit-norm decoder rows with the parallel gradient removed, AuxK (α = 1/32, k_aux = d_in/2),
+lr = 2e-4/√(m/2^14). See docs/recipes/batchtopk.md.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import Tensor
 
 from saeforge.errors import SaeforgeError
-from saeforge.sae.base import SAE, SAEConfig, register
+from saeforge.sae.base import SAE, SAEConfig, TrainStepInput, TrainStepOutput, register
+from saeforge.sae.functional import auxk_loss
+from saeforge.sae.geometric_median import geometric_median
 
 
 @dataclass
 class BatchTopKConfig(SAEConfig):
     k: int = 32
+    k_aux: int | None = None  # None: d_in // 2 (dictionary_learning's BatchTopK, after Gao et al. §A.2)
+    aux_coef: float = 1 / 32
+    threshold_beta: float = 0.999  # EMA factor of the inference threshold
+    threshold_start_step: int = 1000  # the EMA starts after this step
+    init_b_dec_geometric_median: bool = True
+
+    SPARSITY_FIELD: ClassVar[str] = "k"
 
     def __post_init__(self) -> None:
         super().__post_init__()
         if not 0 < self.k <= self.d_sae:
             raise SaeforgeError(f"k={self.k} must be between 1 and d_sae={self.d_sae}")
+        if not 0 <= self.threshold_beta < 1:
+            raise SaeforgeError(f"threshold_beta={self.threshold_beta} must be in [0, 1)")
+        if self.k_aux is None:
+            self.k_aux = max(1, min(self.d_sae, self.d_in // 2))
 
 
 def batch_topk(h: Tensor, k: int) -> Tensor:
@@ -37,8 +61,54 @@ class BatchTopKSAE(SAE):
 
     def __init__(self, cfg: BatchTopKConfig):
         super().__init__(cfg)
-        self.register_buffer("threshold", torch.zeros(()))  # global inference threshold
+        # global inference threshold; −1 means "not estimated yet" (dictionary_learning's convention)
+        self.register_buffer("threshold", torch.tensor(-1.0))
 
     def activate(self, h: Tensor) -> Tensor:
         h = h.relu()
         return h * (h > self.threshold)
+
+    def recommended_lr(self) -> float:
+        return 2e-4 / math.sqrt(self.cfg.d_sae / 2**14)
+
+    @torch.no_grad()
+    def init_from_data(self, x: Tensor, y: Tensor) -> None:
+        if self.cfg.init_b_dec_geometric_median and not self.cfg.is_transcoder:
+            self.b_dec.copy_(geometric_median(self.normalize_input(x)[0].float()))
+
+    def before_optimizer_step(self) -> None:
+        self.remove_parallel_decoder_grad()
+
+    def after_optimizer_step(self, step: int, total_steps: int) -> None:
+        self.set_decoder_norm_to_unit()
+
+    @torch.no_grad()
+    def update_threshold(self, f: Tensor, step: int) -> None:
+        """θ ← β θ + (1 − β) min{f > 0} (the first estimate is taken as is). No host sync."""
+        if step <= self.cfg.threshold_start_step:
+            return
+        pos = f.float().masked_fill(f <= 0, float("inf")).amin()
+        have = torch.isfinite(pos)
+        beta = self.cfg.threshold_beta
+        new = torch.where(self.threshold < 0, pos, beta * self.threshold + (1 - beta) * pos)
+        self.threshold.copy_(torch.where(have, new, self.threshold))
+
+    def training_forward(self, inp: TrainStepInput) -> TrainStepOutput:
+        x, y = self.working_inputs(inp)
+        h = self.pre_acts(x)
+        f = batch_topk(h, self.cfg.k)
+        self.update_threshold(f, inp.step)
+        y_hat = f @ self.W_dec + self.b_dec
+        e = y - y_hat
+        mse = e.pow(2).sum(-1).mean()
+        losses = {"mse": mse}
+        loss = mse
+        if inp.dead_mask is not None and self.cfg.aux_coef > 0:
+            denom = (e - e.mean(0)).pow(2).sum().clamp_min(1e-12)  # normalised as OpenAI's kernels.py
+            aux = auxk_loss(h, e, inp.dead_mask, self.cfg.k_aux, self.W_dec, denom)
+            losses["aux"] = aux
+            loss = loss + self.cfg.aux_coef * aux
+        active = f > 0
+        return TrainStepOutput(loss=loss, losses=losses, y_hat=y_hat, y=y, fired=active.any(0),
+                               l0=active.sum(-1).float().mean())
+

@@ -1,27 +1,46 @@
-"""Gated SAE (Rajamanoharan et al. 2024, "Improving dictionary learning with gated sparse autoencoders").
+"""Gated SAE (Rajamanoharan et al. 2024a, "Improving dictionary learning with gated sparse autoencoders",
+arXiv:2404.16014).
 
 x' = x − b_dec; π_gate = x' W_enc + b_gate; π_mag = x' (W_enc ⊙ exp(r_mag)) + b_mag;
 f = 1[π_gate > 0] ⊙ ReLU(π_mag). Parameter names follow SAELens (no b_enc).
+
+Training loss (the paper's eq. 8): ‖x − x̂(f)‖² + λ ‖ReLU(π_gate)‖₁ + ‖x − x̂_frozen(ReLU(π_gate))‖², where
+x̂_frozen uses stop-gradient copies of W_dec and b_dec; decoder rows are kept at unit norm and dead
+latents are resampled as in Bricken et al. 2023 (the paper's baseline practice). See docs/recipes/gated.md.
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
 
-from saeforge.sae.base import SAE, SAEConfig, register
+from saeforge.sae.base import SAE, SAEConfig, TrainStepInput, TrainStepOutput, register
+from saeforge.sae.functional import BrickenResampling, set_dataset_scales_
 
 
 @dataclass
 class GatedConfig(SAEConfig):
-    pass
+    l1_coefficient: float = 1.0  # λ on ‖ReLU(π_gate)‖₁
+    scale_inputs: bool = True  # E‖x‖ = √n before training (a fixed dataset scalar, as the paper)
+    resample: bool = True  # Bricken et al. 2023 resampling, with their constants below
+    resample_every_tokens: int = 200_000_000
+    resample_window_tokens: int = 100_000_000
+    resample_max: int = 4
+    resample_rows: int = 819_200
+    resample_encoder_scale: float = 0.2
+
+    SPARSITY_FIELD: ClassVar[str] = "l1_coefficient"
 
 
 @register("gated")
-class GatedSAE(SAE):
+class GatedSAE(BrickenResampling, SAE):
     config_class = GatedConfig
+    cfg: GatedConfig
     has_b_enc = False
+    resample_biases = ("b_gate", "b_mag", "r_mag")
 
     def __init__(self, cfg: GatedConfig):
         super().__init__(cfg)
@@ -45,3 +64,55 @@ class GatedSAE(SAE):
 
     def activate(self, h: Tensor) -> Tensor:  # only meaningful with the gate; see encode
         raise TypeError("GatedSAE needs the input for its gate; call encode(x)")
+
+    # ---- training ---------------------------------------------------------------------------------
+    def recommended_lr(self) -> float:
+        return 5e-5
+
+    def adam_defaults(self) -> dict:
+        return {"betas": (0.0, 0.999)}
+
+    @torch.no_grad()
+    def init_from_data(self, x: Tensor, y: Tensor) -> None:
+        if self.cfg.scale_inputs:
+            set_dataset_scales_(self, x, y)
+
+    def before_optimizer_step(self) -> None:
+        self.remove_parallel_decoder_grad()
+
+    def after_optimizer_step(self, step: int, total_steps: int) -> None:
+        self.set_decoder_norm_to_unit()
+
+    def training_forward(self, inp: TrainStepInput) -> TrainStepOutput:
+        x, y = self.working_inputs(inp)
+        pi_gate = self.gate_pre_acts(x)
+        f = (pi_gate > 0) * self.pre_acts(x).relu()
+        y_hat = f @ self.W_dec + self.b_dec
+        recon = (y - y_hat).pow(2).sum(-1).mean()
+        gate = pi_gate.relu()
+        sparsity = gate.sum(-1).mean()
+        aux = (y - (gate @ self.W_dec.detach() + self.b_dec.detach())).pow(2).sum(-1).mean()
+        active = f > 0
+        return TrainStepOutput(
+            loss=recon + self.cfg.l1_coefficient * sparsity + aux,
+            losses={"mse": recon, "sparsity": sparsity, "aux": aux}, y_hat=y_hat, y=y,
+            fired=active.any(0), l0=active.sum(-1).float().mean(),
+        )
+
+    def folded(self) -> "GatedSAE":
+        """Decoder norms folded into the magnitude path (r_mag += log n, b_mag *= n); the gate is unchanged."""
+        out = copy.deepcopy(self)
+        with torch.no_grad():
+            n = out.W_dec.norm(dim=1).clamp_min(1e-12)
+            out.W_dec.div_(n[:, None])
+            out.r_mag.add_(n.log())
+            out.b_mag.mul_(n)
+        return out
+
+    # ---- resampling hooks -------------------------------------------------------------------------
+    def resampling_enabled(self) -> bool:
+        return self.cfg.resample
+
+    def reconstruct_working(self, x_n: Tensor) -> Tensor:
+        f = (self.gate_pre_acts(x_n) > 0) * self.pre_acts(x_n).relu()
+        return f @ self.W_dec + self.b_dec

@@ -1,30 +1,77 @@
-"""JumpReLU SAE (Rajamanoharan et al. 2024; Anthropic's January 2025 recipe; Gemma Scope).
+"""JumpReLU SAE: f_i = h_i · 1[h_i > θ_i], h = W_enc x' + b_enc, θ_i = exp(log_threshold_i) > 0 (strict
+``>``, as every peer library). Two published recipes (``recipe`` field; docs/recipes/jumprelu.md):
 
-f_i = h_i · 1[h_i > θ_i] with h = W_enc x' + b_enc and θ_i = exp(log_threshold_i) > 0 (strict ``>``,
-as every peer library). The threshold is stored as its logarithm, the parameter Anthropic's recipe trains.
+``anthropic2025`` (Anthropic, Circuits Updates January 2025, "Dictionary learning optimization techniques"):
+    straight-through gradients ∂f/∂h = 1[h > e^t], ∂f/∂t = −e^t/ε on |h − e^t| < ε/2 (ε = 2) that reach
+    every parameter; loss = ‖y − ŷ‖² + λ_S Σ tanh(c |f_i| ‖W_d,i‖) + λ_P Σ ReLU(e^t_i − h_i) ‖W_d,i‖,
+    c = 4, λ_P = 3e-6, λ_S ramped linearly from 0 over all of training; W_d ~ U(±1/√n),
+    W_e = (n/m) W_dᵀ, b_d = 0, t = 0.1 (log threshold), b_e set so each latent fires on 10000/m of a
+    data sample; E‖x‖ = √n; Adam (0.9, 0.999), lr 2e-4; decoder norms folded when saved.
+``gemmascope`` (Rajamanoharan et al. 2024b, arXiv:2407.14435; Lieberum et al. 2024, Gemma Scope):
+    L0 penalty through a step function whose pseudo-gradient trains only θ, ε = 0.001, θ₀ = 0.001,
+    unit-norm decoder rows, Adam (0, 0.999), lr 7e-5.
 """
 from __future__ import annotations
 
+import copy
+import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
 
-from saeforge.sae.base import SAE, SAEConfig, register
+from saeforge.errors import SaeforgeError
+from saeforge.sae.base import SAE, SAEConfig, TrainStepInput, TrainStepOutput, register
+from saeforge.sae.functional import fold_decoder_norms_, jumprelu, jumprelu_log, ramp, set_dataset_scales_, step
+
+RECIPES = ("anthropic2025", "gemmascope")
+_DEFAULTS = {  # recipe -> (sparsity coefficient, bandwidth ε, initial log threshold)
+    "anthropic2025": (20.0, 2.0, 0.1),
+    "gemmascope": (1.0, 0.001, math.log(0.001)),
+}
 
 
 @dataclass
 class JumpReLUConfig(SAEConfig):
     apply_b_dec_to_input: bool = False
+    recipe: str = "anthropic2025"
+    sparsity_coefficient: float | None = None  # λ_S (anthropic2025: 20) or the L0 coefficient (gemmascope: 1)
+    bandwidth: float | None = None  # ε; None: the recipe's (2 or 0.001)
+    init_log_threshold: float | None = None  # t₀; None: the recipe's (0.1, or log 0.001)
+    tanh_scale: float = 4.0  # c (anthropic2025)
+    pre_act_coefficient: float = 3e-6  # λ_P (anthropic2025)
+    init_fire_count: float = 10000.0  # b_e makes each latent fire on init_fire_count / m of inputs (anthropic2025)
+    sparsity_warmup_steps: int = 10000  # gemmascope: λ warmed up linearly over these steps
+    scale_inputs: bool = True  # E‖x‖ = √n before training
+
+    SPARSITY_FIELD: ClassVar[str] = "sparsity_coefficient"
+    RECIPES: ClassVar[tuple[str, ...]] = RECIPES
+
+    def __post_init__(self) -> None:
+        if self.recipe not in RECIPES:
+            raise SaeforgeError(f"jumprelu recipe {self.recipe!r} is not known; use one of {', '.join(RECIPES)}")
+        lam, eps, t0 = _DEFAULTS[self.recipe]
+        self.sparsity_coefficient = lam if self.sparsity_coefficient is None else self.sparsity_coefficient
+        self.bandwidth = eps if self.bandwidth is None else self.bandwidth
+        self.init_log_threshold = t0 if self.init_log_threshold is None else self.init_log_threshold
+        if self.bandwidth <= 0:
+            raise SaeforgeError(f"bandwidth must be positive (got {self.bandwidth})")
+        super().__post_init__()
 
 
 @register("jumprelu")
 class JumpReLUSAE(SAE):
     config_class = JumpReLUConfig
+    cfg: JumpReLUConfig
 
     def __init__(self, cfg: JumpReLUConfig):
         super().__init__(cfg)
-        self.log_threshold = nn.Parameter(torch.full((cfg.d_sae,), -2.302585))  # θ = 0.1
+        self.log_threshold = nn.Parameter(torch.full((cfg.d_sae,), float(cfg.init_log_threshold)))
+
+    @property
+    def _anthropic(self) -> bool:
+        return self.cfg.recipe == "anthropic2025"
 
     @property
     def threshold(self) -> Tensor:
@@ -32,3 +79,88 @@ class JumpReLUSAE(SAE):
 
     def activate(self, h: Tensor) -> Tensor:
         return h.relu() * (h > self.threshold)
+
+    # ---- initialisation ---------------------------------------------------------------------------
+    def reset_parameters(self) -> None:
+        if not self._anthropic:
+            return super().reset_parameters()  # unit rows, W_enc = W_decᵀ, zero biases
+        n, m = self.cfg.d_in, self.cfg.d_sae
+        with torch.no_grad():
+            nn.init.uniform_(self.W_dec, -1 / math.sqrt(n), 1 / math.sqrt(n))
+            if self.cfg.d_out == n and not self.cfg.is_transcoder:
+                self.W_enc.copy_((n / m) * self.W_dec.T)
+            else:
+                nn.init.uniform_(self.W_enc, -1 / math.sqrt(m), 1 / math.sqrt(m))
+
+    @torch.no_grad()
+    def init_from_data(self, x: Tensor, y: Tensor) -> None:
+        if self.cfg.scale_inputs:
+            set_dataset_scales_(self, x, y)
+        if self._anthropic:
+            self.b_enc.copy_(self.fire_rate_bias(x, self.cfg.init_fire_count / self.cfg.d_sae))
+
+    @torch.no_grad()
+    def fire_rate_bias(self, x: Tensor, rate: float) -> Tensor:
+        """b_e such that h_i = (W_e x)_i + b_e,i exceeds e^t_i on a fraction ``rate`` of the rows of x."""
+        x_n = self.normalize_input(x)[0]
+        if self.cfg.apply_b_dec_to_input:
+            x_n = x_n - self.b_dec
+        h = (x_n @ self.W_enc).float()
+        N = h.shape[0]
+        above = min(N, max(0, round(min(1.0, rate) * N)))
+        if above >= N:  # every row fires: put the threshold just below the smallest value
+            v = h.min(0).values - 1e-6 * (1 + h.abs().max(0).values)
+        else:
+            v = h.kthvalue(N - above, dim=0).values
+        return (self.threshold.float() - v).to(self.b_enc.dtype)
+
+    # ---- training ---------------------------------------------------------------------------------
+    def recommended_lr(self) -> float:
+        return 2e-4 if self._anthropic else 7e-5
+
+    def adam_defaults(self) -> dict:
+        return {"betas": (0.9, 0.999)} if self._anthropic else {"betas": (0.0, 0.999), "eps": 1e-8}
+
+    def before_optimizer_step(self) -> None:
+        if not self._anthropic:
+            self.remove_parallel_decoder_grad()
+
+    def after_optimizer_step(self, step_: int, total_steps: int) -> None:
+        if not self._anthropic:
+            self.set_decoder_norm_to_unit()
+
+    def training_forward(self, inp: TrainStepInput) -> TrainStepOutput:
+        cfg = self.cfg
+        x, y = self.working_inputs(inp)
+        h = self.pre_acts(x)
+        if self._anthropic:
+            f = jumprelu_log(h, self.log_threshold, cfg.bandwidth)
+        else:
+            f = jumprelu(h, self.threshold, cfg.bandwidth)
+        y_hat = f @ self.W_dec + self.b_dec
+        mse = (y - y_hat).pow(2).sum(-1).mean()
+        losses = {"mse": mse}
+        if self._anthropic:
+            dn = self.W_dec.norm(dim=1)
+            sparsity = torch.tanh(cfg.tanh_scale * f.abs() * dn).sum(-1).mean()
+            pre_act = ((self.threshold - h).relu() * dn).sum(-1).mean()
+            lam = cfg.sparsity_coefficient * ramp(inp.step, inp.total_steps)
+            loss = mse + lam * sparsity + cfg.pre_act_coefficient * pre_act
+            losses.update(sparsity=sparsity, pre_act=pre_act)
+        else:
+            l0 = step(h, self.threshold, cfg.bandwidth).sum(-1).mean()
+            lam = cfg.sparsity_coefficient * ramp(inp.step, cfg.sparsity_warmup_steps)
+            loss = mse + lam * l0
+            losses["l0_loss"] = l0
+        active = f != 0
+        return TrainStepOutput(loss=loss, losses=losses, y_hat=y_hat, y=y, fired=active.any(0),
+                               l0=active.sum(-1).float().mean())
+
+    def folded(self) -> "JumpReLUSAE":
+        """Decoder norms folded into W_e, b_e and the threshold (θ' = θ·‖W_d,i‖; January 2025 update)."""
+        out = copy.deepcopy(self)
+        norms = out.W_dec.norm(dim=1).clamp_min(1e-12)
+        with torch.no_grad():
+            fold_decoder_norms_(out, norms)
+            out.log_threshold.add_(norms.log())
+        return out

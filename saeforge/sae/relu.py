@@ -1,24 +1,125 @@
-"""ReLU SAE with an L1-style penalty (Anthropic, April 2024 update; Bricken et al. 2023 as a recipe option).
+"""ReLU SAE with an L1-style penalty. Two published recipes (``recipe`` field; docs/recipes/relu.md):
 
-f = ReLU(W_enc x' + b_enc); x̂ = f W_dec + b_dec.  (Training recipe: see docs/recipes/relu.md.)
+``anthropic2024`` (Anthropic, Circuits Updates April 2024, "Update on how we train SAEs"):
+    f = ReLU(W_e x + b_e), x̂ = W_d f + b_d, loss = ‖x − x̂‖² + λ Σ_i f_i ‖W_d,i‖, λ warmed up linearly
+    from 0 over the first 5% of steps; no decoder-norm constraint; inputs scaled so E‖x‖ = √n;
+    W_d rows random directions of norm 0.1, W_e = W_dᵀ, biases 0; decoder norms folded into the
+    encoder when saved.
+``monosemanticity`` (Bricken et al. 2023, "Towards Monosemanticity"):
+    b_d subtracted before encoding (initialised to the geometric median), unit-norm decoder rows,
+    plain L1 penalty, and dead-latent resampling (saeforge.sae.functional.bricken_resample_).
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
+from typing import ClassVar
 
+import torch
 from torch import Tensor
 
-from saeforge.sae.base import SAE, SAEConfig, register
+from saeforge.errors import SaeforgeError
+from saeforge.sae.base import SAE, SAEConfig, TrainStepInput, TrainStepOutput, register
+from saeforge.sae.functional import BrickenResampling, fold_decoder_norms_, ramp, set_dataset_scales_
+from saeforge.sae.geometric_median import geometric_median
+
+RECIPES = ("anthropic2024", "monosemanticity")
 
 
 @dataclass
 class ReLUConfig(SAEConfig):
-    pass
+    apply_b_dec_to_input: bool | None = None  # None: the recipe's (anthropic2024 False, monosemanticity True)
+    recipe: str = "anthropic2024"
+    l1_coefficient: float = 5.0  # λ
+    l1_warmup_frac: float | None = None  # None: the recipe's (anthropic2024 0.05, monosemanticity 0)
+    decoder_init_norm: float = 0.1  # anthropic2024 only ("heuristic" init of the April update)
+    scale_inputs: bool | None = None  # E‖x‖ = √n; None: the recipe's (anthropic2024 True, else False)
+    # monosemanticity resampling (Bricken et al. 2023): at every 25,000 steps × 8,192 rows (at most 4
+    # times) latents silent for the last 12,500 steps × 8,192 rows are reset from 819,200 inputs.
+    resample_every_tokens: int = 200_000_000
+    resample_window_tokens: int = 100_000_000
+    resample_max: int = 4
+    resample_rows: int = 819_200
+    resample_encoder_scale: float = 0.2
+
+    SPARSITY_FIELD: ClassVar[str] = "l1_coefficient"
+    RECIPES: ClassVar[tuple[str, ...]] = RECIPES
+
+    def __post_init__(self) -> None:
+        if self.recipe not in RECIPES:
+            raise SaeforgeError(f"relu recipe {self.recipe!r} is not known; use one of {', '.join(RECIPES)}")
+        mono = self.recipe == "monosemanticity"
+        if self.apply_b_dec_to_input is None:
+            self.apply_b_dec_to_input = mono and (self.d_out is None or self.d_out == self.d_in)
+        if self.l1_warmup_frac is None:
+            self.l1_warmup_frac = 0.0 if mono else 0.05
+        if self.scale_inputs is None:
+            self.scale_inputs = not mono
+        super().__post_init__()
 
 
 @register("relu")
-class ReLUSAE(SAE):
+class ReLUSAE(BrickenResampling, SAE):
     config_class = ReLUConfig
+    cfg: ReLUConfig
+
+    @property
+    def _mono(self) -> bool:
+        return self.cfg.recipe == "monosemanticity"
+
+    def reset_parameters(self) -> None:
+        super().reset_parameters()  # unit rows, W_enc = W_decᵀ (Bricken; Anthropic's transpose init)
+        if not self._mono:
+            with torch.no_grad():
+                self.W_dec.mul_(self.cfg.decoder_init_norm)
+                if self.cfg.d_out == self.cfg.d_in:
+                    self.W_enc.copy_(self.W_dec.T)
 
     def activate(self, h: Tensor) -> Tensor:
         return h.relu()
+
+    def recommended_lr(self) -> float:
+        return 2e-4 if self._mono else 5e-5  # April 2024 update: lr 5e-5
+
+    @torch.no_grad()
+    def init_from_data(self, x: Tensor, y: Tensor) -> None:
+        if self.cfg.scale_inputs:
+            set_dataset_scales_(self, x, y)
+        if self._mono and not self.cfg.is_transcoder:
+            self.b_dec.copy_(geometric_median(self.normalize_input(x)[0].float()))
+
+    def before_optimizer_step(self) -> None:
+        if self._mono:
+            self.remove_parallel_decoder_grad()
+
+    def after_optimizer_step(self, step: int, total_steps: int) -> None:
+        if self._mono:
+            self.set_decoder_norm_to_unit()
+
+    def training_forward(self, inp: TrainStepInput) -> TrainStepOutput:
+        cfg = self.cfg
+        x, y = self.working_inputs(inp)
+        f = self.pre_acts(x).relu()
+        y_hat = f @ self.W_dec + self.b_dec
+        mse = (y - y_hat).pow(2).sum(-1).mean()
+        weights = 1.0 if self._mono else self.W_dec.norm(dim=1)
+        sparsity = (f * weights).sum(-1).mean()
+        lam = cfg.l1_coefficient * ramp(inp.step, cfg.l1_warmup_frac * inp.total_steps)
+        active = f > 0
+        return TrainStepOutput(
+            loss=mse + lam * sparsity, losses={"mse": mse, "sparsity": sparsity}, y_hat=y_hat, y=y,
+            fired=active.any(0), l0=active.sum(-1).float().mean(),
+        )
+
+    def folded(self) -> "ReLUSAE":
+        """Decoder norms folded into W_e and b_e (April 2024: the saved decoder has unit rows)."""
+        out = copy.deepcopy(self)
+        fold_decoder_norms_(out, out.W_dec.norm(dim=1))
+        return out
+
+    # ---- Bricken et al. 2023 resampling (trainer hooks from BrickenResampling) -------------------
+    def resampling_enabled(self) -> bool:
+        return self._mono
+
+    def reconstruct_working(self, x_n: Tensor) -> Tensor:
+        return self.pre_acts(x_n).relu() @ self.W_dec + self.b_dec

@@ -12,7 +12,7 @@ from safetensors import safe_open
 from saeforge.io import save_safetensors_atomic
 
 
-def _flatten_optimizer(prefix: str, opt_state: dict, tensors: dict, meta: dict) -> None:
+def flatten_optimizer(prefix: str, opt_state: dict, tensors: dict, meta: dict) -> None:
     meta[f"{prefix}param_groups"] = opt_state["param_groups"]
     scalars: dict[str, dict[str, Any]] = {}
     for pid, st in opt_state["state"].items():
@@ -24,7 +24,7 @@ def _flatten_optimizer(prefix: str, opt_state: dict, tensors: dict, meta: dict) 
     meta[f"{prefix}scalars"] = scalars
 
 
-def _unflatten_optimizer(prefix: str, tensors: dict, meta: dict) -> dict:
+def unflatten_optimizer(prefix: str, tensors: dict, meta: dict) -> dict:
     state: dict[int, dict[str, Any]] = {}
     for name, val in tensors.items():
         if name.startswith(prefix + "state."):
@@ -44,7 +44,7 @@ def save_checkpoint(path: Path, step: int, tokens: int, runs: dict[str, dict[str
         for k, v in run["sae"].state_dict().items():
             tensors[f"{p}model.{k}"] = v
         tensors[f"{p}since_fired"] = run["since_fired"]
-        _flatten_optimizer(f"{p}opt.", run["opt"].state_dict(), tensors, meta)
+        flatten_optimizer(f"{p}opt.", run["opt"].state_dict(), tensors, meta)
     save_safetensors_atomic(path, tensors, metadata={"state": json.dumps(meta)})
 
 
@@ -59,6 +59,6 @@ def load_checkpoint(path: Path) -> tuple[dict[str, Any], dict[str, dict[str, Any
         runs[name] = {
             "model": {k[6:]: v for k, v in sub.items() if k.startswith("model.")},
             "since_fired": sub["since_fired"],
-            "opt": _unflatten_optimizer("opt.", sub, {k[len(p):]: v for k, v in meta.items() if k.startswith(p)}),
+            "opt": unflatten_optimizer("opt.", sub, {k[len(p):]: v for k, v in meta.items() if k.startswith(p)}),
         }
     return meta, runs, tensors["rng.cpu"]

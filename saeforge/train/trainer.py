@@ -4,6 +4,15 @@ Each step pulls one :class:`~saeforge.activations.stream.ActivationBatch`, and e
 input/target from it (``SAE.inputs_from``), runs ``training_forward`` under autocast, and steps its own
 Adam. The loop never synchronises with the host except on logging steps: losses accumulate on device
 and dead-latent counters are updated with tensor ops.
+
+Recipes reach the loop only through duck-typed SAE methods, never through ``if arch == ...``:
+
+* ``recommended_lr()`` and ``adam_defaults()`` (betas/eps) fill what ``TrainConfig`` leaves as None;
+* ``before_optimizer_step()`` / ``after_optimizer_step(step, total)`` (decoder-norm constraints);
+* ``resample_request(tokens_before, tokens_after) -> rows`` and ``resample(x, y, since_fired, opt,
+  generator) -> reset latent indices`` (dead-latent resampling, e.g. Bricken et al. 2023). The rows
+  come from the *upcoming* training batches, peeked without consuming them, so resampling never
+  changes what the SAEs train on and a resumed run sees exactly the same data.
 """
 from __future__ import annotations
 
@@ -12,7 +21,8 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from collections import deque
+from typing import Any, Iterable, Iterator
 
 import torch
 from tqdm.auto import tqdm
@@ -38,6 +48,32 @@ class _Run:
     out: Path
     acc: dict[str, torch.Tensor]
     n_acc: int = 0
+    resampled: int = 0  # latents reset by resampling since the last metrics line
+
+
+class _Lookahead:
+    """An iterator whose upcoming batches can be peeked without being consumed."""
+
+    def __init__(self, it: Iterator[Any]):
+        self.it, self.buf = it, deque()
+
+    def __next__(self) -> Any:
+        return self.buf.popleft() if self.buf else next(self.it)
+
+    def peek_rows(self, n_rows: int) -> list[Any]:
+        got = sum(len(next(iter(b.acts.values()))) for b in self.buf)
+        while got < n_rows:
+            try:
+                b = next(self.it)
+            except StopIteration:
+                break
+            self.buf.append(b)
+            got += len(next(iter(b.acts.values())))
+        return list(self.buf)
+
+
+def _seeded(seed: int) -> None:
+    torch.manual_seed(seed)
 
 
 class Trainer:
@@ -56,19 +92,25 @@ class Trainer:
         self.amp_dtype = resolve_dtype(cfg.dtype, self.device)
         self.total_steps = max(1, math.ceil(cfg.total_tokens / cfg.batch_size))
         self.warmup = cfg.warmup_steps if cfg.warmup_steps is not None else default_warmup(self.total_steps)
-        torch.manual_seed(cfg.seed)
         self.runs: dict[str, _Run] = {}
         for name, s in saes.items():
+            # every SAE built from a config starts from the same seed, so an SAE trained in a group
+            # is bit-identical to the same SAE trained alone
+            _seeded(cfg.seed)
             sae = s if isinstance(s, SAE) else create_sae(s)
             sae = sae.to(self.device)
             lr = cfg.lr if cfg.lr is not None else getattr(sae, "recommended_lr", lambda: 2e-4)()
-            opt = torch.optim.Adam(sae.parameters(), lr=lr, betas=tuple(cfg.betas), eps=cfg.eps)
+            hints = getattr(sae, "adam_defaults", dict)()
+            betas = tuple(cfg.betas) if cfg.betas is not None else tuple(hints.get("betas", (0.9, 0.999)))
+            eps = cfg.eps if cfg.eps is not None else hints.get("eps", 1e-8)
+            opt = torch.optim.Adam(sae.parameters(), lr=lr, betas=betas, eps=eps)
             sched = torch.optim.lr_scheduler.LambdaLR(
                 opt, lambda st: lr_factor(st, self.total_steps, self.warmup, cfg.decay_frac)
             )
             since = torch.zeros(sae.cfg.d_sae, dtype=torch.long, device=self.device)
             run_out = self.out if (len(saes) == 1 and name == "") else self.out / name
             self.runs[name] = _Run(name, sae, opt, sched, since, run_out, {})
+        _seeded(cfg.seed)
         self.step = 0
         self.tokens = 0
 
@@ -149,6 +191,28 @@ class Trainer:
                 run.acc[k] = run.acc[k] + v.detach() if k in run.acc else v.detach().clone()
             run.n_acc += 1
 
+    def _maybe_resample(self, it: _Lookahead, tokens_before: int, tokens_after: int) -> None:
+        """Run the SAEs' resampling hooks that are due after this step (see the module docstring)."""
+        due = {}
+        for name, run in self.runs.items():
+            req = getattr(run.sae, "resample_request", None)
+            rows = req(tokens_before, tokens_after) if req is not None else 0
+            if rows > 0:
+                due[name] = rows
+        if not due:
+            return
+        batches = it.peek_rows(max(due.values()))
+        if not batches:
+            return
+        sample = {h: torch.cat([b.acts[h] for b in batches]).to(self.device).float() for h in batches[0].acts}
+        for name, rows in due.items():
+            run = self.runs[name]
+            x, y = run.sae.inputs_from({h: a[:rows] for h, a in sample.items()})
+            gen = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + self.step)
+            reset = run.sae.resample(x, y, run.since_fired, run.opt, gen)
+            run.since_fired[reset] = 0
+            run.resampled += int(reset.numel())
+
     def _log(self, pbar: tqdm | None, t0: float) -> dict[str, dict[str, float]]:
         lines = {}
         for run in self.runs.values():
@@ -158,6 +222,8 @@ class Trainer:
             rec.update({k: (v / run.n_acc).item() for k, v in run.acc.items()})
             rec["dead_frac"] = (run.since_fired >= self.cfg.dead_tokens).float().mean().item()
             rec["elapsed_s"] = round(time.perf_counter() - t0, 3)
+            if run.resampled:
+                rec["resampled"], run.resampled = run.resampled, 0
             run.acc, run.n_acc = {}, 0
             run.out.mkdir(parents=True, exist_ok=True)
             with open(run.out / "metrics.jsonl", "a") as fh:
@@ -183,7 +249,7 @@ class Trainer:
         pbar = tqdm(total=self.total_steps, initial=self.step, unit="step", disable=not progress,
                     desc="train", dynamic_ncols=True)
         t0 = time.perf_counter()
-        it = iter(self.stream.iterate(self.step))
+        it = _Lookahead(iter(self.stream.iterate(self.step)))
         while self.step < self.total_steps:
             try:
                 batch = next(it)
@@ -195,7 +261,9 @@ class Trainer:
             acts = {h: a.to(self.device, non_blocking=True) for h, a in batch.acts.items()}
             for run in self.runs.values():
                 self._step(run, acts)
-            self.tokens += next(iter(acts.values())).shape[0]
+            n_rows = next(iter(acts.values())).shape[0]
+            self._maybe_resample(it, self.tokens, self.tokens + n_rows)
+            self.tokens += n_rows
             self.step += 1
             pbar.update(1)
             if self.step % self.cfg.log_every == 0 or self.step == self.total_steps:

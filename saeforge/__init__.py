@@ -1,0 +1,45 @@
+"""saeforge: sparse autoencoders on language-model activations.
+
+The Python API mirrors the CLI::
+
+    from saeforge import load_model, harvest, HarvestConfig, CachedStream, make_config, train, TrainConfig
+    from saeforge import load_sae, evaluate
+"""
+from __future__ import annotations
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "load_model": "saeforge.models",
+    "LoadedModel": "saeforge.models",
+    "HarvestConfig": "saeforge.activations.cache",
+    "harvest": "saeforge.activations.cache",
+    "ActivationCache": "saeforge.activations.cache",
+    "CachedStream": "saeforge.activations.stream",
+    "LiveStream": "saeforge.activations.stream",
+    "open_stream": "saeforge.activations.stream",
+    "SAE": "saeforge.sae",
+    "SAEConfig": "saeforge.sae",
+    "make_config": "saeforge.sae",
+    "create_sae": "saeforge.sae",
+    "architectures": "saeforge.sae",
+    "TrainConfig": "saeforge.train",
+    "Trainer": "saeforge.train",
+    "train": "saeforge.train",
+    "load_sae": "saeforge.formats",
+    "save_sae_as": "saeforge.formats",
+    "evaluate": "saeforge.eval",
+    "AdaptConfig": "saeforge.adapt",
+}
+
+
+def __getattr__(name: str):
+    """Import submodules lazily so ``import saeforge`` stays fast (torch/transformers load on first use)."""
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'saeforge' has no attribute {name!r}")
+
+
+__all__ = ["__version__", *_LAZY]

@@ -1,0 +1,32 @@
+"""Configuration of ``saeforge adapt`` (LoRA around frozen SAEs) and of its end-to-end SAE baseline."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from saeforge.config import JsonConfig
+
+
+@dataclass
+class AdaptConfig(JsonConfig):
+    model: str = ""
+    saes: list[str] = field(default_factory=list)  # SAE folders (any format saeforge reads)
+    data: str = ""  # training text
+    tokenizer: str | None = None
+    text_field: str = "text"
+    trainable: str = "lora"  # "lora": adapt the model; "sae": end-to-end SAE baseline on the same objective
+    rank: int = 64  # capped per matrix at half its smaller side
+    alpha: float = 32.0
+    dropout: float = 0.1
+    layers: str = "all"  # "all" or "after" (only the blocks after the first SAE)
+    target_modules: list[str] | None = None  # default: the family's q, k, v, o, gate, up, down
+    replace_special: bool = False  # False: BOS/special positions keep their original activations
+    lr: float = 5e-5  # AdamW (Chen, Engels & Tegmark 2025)
+    weight_decay: float = 0.0
+    grad_clip: float = 1.0
+    tokens: int = 500_000
+    batch_contexts: int = 8
+    context_len: int = 128
+    seed: int = 0
+    log_every: int = 20
+    checkpoint_every: int = 200
+    device: str = "auto"

@@ -1,0 +1,253 @@
+"""Fine-tune around frozen SAEs on KL(clean ‖ spliced) — LoRA on the model (Chen, Engels & Tegmark 2025),
+or, as the end-to-end baseline, the SAEs' own parameters on the same objective.
+
+The clean model is the same network with adapters and SAEs disabled, so no second copy is held in memory.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from tqdm.auto import tqdm
+
+from saeforge.adapt.config import AdaptConfig
+from saeforge.adapt.data import context_batches
+from saeforge.adapt.lora import add_lora
+from saeforge.adapt.objective import next_token_kl
+from saeforge.adapt.splice import SpliceState, layer_index, resolve_sae_hooks, spliced
+from saeforge.device import resolve_device
+from saeforge.errors import SaeforgeError
+from saeforge.io import save_safetensors_atomic, write_json_atomic
+from saeforge.models import LoadedModel, load_model
+from saeforge.sae.base import SAE
+from saeforge.train.checkpoint import flatten_optimizer, unflatten_optimizer
+
+CHECKPOINT = "adapt_checkpoint.safetensors"
+
+
+def load_any_sae(path: str, device) -> SAE:
+    try:
+        from saeforge.formats import load_sae
+    except ImportError:  # formats package not installed in a trimmed build
+        return SAE.load(path, device=device)
+    return load_sae(path, device=device)
+
+
+@dataclass
+class Adapted:
+    """A model with SAEs spliced in and (optionally) a LoRA adapter around them."""
+
+    loaded: LoadedModel
+    saes: list[SAE]
+    hooks: list
+    peft_model: object | None = None
+    ranks: dict = field(default_factory=dict)
+    state: SpliceState = field(default_factory=SpliceState)
+
+    def adapter_off(self):
+        return self.peft_model.disable_adapter() if self.peft_model is not None else contextlib.nullcontext()
+
+    def spliced(self, replace_special: bool = False):
+        return spliced(self.loaded.model, self.saes, self.hooks, self.state, replace_special)
+
+
+def build(cfg: AdaptConfig) -> Adapted:
+    device = resolve_device(cfg.device)
+    loaded = load_model(cfg.model, tokenizer=cfg.tokenizer, device=device)
+    if not loaded.is_causal:
+        raise SaeforgeError(f"{cfg.model} is not a causal LM; adaptation needs next-token distributions")
+    if not cfg.saes:
+        raise SaeforgeError("no SAE given; pass --sae PATH (repeatable)")
+    saes = [load_any_sae(p, device).eval() for p in cfg.saes]
+    hooks = resolve_sae_hooks(loaded.model, saes, loaded.family)
+    for p in loaded.model.parameters():
+        p.requires_grad_(False)
+    ad = Adapted(loaded, saes, hooks)
+    torch.manual_seed(cfg.seed)  # LoRA's A matrices are random: the same seed gives the same adapter
+    if cfg.trainable == "lora":
+        for s in saes:
+            s.requires_grad_(False)
+        first = min((layer_index(h.module) or 0) + (h.io == "output") for h in hooks)
+        min_layer = first if cfg.layers == "after" else 0
+        if cfg.layers not in ("all", "after"):
+            raise SaeforgeError(f"--layers {cfg.layers!r}: use all or after")
+        ad.peft_model, ad.ranks = add_lora(loaded.model, loaded.family, cfg.rank, cfg.alpha, cfg.dropout,
+                                           min_layer, cfg.target_modules)
+    elif cfg.trainable == "sae":
+        for s in saes:
+            s.requires_grad_(True).train()
+    else:
+        raise SaeforgeError(f"trainable={cfg.trainable!r}: use lora or sae")
+    return ad
+
+
+def trainable_params(ad: Adapted) -> list[torch.nn.Parameter]:
+    mods = [ad.loaded.model] + list(ad.saes)
+    return [p for m in mods for p in m.parameters() if p.requires_grad]
+
+
+def _named_trainables(ad: Adapted) -> dict[str, torch.nn.Parameter]:
+    named = {f"model.{n}": p for n, p in ad.loaded.model.named_parameters() if p.requires_grad}
+    for i, s in enumerate(ad.saes):
+        named.update({f"sae{i}.{n}": p for n, p in s.named_parameters() if p.requires_grad})
+    return named
+
+
+def _save_ckpt(path: Path, ad: Adapted, opt, step: int, elapsed: float) -> None:
+    tensors = {f"param.{n}": p.detach() for n, p in _named_trainables(ad).items()}
+    tensors["rng.cpu"] = torch.get_rng_state()
+    meta: dict = {"step": step, "elapsed_s": elapsed}
+    flatten_optimizer("opt.", opt.state_dict(), tensors, meta)
+    save_safetensors_atomic(path, tensors, metadata={"state": json.dumps(meta)})
+
+
+def _load_ckpt(path: Path, ad: Adapted, opt) -> tuple[int, float]:
+    with safe_open(str(path), framework="pt") as fh:
+        meta = json.loads(fh.metadata()["state"])
+        tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+    with torch.no_grad():
+        for n, p in _named_trainables(ad).items():
+            p.copy_(tensors[f"param.{n}"])
+    opt.load_state_dict(unflatten_optimizer("opt.", tensors, meta))
+    torch.set_rng_state(tensors["rng.cpu"])
+    return meta["step"], meta["elapsed_s"]
+
+
+def fit(ad: Adapted, cfg: AdaptConfig, out: str | Path, resume: bool = False, progress: bool = True,
+        on_log=None) -> list[dict]:
+    """Train the trainable parameters on KL(clean ‖ spliced); returns the logged records."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(cfg.seed)
+    params = trainable_params(ad)
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    tok_per_step = cfg.batch_contexts * cfg.context_len
+    total = max(1, math.ceil(cfg.tokens / tok_per_step))
+    step, elapsed0 = 0, 0.0
+    ckpt = out / CHECKPOINT
+    if resume and ckpt.exists():
+        step, elapsed0 = _load_ckpt(ckpt, ad, opt)
+    elif (out / "metrics.jsonl").exists():
+        (out / "metrics.jsonl").unlink()
+    cfg.save(out / "adapt_cfg.json")
+    model = ad.loaded.model
+    model.train()
+    batches = context_batches(cfg.data, ad.loaded.tokenizer, cfg.context_len, cfg.batch_contexts,
+                              cfg.text_field, loop=True, skip=step)
+    device = next(model.parameters()).device
+    records, acc, n_acc = [], torch.zeros((), device=device), 0
+    t0 = time.perf_counter() - elapsed0
+    pbar = tqdm(total=total, initial=step, unit="step", desc=f"adapt ({cfg.trainable})", disable=not progress)
+    while step < total:
+        tokens, keep = next(batches)
+        tokens, keep = tokens.to(device), keep.to(device)
+        with torch.no_grad(), ad.adapter_off():
+            model.eval()
+            clean = model(input_ids=tokens).logits
+            model.train()
+        ad.state.keep = keep
+        with ad.spliced(cfg.replace_special):
+            logits = model(input_ids=tokens).logits
+        loss = next_token_kl(clean, logits)
+        loss.backward()
+        for s in ad.saes if cfg.trainable == "sae" else ():
+            s.before_optimizer_step()
+        if cfg.grad_clip > 0:
+            torch.nn.utils.clip_grad_norm_(params, cfg.grad_clip)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        for s in ad.saes if cfg.trainable == "sae" else ():
+            s.after_optimizer_step(step, total)
+        acc += loss.detach()
+        n_acc += 1
+        step += 1
+        pbar.update(1)
+        if step % cfg.log_every == 0 or step == total:
+            rec = {"step": step, "tokens": step * tok_per_step, "kl": (acc / n_acc).item(),
+                   "elapsed_s": round(time.perf_counter() - t0, 3)}
+            acc, n_acc = torch.zeros((), device=device), 0
+            records.append(rec)
+            with open(out / "metrics.jsonl", "a") as fh:
+                fh.write(json.dumps(rec) + "\n")
+            pbar.set_postfix(kl=f"{rec['kl']:.4f}")
+            if on_log is not None:
+                on_log(rec)
+        if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
+            _save_ckpt(ckpt, ad, opt, step, time.perf_counter() - t0)
+    pbar.close()
+    _save_ckpt(ckpt, ad, opt, step, time.perf_counter() - t0)
+    model.eval()
+    for s in ad.saes:
+        s.eval()
+    return records
+
+
+def save(ad: Adapted, cfg: AdaptConfig, out: str | Path, report: dict | None = None) -> Path:
+    """Write the adapter (peft format) or the fine-tuned SAEs, the SAEs, and ``adapt.json``."""
+    out = Path(out)
+    sae_dirs = []
+    for i, s in enumerate(ad.saes):
+        d = out / "saes" / str(i)
+        s.save(d)
+        sae_dirs.append(str(d.relative_to(out)))
+    if ad.peft_model is not None:
+        tmp = out / ".adapter.tmp"
+        shutil.rmtree(tmp, ignore_errors=True)
+        ad.peft_model.save_pretrained(str(tmp))
+        shutil.rmtree(out / "adapter", ignore_errors=True)
+        tmp.rename(out / "adapter")
+    manifest = {
+        "kind": "saeforge-adapt", "config": cfg.to_dict(), "model": cfg.model, "tokenizer": cfg.tokenizer,
+        "saes": [{"source": src, "path": d, "hook": h.name} for src, d, h in zip(cfg.saes, sae_dirs, ad.hooks)],
+        "adapter": "adapter" if ad.peft_model is not None else None, "lora_ranks": ad.ranks, "report": report,
+    }
+    write_json_atomic(out / "adapt.json", manifest)
+    return out
+
+
+def load(path: str | Path, device: str = "auto") -> Adapted:
+    """Load model + adapter + SAEs written by :func:`save`."""
+    path = Path(path)
+    mf = path / "adapt.json"
+    if not mf.exists():
+        raise SaeforgeError(f"{path} has no adapt.json; point at a folder written by `saeforge adapt train`")
+    manifest = json.loads(mf.read_text())
+    dev = resolve_device(device)
+    loaded = load_model(manifest["model"], tokenizer=manifest.get("tokenizer"), device=dev)
+    saes = [SAE.load(path / s["path"], device=dev).eval() for s in manifest["saes"]]
+    hooks = resolve_sae_hooks(loaded.model, saes, loaded.family)
+    ad = Adapted(loaded, saes, hooks, ranks=manifest.get("lora_ranks") or {})
+    if manifest.get("adapter"):
+        from peft import PeftModel
+
+        ad.peft_model = PeftModel.from_pretrained(loaded.model, str(path / manifest["adapter"]))
+        ad.peft_model.eval()
+    for p in loaded.model.parameters():
+        p.requires_grad_(False)
+    return ad
+
+
+def merge(path: str | Path, out: str | Path) -> Path:
+    """Merge the adapter into the model weights and save a plain HF model folder (+ the SAEs)."""
+    ad = load(path, device="cpu")
+    if ad.peft_model is None:
+        raise SaeforgeError(f"{path} holds no LoRA adapter to merge (it was an end-to-end SAE run)")
+    merged = ad.peft_model.merge_and_unload()
+    out = Path(out)
+    merged.save_pretrained(str(out))
+    manifest = json.loads((Path(path) / "adapt.json").read_text())
+    tok = getattr(ad.loaded.tokenizer, "path", None) or manifest.get("tokenizer")
+    if tok and Path(str(tok)).is_file():
+        shutil.copy(str(tok), out / "tokenizer.bin")
+    elif hasattr(ad.loaded.tokenizer, "hf"):
+        ad.loaded.tokenizer.hf.save_pretrained(str(out))
+    for i, s in enumerate(ad.saes):
+        s.save(out / "saes" / str(i))
+    return out

@@ -1,0 +1,120 @@
+"""``saeforge adapt``: LoRA-adapt a model around frozen SAEs (Chen, Engels & Tegmark 2025)."""
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from saeforge.commands.train import parse_size
+
+
+def _report(ad, data: str, args, cfg_replace_special: bool) -> dict:
+    from saeforge.adapt.report import adapt_report
+
+    return adapt_report(ad.loaded.model, ad.loaded.tokenizer, ad.saes, ad.hooks, data, ad.adapter_off,
+                        n_tokens=parse_size(args.eval_tokens), context_len=args.context_len,
+                        replace_special=cfg_replace_special, progress=not args.no_progress)
+
+
+def _write_report(out: Path, rep: dict) -> None:
+    from saeforge.adapt.report import report_markdown
+    from saeforge.io import write_json_atomic, write_text_atomic
+
+    write_json_atomic(out / "report.json", rep)
+    write_text_atomic(out / "report.md", report_markdown(rep))
+    print(report_markdown(rep))
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("adapt", help="LoRA-adapt the model around frozen SAEs, evaluate, merge",
+                       description="Fine-tune LoRA adapters so the model works well with SAEs spliced in "
+                                   "(Chen, Engels & Tegmark 2025). Objective: KL(clean model || spliced + LoRA).")
+    s = p.add_subparsers(dest="adapt_command", metavar="ACTION")
+
+    t = s.add_parser("train", help="train an adapter around one or more SAEs, then report",
+                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    t.add_argument("--model", help="model spec (default: the first SAE's cfg.model)")
+    t.add_argument("--tokenizer", help="tokenizer override (llama2.c .bin or HF)")
+    t.add_argument("--sae", action="append", required=True, help="SAE folder, any format (repeatable)")
+    t.add_argument("--data", required=True, help="training text (.txt/.jsonl/.parquet/HF dataset)")
+    t.add_argument("--eval-data", help="held-out text for the report (default: --data)")
+    t.add_argument("--rank", type=int, default=64, help="LoRA rank, capped at half the smaller side of each matrix")
+    t.add_argument("--alpha", type=float, default=32.0, help="LoRA alpha")
+    t.add_argument("--dropout", type=float, default=0.1, help="LoRA dropout")
+    t.add_argument("--layers", choices=["all", "after"], default="all",
+                   help="adapt all blocks, or only the blocks after the first SAE")
+    t.add_argument("--target-modules", help="comma-separated projection names (default: the family's q,k,v,o,gate,up,down)")
+    t.add_argument("--replace-special", action="store_true",
+                   help="splice the SAE at BOS/special positions too (default: they keep the original activation)")
+    t.add_argument("--lr", type=float, default=5e-5, help="AdamW learning rate")
+    t.add_argument("--tokens", default="500k", help="training token budget")
+    t.add_argument("--batch-contexts", type=int, default=8, help="contexts per step")
+    t.add_argument("--context-len", type=int, default=128, help="tokens per context")
+    t.add_argument("--eval-tokens", default="100k", help="held-out tokens for the report")
+    t.add_argument("--checkpoint-every", type=int, default=200, help="steps between checkpoints")
+    t.add_argument("--device", default="auto")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
+    t.add_argument("--no-progress", action="store_true")
+    t.add_argument("--out", default="runs/adapt", help="output folder")
+    t.set_defaults(func=run_train)
+
+    e = s.add_parser("eval", help="re-evaluate a saved adapter (model + adapter + SAEs)",
+                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    e.add_argument("path", help="folder written by `saeforge adapt train`")
+    e.add_argument("--data", help="held-out text (default: the training run's --eval-data)")
+    e.add_argument("--eval-tokens", default="100k")
+    e.add_argument("--context-len", type=int, default=128)
+    e.add_argument("--device", default="auto")
+    e.add_argument("--no-progress", action="store_true")
+    e.set_defaults(func=run_eval)
+
+    m = s.add_parser("merge", help="merge the adapter into the model weights (a plain HF folder)")
+    m.add_argument("path", help="folder written by `saeforge adapt train`")
+    m.add_argument("--out", required=True, help="output model folder")
+    m.set_defaults(func=run_merge)
+    p.set_defaults(func=lambda a: p.print_help() or 1)
+
+
+def run_train(args: argparse.Namespace) -> int:
+    from saeforge.adapt import AdaptConfig, build, fit, save
+    from saeforge.adapt.trainer import load_any_sae
+
+    model = args.model or load_any_sae(args.sae[0], "cpu").cfg.model
+    cfg = AdaptConfig(
+        model=model, saes=list(args.sae), data=args.data, tokenizer=args.tokenizer, rank=args.rank,
+        alpha=args.alpha, dropout=args.dropout, layers=args.layers,
+        target_modules=args.target_modules.split(",") if args.target_modules else None,
+        replace_special=args.replace_special, lr=args.lr, tokens=parse_size(args.tokens),
+        batch_contexts=args.batch_contexts, context_len=args.context_len,
+        checkpoint_every=args.checkpoint_every, device=args.device, seed=args.seed,
+    )
+    out = Path(args.out)
+    ad = build(cfg)
+    fit(ad, cfg, out, resume=args.resume, progress=not args.no_progress)
+    rep = _report(ad, args.eval_data or args.data, args, cfg.replace_special)
+    rep["eval_data"] = args.eval_data or args.data
+    save(ad, cfg, out, rep)
+    _write_report(out, rep)
+    return 0
+
+
+def run_eval(args: argparse.Namespace) -> int:
+    from saeforge.adapt import load
+
+    ad = load(args.path, device=args.device)
+    manifest = json.loads((Path(args.path) / "adapt.json").read_text())
+    data = args.data or (manifest.get("report") or {}).get("eval_data") or manifest["config"]["data"]
+    rep = _report(ad, data, args, manifest["config"].get("replace_special", False))
+    rep["eval_data"] = data
+    _write_report(Path(args.path), rep)
+    return 0
+
+
+def run_merge(args: argparse.Namespace) -> int:
+    from saeforge.adapt import merge
+
+    out = merge(args.path, args.out)
+    print(f"merged model written to {out} (load it with saeforge.models.load_model('{out}'"
+          f"{', tokenizer=' + repr(str(out / 'tokenizer.bin')) if (out / 'tokenizer.bin').exists() else ''}))")
+    return 0

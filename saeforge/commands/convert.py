@@ -1,0 +1,46 @@
+"""``saeforge convert SRC DST --to FORMAT``: read an SAE in any supported format, write it in another."""
+from __future__ import annotations
+
+import argparse
+
+FORMAT_HELP = "saeforge, saelens, sparsify, dictionary_learning, gemma_scope, openai"
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser(
+        "convert",
+        help="convert an SAE checkpoint between formats (SAELens, sparsify, dictionary_learning, Gemma Scope, "
+             "OpenAI, saeforge)",
+        description="Read SRC (a local folder/file or a Hugging Face Hub id owner/repo[/folder]) and write it to "
+                    "DST in --to FORMAT. The source format is detected from the files unless --from is given. "
+                    "Conventions that differ between formats (weight orientation, b_dec subtraction, decoder-norm "
+                    "folding, threshold storage) are converted exactly; see docs/formats.md.",
+    )
+    p.add_argument("src", help="checkpoint folder or file, or a Hub id like google/gemma-scope-2b-pt-res/layer_0/...")
+    p.add_argument("dst", help="output folder (or .npz / .pt file for gemma_scope / openai)")
+    p.add_argument("--to", required=True, help=f"output format: {FORMAT_HELP}")
+    p.add_argument("--from", dest="from_format", help=f"input format (default: detected): {FORMAT_HELP}")
+    p.add_argument("--hookpoint", help="which hook point of a sparsify run folder to read")
+    p.add_argument("--out-hookpoint",
+                   help="with --to sparsify: write a run folder DST/<name>/ plus config.json instead of one coder")
+    p.add_argument("--subfolder", help="folder inside SRC (or inside the Hub repo) that holds the checkpoint")
+    p.add_argument("--revision", help="Hub revision (branch, tag or commit) when SRC is a Hub id")
+    p.add_argument("--normalize-decoder", action="store_true",
+                   help="dictionary_learning AutoEncoder: unit-normalise decoder columns as load_dictionary does")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from saeforge.formats import canonical_format, convert
+
+    to = canonical_format(args.to)
+    sae, written = convert(
+        args.src, args.dst, to, from_format=args.from_format, hookpoint=args.hookpoint,
+        subfolder=args.subfolder, revision=args.revision, normalize_decoder=args.normalize_decoder,
+        out_hookpoint=args.out_hookpoint,
+    )
+    c = sae.cfg
+    src_fmt = (c.metadata or {}).get("source_format", "saeforge")
+    print(f"converted {args.src} ({src_fmt}, {c.arch}, d_in={c.d_in}, d_sae={c.d_sae}, d_out={c.d_out}) "
+          f"-> {written} ({to})")
+    return 0

@@ -1,0 +1,73 @@
+"""``saeforge eval``: reconstruction, spliced-in loss and latent statistics of one or more SAEs."""
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from saeforge.errors import SaeforgeError
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    from saeforge.commands.train import parse_size
+
+    p = sub.add_parser(
+        "eval", help="evaluate SAEs: FVU, L0, dead/dense latents, spliced-in CE loss and KL",
+        description="Evaluate SAEs on held-out text: reconstruction (FVU, MSE, cosine, L0), latent statistics "
+                    "(dead, dense, activation quantiles, decoder similarity) and, for causal LMs, the model's "
+                    "loss with the SAE spliced in against zero/mean ablation. Prints a table and writes "
+                    "OUT/eval.json; --report/--all add OUT/report.md with plots. Metrics: docs/eval.md.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--sae", action="append", required=True, metavar="PATH",
+                   help="SAE folder or checkpoint in any supported format, or a sweep folder with sweep.json "
+                        "(repeat for several: they share the model passes and get a frontier plot)")
+    p.add_argument("--model", help="model spec (default: the model named in the SAE's cfg)")
+    p.add_argument("--tokenizer", help="tokenizer for llama2.c models (default: tok*.bin beside the model)")
+    p.add_argument("--data", required=True, help="held-out text: .txt/.jsonl/.parquet, a folder or a data set")
+    p.add_argument("--text-field", default="text", help="text field of .jsonl/.parquet/data sets")
+    p.add_argument("--split", default="train", help="data-set split when --data is a data set")
+    p.add_argument("--tokens", type=parse_size, default=100_000, help="eval tokens (non-special), e.g. 200k")
+    p.add_argument("--context-len", type=int, default=128, help="tokens per context")
+    p.add_argument("--batch-size", type=int, default=8, help="contexts per forward pass")
+    p.add_argument("--chunk-batches", type=int, default=16, help="batches between resume checkpoints")
+    p.add_argument("--dense-threshold", type=float, default=0.1,
+                   help="a latent firing on more than this fraction of tokens counts as dense")
+    p.add_argument("--sample-tokens", type=parse_size, default=16384,
+                   help="tokens sampled for per-latent activation quantiles")
+    p.add_argument("--no-downstream", action="store_true", help="skip the spliced-loss pass")
+    p.add_argument("--splice-all", action="store_true",
+                   help="also splice and score BOS/special positions (default: keep their activations)")
+    p.add_argument("--out", default="runs/eval", help="output folder")
+    p.add_argument("--report", action="store_true", help="write OUT/report.md with PNG plots")
+    p.add_argument("--all", action="store_true", dest="run_all",
+                   help="everything: also probe loss, N2G, ablation sparsity, scaling fit (when installed) + report")
+    p.add_argument("--resume", action="store_true", help="continue an interrupted evaluation in --out")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
+    p.add_argument("--dtype", default="float32", help="model weights dtype: float32, bfloat16, float16")
+    p.add_argument("--seed", type=int, default=0, help="seed of the quantile token sample")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from saeforge.eval import evaluate_many, format_table
+
+    if args.batch_size < 1 or args.context_len < 2:
+        raise SaeforgeError("--batch-size must be >= 1 and --context-len >= 2")
+    combined = evaluate_many(
+        args.sae, model=args.model, data=args.data, n_tokens=args.tokens, context_len=args.context_len,
+        batch_contexts=args.batch_size, out=args.out, resume=args.resume, progress=not args.no_progress,
+        run_all=args.run_all, report=args.report, tokenizer=args.tokenizer, device=args.device, dtype=args.dtype,
+        chunk_batches=args.chunk_batches, dense_threshold=args.dense_threshold, sample_tokens=args.sample_tokens,
+        downstream=not args.no_downstream, splice_all=args.splice_all, text_field=args.text_field,
+        split=args.split, seed=args.seed,
+    )
+    print(format_table(combined["saes"]))
+    for name, r in combined["saes"].items():
+        skipped = r.get("downstream", {}).get("skipped")
+        if skipped:
+            print(f"{name}: downstream loss skipped: {skipped}")
+    out = Path(args.out)
+    written = [out / "eval.json"] + ([out / "report.md"] if (args.report or args.run_all) else [])
+    print("wrote " + ", ".join(str(p) for p in written))
+    return 0

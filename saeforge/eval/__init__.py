@@ -1,0 +1,297 @@
+"""``saeforge.eval``: how good is an SAE? Reconstruction, downstream loss, latent statistics, report.
+
+Python API (mirrors ``saeforge eval``)::
+
+    from saeforge.eval import evaluate, format_table
+    result = evaluate("runs/topk", model="stories260K.bin", data="valid.txt", n_tokens=200_000, out="runs/topk/eval")
+    print(format_table(result))
+
+``evaluate`` takes one SAE (an :class:`~saeforge.sae.SAE` or anything :func:`saeforge.formats.load_sae` reads),
+``evaluate_many`` several (one shared model pass), including sweep folders. Metric definitions: docs/eval.md.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Callable, Mapping, Sequence
+
+from saeforge.errors import SaeforgeError
+from saeforge.eval.downstream import DownstreamStats, downstream_batch
+from saeforge.eval.features import FeatureStats, decoder_max_cos, feature_summary, latent_quantiles
+from saeforge.eval.recon import ReconStats, encode_decode, reconstruction_metrics
+from saeforge.eval.report import Section, build_report, format_table, frontier_points, sections_from_result, text_table
+from saeforge.eval.runner import EvalConfig, EvalRunner, jsonable
+from saeforge.io import write_json_atomic
+from saeforge.sae.base import SAE
+
+__all__ = [
+    "EvalConfig", "EvalRunner", "evaluate", "evaluate_many", "load_sae_any", "expand_sources", "format_table",
+    "text_table", "build_report", "Section", "sections_from_result", "ReconStats", "FeatureStats",
+    "DownstreamStats", "reconstruction_metrics", "encode_decode", "feature_summary", "latent_quantiles",
+    "decoder_max_cos", "downstream_batch", "frontier_points", "jsonable",
+]
+
+
+# ---- loading SAEs -----------------------------------------------------------------------------------------
+def load_sae_any(source: str | Path, device: Any = "cpu") -> SAE:
+    """Load an SAE in any format saeforge reads (``saeforge.formats.load_sae``; saeforge folders otherwise)."""
+    loader = _loader()
+    sae = loader(str(source), device=device) if loader is not None else SAE.load(source, device=device)
+    if not isinstance(sae, SAE):
+        raise SaeforgeError(f"{source} did not load as an SAE; pass an SAE folder or checkpoint")
+    return sae
+
+
+def _loader() -> Callable | None:
+    fm = _module("saeforge.formats")
+    return getattr(fm, "load_sae", None) if fm is not None else None
+
+
+def _sweep_members(folder: Path) -> list[tuple[str, str]]:
+    """SAEs listed by ``folder/sweep.json`` (``{"runs": [...]}``, ``{"saes": ...}`` or a list; each entry a path
+    or a dict with ``out``/``path``/``dir`` and optional ``name``); else sub-folders holding ``cfg.json``."""
+    try:
+        data = json.loads((folder / "sweep.json").read_text())
+    except json.JSONDecodeError as e:
+        raise SaeforgeError(f"{folder / 'sweep.json'} is not valid JSON ({e.msg}); fix or remove it") from None
+    runs = data if isinstance(data, list) else next((data[k] for k in ("runs", "saes", "members") if k in data), [])
+    items = list(runs.items()) if isinstance(runs, dict) else [(None, r) for r in runs]
+    members = []
+    for name, entry in items:
+        path = entry if isinstance(entry, str) else next(
+            (entry[k] for k in ("out", "path", "dir") if isinstance(entry, dict) and k in entry), None)
+        if path is None:
+            continue
+        p = Path(path)
+        if not p.is_absolute() and (folder / p).exists():
+            p = folder / p
+        name = name or (entry.get("name") if isinstance(entry, dict) else None) or p.name
+        members.append((str(name), str(p)))
+    if not members:
+        members = [(p.name, str(p)) for p in sorted(folder.iterdir()) if p.is_dir() and (p / "cfg.json").exists()]
+    if not members:
+        raise SaeforgeError(f"{folder}/sweep.json lists no SAE folders; point --sae at the trained SAE folders")
+    return members
+
+
+def expand_sources(sources: Sequence[str | Path]) -> list[tuple[str, str]]:
+    """``(name, path)`` per SAE; a folder with ``sweep.json`` expands to its members. Names are made unique."""
+    pairs: list[tuple[str, str]] = []
+    for s in sources:
+        p = Path(s)
+        if p.is_dir() and (p / "sweep.json").exists():
+            pairs += _sweep_members(p)
+        else:
+            pairs.append((p.name or str(s), str(s)))
+    return _unique(pairs)
+
+
+def _unique(pairs: list[tuple[str, Any]]) -> list[tuple[str, Any]]:
+    seen: dict[str, int] = {}
+    out = []
+    for name, v in pairs:
+        seen[name] = seen.get(name, 0) + 1
+        out.append((name if seen[name] == 1 else f"{name}-{seen[name]}", v))
+    return out
+
+
+def _named_saes(saes: Any, device: Any) -> tuple[dict[str, SAE], dict[str, str]]:
+    if isinstance(saes, (SAE, str, Path)):
+        saes = [saes]
+    if isinstance(saes, Mapping):
+        items: list[tuple[str, Any]] = list(saes.items())
+    else:
+        saes = list(saes)
+        items = []
+        for i, s in enumerate(saes):
+            items += [(f"sae{i}" if len(saes) > 1 else "sae", s)] if isinstance(s, SAE) else expand_sources([s])
+        items = _unique(items)
+    loaded, sources = {}, {}
+    for name, s in items:
+        if isinstance(s, SAE):
+            loaded[name] = s
+        else:
+            loaded[name] = load_sae_any(s, device=device)
+            sources[name] = str(s)
+    return loaded, sources
+
+
+def _model(model: Any, saes: Mapping[str, SAE], tokenizer: str | None, device: Any, dtype: Any) -> Any:
+    if model is not None and not isinstance(model, (str, Path)):
+        return model
+    from saeforge.device import DTYPES, resolve_device
+    from saeforge.models import load_model
+
+    if model is None:
+        specs = {s.cfg.model for s in saes.values()}
+        if len(specs) != 1 or None in specs:
+            raise SaeforgeError(f"the SAEs name models {sorted(map(str, specs))} in their configs; pass --model")
+        model = specs.pop()
+    if isinstance(dtype, str) and dtype not in DTYPES:
+        raise SaeforgeError(f"unknown dtype {dtype!r}; use one of float32, bfloat16, float16")
+    dt = DTYPES[dtype] if isinstance(dtype, str) else dtype
+    return load_model(str(model), tokenizer=tokenizer, device=resolve_device(device or "auto"),
+                      **({"dtype": dt} if dt is not None else {}))
+
+
+# ---- the API ----------------------------------------------------------------------------------------------
+def evaluate_many(
+    saes: Any,
+    model: Any = None,
+    data: str | None = None,
+    n_tokens: int = 100_000,
+    context_len: int = 128,
+    batch_contexts: int = 8,
+    *,
+    out: str | Path | None = None,
+    resume: bool = False,
+    progress: bool = True,
+    run_all: bool = False,
+    report: bool = False,
+    tokenizer: str | None = None,
+    device: Any = None,
+    dtype: Any = None,
+    config: EvalConfig | None = None,
+    on_chunk: Callable[[str, int], None] | None = None,
+    **options: Any,
+) -> dict[str, Any]:
+    """Evaluate several SAEs on one model; returns ``{"saes": {name: result}, "frontier": [...], ...}``.
+
+    ``saes``: SAE objects, paths (any format; sweep folders expand), or ``{name: SAE | path}``. ``model``: a
+    :class:`~saeforge.models.LoadedModel`, a spec, or None for the SAEs' ``cfg.model``. Other keyword options
+    are :class:`EvalConfig` fields (``dense_threshold``, ``downstream``, ``splice_all``, ``sample_tokens`` ...).
+    ``run_all`` adds the optional modules (probes, N2G, ablation, scaling) and the report; ``report`` the report.
+    """
+    if not data:
+        raise SaeforgeError("no eval data: pass --data with a held-out text file or data set")
+    cfg = config or EvalConfig.from_dict({"n_tokens": int(n_tokens), "context_len": int(context_len),
+                                          "batch_contexts": int(batch_contexts), **options})
+    named, sources = _named_saes(saes, "cpu")
+    lm = _model(model, named, tokenizer, device, dtype)
+    runner = EvalRunner(named, lm, data, cfg, out)
+    results = runner.run(resume=resume, progress=progress, on_chunk=on_chunk)
+    for name, src in sources.items():
+        results[name]["sae"]["source"] = src
+    extras = run_extras(runner, progress=progress) if run_all else {}
+    for name, by_key in extras.items():
+        results[name]["extras"] = by_key
+    combined: dict[str, Any] = {"saes": results, "frontier": frontier_points(results)}
+    out_p = Path(out) if out is not None else None
+    if run_all:
+        fig = out_p / "figures" / "scaling.png" if out_p is not None else None
+        combined["scaling"] = run_scaling(combined["frontier"], fig)
+    if out_p is not None:
+        runner.save_state(runner.state)
+        for name, r in results.items():
+            write_json_atomic(runner.sae_dir(name) / "eval.json", r)
+        if len(results) > 1:
+            write_json_atomic(out_p / "eval.json", jsonable(combined))
+        if run_all or report:
+            build_report(out_p, results, runner.arrays, runner.per_token, extras,
+                         {"scaling": combined.get("scaling")})
+    return combined
+
+
+def evaluate(
+    sae: SAE | str | Path,
+    model: Any = None,
+    data: str | None = None,
+    n_tokens: int = 100_000,
+    context_len: int = 128,
+    batch_contexts: int = 8,
+    **kwargs: Any,
+) -> dict[str, Any]:
+    """Evaluate one SAE; returns its result dict (also written to ``out/eval.json`` when ``out`` is given).
+
+    Keys: ``reconstruction`` (fvu, mse, cos_sim, rel_norm, rel_bias, l0, ...), ``features`` (dead, dense,
+    density and activation summaries, decoder cosine stats), ``downstream`` (ce_clean, ce_spliced, ce_zero,
+    ce_mean, delta_ce, kl, ce_recovered, ce_recovered_mean, kl_recovered; or ``skipped``), plus ``sae``,
+    ``model``, ``data``, ``config``. Keyword arguments as for :func:`evaluate_many`.
+    """
+    if isinstance(sae, Mapping) or (isinstance(sae, Sequence) and not isinstance(sae, str)):
+        raise SaeforgeError("evaluate takes one SAE; use evaluate_many for several")
+    combined = evaluate_many([sae], model, data, n_tokens, context_len, batch_contexts, **kwargs)
+    return next(iter(combined["saes"].values()))
+
+
+# ---- optional sections from other evaluation modules (``--all``) ----------------------------------------------
+# name -> (module, function). Each function takes (sae, model, data, **options) and returns a JSON-able dict.
+EXTRAS = {
+    "probes": ("saeforge.eval.probes", "run_probe_suite"),
+    "n2g": ("saeforge.eval.n2g", "run_n2g"),
+    "ablation": ("saeforge.eval.ablation", "run_ablation_sparsity"),
+}
+
+
+def _module(name: str) -> Any | None:
+    """The module if it exists in this install, else None (errors inside an existing module propagate)."""
+    import importlib
+    import importlib.util
+
+    return importlib.import_module(name) if importlib.util.find_spec(name) is not None else None
+
+
+def call_flexible(fn: Callable, args: tuple, options: Mapping[str, Any]) -> Any:
+    """Call ``fn(*args, **subset)`` passing only the options its signature names (all of them with **kw)."""
+    import inspect
+
+    params = inspect.signature(fn).parameters
+    if any(p.kind is p.VAR_KEYWORD for p in params.values()):
+        return fn(*args, **options)
+    return fn(*args, **{k: v for k, v in options.items() if k in params})
+
+
+def run_extras(runner: EvalRunner, progress: bool = True, device: Any = None) -> dict[str, dict[str, Any]]:
+    """Run every available extra module on every SAE; results are cached in the state (resume skips them).
+
+    A failing extra is recorded as ``{"error": ...}`` and reported, so one broken optional section never
+    loses a finished evaluation.
+    """
+    import sys
+
+    state = runner.state
+    done = state.setdefault("extras", {})
+    c = runner.cfg
+    for key, (mod_name, fn_name) in EXTRAS.items():
+        mod = _module(mod_name)
+        fn = getattr(mod, fn_name, None) if mod is not None else None
+        if fn is None:
+            continue
+        for name, sae in runner.saes.items():
+            if key in done.get(name, {}):
+                continue
+            opts = {"n_tokens": c.n_tokens, "context_len": c.context_len, "batch_contexts": c.batch_contexts,
+                    "batch_size": c.batch_contexts, "seed": c.seed, "text_field": c.text_field, "split": c.split,
+                    "progress": progress, "device": device or runner.lm.device,
+                    "out": runner.sae_dir(name) / key if runner.out else None}
+            try:
+                res = jsonable(call_flexible(fn, (sae, runner.lm, runner.data), opts))
+            except (KeyboardInterrupt, MemoryError):
+                raise
+            except Exception as e:  # noqa: BLE001 - an optional section must not sink the evaluation
+                print(f"saeforge eval: warning: {key} failed on {name}: {type(e).__name__}: {e}", file=sys.stderr)
+                res = {"error": f"{type(e).__name__}: {e}"}
+            done.setdefault(name, {})[key] = res
+            runner.save_state(state)
+    return done
+
+
+def run_scaling(points: list[dict[str, Any]], fig_path: Path | None) -> dict[str, Any] | None:
+    """Scaling-law fit over several SAEs with ``saeforge.eval.scaling`` when that module exists."""
+    mod = _module("saeforge.eval.scaling")
+    if mod is None or not hasattr(mod, "fit_scaling_law") or len(points) < 2:
+        return None
+    try:
+        fit = jsonable(mod.fit_scaling_law(points))
+        plot = getattr(mod, "plot_scaling", None)
+        if plot is not None and fig_path is not None:
+            opts = {"fit": fit, "result": fit, "points": points, "path": fig_path, "out": fig_path,
+                    "out_path": fig_path}
+            call_flexible(plot, (), opts)
+            if fig_path.exists():
+                fit = {**fit, "figures": [str(fig_path)]} if isinstance(fit, dict) else fit
+        return fit
+    except (KeyboardInterrupt, MemoryError):
+        raise
+    except Exception as e:  # noqa: BLE001
+        return {"error": f"{type(e).__name__}: {e}"}

@@ -1,0 +1,339 @@
+"""Explainability by Neuron to Graph (N2G; Foote et al. 2023), as used by Gao et al. 2024 §4.4.
+
+A latent's explanation is a set of token patterns that end at the token where it fires. Each pattern comes from
+one activating context (the latent's top activations plus some random activating ones):
+
+1. **Truncate**: the shortest suffix of the context, ending at the activating token, whose activation (run
+   alone after a BOS token) is at least ``keep_frac`` (½) of the original activation;
+2. **Wildcards**: each earlier token of that suffix is replaced by the pad token in turn; if that costs less
+   than ``keep_frac`` of the suffix's activation the token becomes a wildcard ``*`` (any one token). Leading
+   wildcards are dropped (they only require the context to be long enough);
+3. **Trie**: the patterns are stored reversed (activating token first) in a trie. On new text the trie
+   predicts, at each position, the largest activation among the patterns that match there (0 if none).
+
+The explanation is scored on held-out text as a classifier of "the latent fires" (activation >
+``fire_threshold``): precision, recall and F1. Gao et al. report precision and recall; like them we skip N2G's
+saliency-weighted importance and its data augmentation (only truncation + pad-token wildcards), see
+docs/metrics.md. The patterns are also rendered as strings for the dashboard.
+
+Re-running the model on truncated or edited contexts is the expensive part: all such sequences are grouped by
+length (so no padding is needed) and run in batches that stop at the SAE's hook (``capture(stop_early=True)``).
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from saeforge.errors import SaeforgeError
+from saeforge.hooks import capture, resolve_hook
+
+WILD = -1  # a wildcard position in a pattern
+
+
+# ---- the pattern trie -------------------------------------------------------------------------------------------
+@dataclass
+class _Node:
+    children: dict[int, "_Node"] = field(default_factory=dict)
+    value: float | None = None  # activation predicted when a pattern ends here
+    count: int = 0
+
+
+class PatternTrie:
+    """Token patterns (tuples of ids, ``WILD`` = any token) ending at the activating token.
+
+    ``predict(tokens)`` gives, at every position, the largest value among patterns whose last token is at that
+    position and whose earlier tokens match the tokens before it (a wildcard matches any one token).
+    """
+
+    def __init__(self) -> None:
+        self.root = _Node()
+        self.patterns: dict[tuple[int, ...], list[float]] = {}
+
+    def add(self, pattern: Sequence[int], value: float) -> None:
+        pattern = tuple(int(t) for t in pattern)
+        if not pattern or pattern[-1] == WILD:
+            raise SaeforgeError("an N2G pattern must end with a real token (the activating one)")
+        node = self.root
+        for t in reversed(pattern):
+            node = node.children.setdefault(t, _Node())
+        node.count += 1
+        node.value = value if node.value is None else max(node.value, value)
+        self.patterns.setdefault(pattern, []).append(float(value))
+
+    def __len__(self) -> int:
+        return len(self.patterns)
+
+    def match(self, tokens: Sequence[int], t: int) -> float | None:
+        """Largest value of the patterns that end at position ``t`` of ``tokens``, or None."""
+        best: float | None = None
+        stack = [(self.root.children.get(int(tokens[t])), t - 1)]
+        while stack:
+            node, i = stack.pop()
+            if node is None:
+                continue
+            if node.value is not None and (best is None or node.value > best):
+                best = node.value
+            if i < 0 or not node.children:
+                continue
+            stack.append((node.children.get(int(tokens[i])), i - 1))
+            if WILD in node.children:
+                stack.append((node.children[WILD], i - 1))
+        return best
+
+    def predict(self, tokens: Sequence[int]) -> np.ndarray:
+        """Predicted activation at every position of one token sequence (0 where no pattern matches)."""
+        toks = [int(t) for t in tokens]
+        out = np.zeros(len(toks), dtype=np.float64)
+        first = self.root.children
+        for t, tok in enumerate(toks):
+            if tok in first:
+                v = self.match(toks, t)
+                if v is not None:
+                    out[t] = v
+        return out
+
+    def render(self, token_str: Callable[[int], str], max_patterns: int = 5) -> str:
+        """Readable explanation: the most frequent patterns joined by `` | ``; each token in brackets (its
+        leading space kept) and ``*`` for a wildcard, e.g. ``[ the] * [ cat] | [ dog]``."""
+        ranked = sorted(self.patterns.items(), key=lambda kv: (-len(kv[1]), -max(kv[1])))
+        return " | ".join(
+            " ".join("*" if t == WILD else f"[{token_str(t)}]" for t in p) for p, _ in ranked[:max_patterns]
+        )
+
+
+# ---- precision / recall -------------------------------------------------------------------------------------------
+def precision_recall(pred: np.ndarray, true: np.ndarray) -> dict[str, float | None]:
+    """Precision, recall and F1 of boolean predictions; None where the ratio is 0/0."""
+    tp = int(np.sum(pred & true))
+    n_pred, n_true = int(pred.sum()), int(true.sum())
+    p = tp / n_pred if n_pred else None
+    r = tp / n_true if n_true else None
+    f1 = 2 * tp / (n_pred + n_true) if n_pred + n_true else None  # = 2PR / (P + R)
+    return {"precision": p, "recall": r, "f1": f1, "n_true": n_true, "n_pred": n_pred}
+
+
+# ---- running sequences in batches ---------------------------------------------------------------------------------
+ActFn = Callable[[Tensor], Tensor]  # tokens [B, T] -> activations of the chosen latents [B, T, L]
+
+
+def _last_acts(act_fn: ActFn, seqs: list[list[int]], cols: list[int], batch_size: int) -> np.ndarray:
+    """Activation of latent column ``cols[i]`` at the last position of ``seqs[i]``; equal lengths batch together."""
+    out = np.zeros(len(seqs), dtype=np.float64)
+    by_len: dict[int, list[int]] = {}
+    for i, s in enumerate(seqs):
+        by_len.setdefault(len(s), []).append(i)
+    for n, idx in by_len.items():
+        for s in range(0, len(idx), batch_size):
+            chunk = idx[s:s + batch_size]
+            toks = torch.tensor([seqs[i] for i in chunk], dtype=torch.long)
+            acts = act_fn(toks)[:, n - 1, :]  # [b, L]
+            c = torch.tensor([cols[i] for i in chunk], dtype=torch.long, device=acts.device)
+            out[chunk] = acts.gather(1, c[:, None]).squeeze(1).double().cpu().numpy()
+    return out
+
+
+def _all_acts(act_fn: ActFn, tokens: Tensor, batch_size: int) -> Tensor:
+    return torch.cat([act_fn(tokens[s:s + batch_size]).float().cpu() for s in range(0, len(tokens), batch_size)])
+
+
+# ---- the N2G procedure --------------------------------------------------------------------------------------------
+def build_patterns(
+    act_fn: ActFn,
+    tokens: Tensor,
+    acts: Tensor,
+    keep: Tensor,
+    *,
+    bos_id: int | None,
+    pad_id: int,
+    n_top: int = 8,
+    n_random: int = 4,
+    max_suffix: int = 16,
+    keep_frac: float = 0.5,
+    fire_threshold: float = 0.0,
+    batch_size: int = 64,
+    seed: int = 0,
+) -> list[PatternTrie]:
+    """One :class:`PatternTrie` per latent column of ``acts [C, T, L]`` (activations on ``tokens [C, T]``)."""
+    C, T, L = acts.shape
+    g = torch.Generator().manual_seed(seed)
+    masked = acts.masked_fill(~keep[:, :, None], -math.inf)
+    examples: list[tuple[int, int, int, float]] = []  # (column, context, position, activation)
+    for col in range(L):
+        a = masked[:, :, col].flatten()
+        firing = (a > fire_threshold).nonzero().flatten()
+        if firing.numel() == 0:
+            continue
+        top = firing[a[firing].argsort(descending=True)[:n_top]]
+        rest = firing[~torch.isin(firing, top)]
+        rnd = rest[torch.randperm(rest.numel(), generator=g)[:n_random]]
+        for flat in torch.cat([top, rnd]).tolist():
+            examples.append((col, flat // T, flat % T, float(a[flat])))
+    prefix = [] if bos_id is None else [int(bos_id)]
+    # 1. the shortest suffix that keeps keep_frac of the activation
+    seqs, cols, owner = [], [], []
+    for e, (col, c, t, _) in enumerate(examples):
+        start = 1 if bos_id is not None and int(tokens[c, 0]) == bos_id else 0
+        for n in range(1, min(max_suffix, t - start + 1) + 1):
+            seqs.append(prefix + tokens[c, t - n + 1:t + 1].tolist())
+            cols.append(col)
+            owner.append((e, n))
+    got = _last_acts(act_fn, seqs, cols, batch_size) if seqs else np.zeros(0)
+    suffix: dict[int, tuple[list[int], float]] = {}
+    for (e, n), v, s in zip(owner, got, seqs):
+        if e not in suffix and v >= keep_frac * examples[e][3]:
+            suffix[e] = (s[len(prefix):], float(v))
+    # 2. pad-token replacement decides the wildcards
+    seqs, cols, owner = [], [], []
+    for e, (toks, _) in suffix.items():
+        for i in range(len(toks) - 1):
+            edited = list(toks)
+            edited[i] = pad_id
+            seqs.append(prefix + edited)
+            cols.append(examples[e][0])
+            owner.append((e, i))
+    got = _last_acts(act_fn, seqs, cols, batch_size) if seqs else np.zeros(0)
+    wild: dict[int, set[int]] = {e: set() for e in suffix}
+    for (e, i), v in zip(owner, got):
+        a_s = suffix[e][1]
+        if a_s - v < keep_frac * a_s:
+            wild[e].add(i)
+    # 3. the tries
+    tries = [PatternTrie() for _ in range(L)]
+    for e, (toks, _) in suffix.items():
+        pat = [WILD if i in wild[e] else t for i, t in enumerate(toks)]
+        while pat and pat[0] == WILD:
+            pat.pop(0)
+        tries[examples[e][0]].add(pat, examples[e][3])
+    return tries
+
+
+def score_patterns(
+    tries: list[PatternTrie], tokens: Tensor, acts: Tensor, keep: Tensor, fire_threshold: float = 0.0
+) -> list[dict[str, float | None]]:
+    """Precision / recall / F1 of each trie's "fires" prediction against ``acts [C, T, L]`` on ``tokens``."""
+    k = keep.numpy().astype(bool)
+    out = []
+    for col, trie in enumerate(tries):
+        pred = np.stack([trie.predict(row) for row in tokens.tolist()]) > 0
+        true = acts[:, :, col].numpy() > fire_threshold
+        out.append(precision_recall(pred[k], true[k]))
+    return out
+
+
+def _contexts(
+    model, data: str | Iterable[str], context_len: int, n: int, text_field: str = "text", split: str = "train"
+) -> tuple[Tensor, Tensor]:
+    """The first ``n`` packed contexts of ``data`` (``saeforge.data.pack``): tokens and keep masks ``[n, T]``."""
+    from saeforge.data.packing import pack
+    from saeforge.eval.probes import _docs
+
+    toks, keep = [], []
+    for ctx in pack(_docs(data, text_field, split), model.tokenizer, context_len=context_len):
+        toks.append(ctx.tokens)
+        keep.append(ctx.keep)
+        if len(toks) == n:
+            break
+    if len(toks) < n:
+        raise SaeforgeError(f"the data holds only {len(toks)} contexts of {context_len} tokens, {n} needed; "
+                            "pass more text or smaller n_contexts")
+    return torch.stack(toks), torch.stack(keep)
+
+
+def sae_act_fn(sae, model, hook: str, latents: Sequence[int] | None = None) -> ActFn:
+    """tokens -> the SAE's latent activations ``[B, T, L]`` at ``hook`` (forward stops at the hook)."""
+    hp = resolve_hook(model, hook)
+    dev = next(sae.parameters()).device
+    idx = None if latents is None else torch.as_tensor(list(latents), dtype=torch.long, device=dev)
+
+    @torch.no_grad()
+    def fn(tokens: Tensor) -> Tensor:
+        x = capture(model, [hp], tokens, stop_early=True)[hp.name].to(dev).float()
+        f = sae.encode(x)
+        return f if idx is None else f.index_select(-1, idx)
+
+    return fn
+
+
+def run_n2g(
+    sae,
+    model,
+    data: str | Iterable[str],
+    n_latents: int = 64,
+    *,
+    hook: str | None = None,
+    latents: Sequence[int] | None = None,
+    n_train_contexts: int = 256,
+    n_heldout_contexts: int = 128,
+    context_len: int = 64,
+    n_top: int = 8,
+    n_random: int = 4,
+    max_suffix: int = 16,
+    keep_frac: float = 0.5,
+    fire_threshold: float = 0.0,
+    min_fires: int = 5,
+    batch_size: int = 64,
+    text_field: str = "text",
+    split: str = "train",
+    seed: int = 0,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """N2G explanations of ``n_latents`` latents (a seeded sample of those firing >= ``min_fires`` times on the
+    training contexts; or exactly ``latents``) scored on held-out contexts that follow them in ``data``.
+
+    Returns ``{"summary": {precision, recall, f1 (means over latents), ...}, "latents": {...},
+    "explanations": {latent: {"pattern", "precision", "recall", "f1"}}}``.
+    """
+    from saeforge.eval.probes import _sae_hook
+
+    hook = _sae_hook(sae, hook)
+    tok = model.tokenizer
+    tokens, keep = _contexts(model, data, context_len, n_train_contexts + n_heldout_contexts, text_field, split)
+    tr_tok, tr_keep = tokens[:n_train_contexts], keep[:n_train_contexts]
+    te_tok, te_keep = tokens[n_train_contexts:], keep[n_train_contexts:]
+    if latents is None:
+        counts = torch.zeros(sae.cfg.d_sae, dtype=torch.long)
+        full = sae_act_fn(sae, model, hook)
+        for s in range(0, n_train_contexts, batch_size):
+            f = full(tr_tok[s:s + batch_size]).cpu()
+            counts += ((f > fire_threshold) & tr_keep[s:s + batch_size, :, None]).sum((0, 1))
+        alive = (counts >= min_fires).nonzero().flatten()
+        g = torch.Generator().manual_seed(seed)
+        latents = sorted(alive[torch.randperm(alive.numel(), generator=g)[:n_latents]].tolist())
+    latents = [int(j) for j in latents]
+    if not latents:
+        raise SaeforgeError(f"no latent fires {min_fires}+ times on {n_train_contexts} contexts; "
+                            "pass more contexts or a smaller min_fires")
+    pad = tok.pad_id if tok.pad_id is not None else 0
+    tries, scores = [], []
+    for s in tqdm(range(0, len(latents), 32), desc="n2g", disable=not progress):
+        cols = list(range(s, min(s + 32, len(latents))))
+        sub = sae_act_fn(sae, model, hook, [latents[c] for c in cols])
+        tr_acts = _all_acts(sub, tr_tok, batch_size)
+        te_acts = _all_acts(sub, te_tok, batch_size)
+        t = build_patterns(sub, tr_tok, tr_acts, tr_keep, bos_id=tok.bos_id, pad_id=pad, n_top=n_top,
+                           n_random=n_random, max_suffix=max_suffix, keep_frac=keep_frac,
+                           fire_threshold=fire_threshold, batch_size=batch_size, seed=seed + s)
+        tries += t
+        scores += score_patterns(t, te_tok, te_acts, te_keep, fire_threshold)
+    per, expl = {}, {}
+    for j, trie, sc in zip(latents, tries, scores):
+        pattern = trie.render(tok.token_str)
+        per[str(j)] = {**sc, "n_patterns": len(trie)}
+        expl[str(j)] = {"pattern": pattern, "precision": sc["precision"], "recall": sc["recall"], "f1": sc["f1"]}
+    mean = lambda k: _mean([v[k] for v in per.values()])  # noqa: E731
+    summary = {"precision": mean("precision"), "recall": mean("recall"), "f1": mean("f1"),
+               "n_latents": len(latents), "n_explained": sum(1 for v in per.values() if v["n_patterns"]),
+               "context_len": context_len, "n_train_contexts": n_train_contexts,
+               "n_heldout_contexts": n_heldout_contexts}
+    return {"summary": summary, "latents": per, "explanations": expl}
+
+
+def _mean(xs: list[float | None]) -> float | None:
+    vals = [x for x in xs if x is not None]
+    return float(np.mean(vals)) if vals else None

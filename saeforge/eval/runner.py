@@ -1,0 +1,408 @@
+"""Evaluation orchestration: stream held-out text through the model, accumulate every metric, resume.
+
+Two passes over the same packed contexts (``saeforge.activations.cache.context_batches``):
+
+1. ``recon`` -- capture the SAEs' hooks (the forward stops right after the last one), encode/decode the kept
+   rows, accumulate reconstruction sums, per-latent counts and a token sample for activation quantiles; the
+   target means it yields are the mean-ablation values of pass 2;
+2. ``downstream`` -- causal LMs only: clean, spliced, zero- and mean-ablated forward passes (see
+   ``downstream.py``).
+
+Several SAEs are evaluated together: one capture serves all of them in pass 1, one clean forward (and one
+pair of ablations per hook) serves all of them in pass 2.
+
+Resuming. Batches are grouped into chunks of ``chunk_batches``. After each chunk the chunk's append-only data
+(the quantile sample, per-token losses) is written to ``OUT/eval_chunks/<pass>_<chunk>.npz`` and *then* the
+running sums go to ``OUT/eval_state.json`` (both atomically), so the state file is the commit point: a
+resumed run reloads the sums bit-exactly (arrays are stored as base64 of their raw bytes), skips the chunks
+it lists as done and ends with the same numbers as an uninterrupted run.
+"""
+from __future__ import annotations
+
+import base64
+import hashlib
+import io
+import math
+import shutil
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Mapping
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from saeforge.config import JsonConfig
+from saeforge.errors import SaeforgeError
+from saeforge.eval.downstream import DownstreamStats, SpliceTarget, downstream_batch
+from saeforge.eval.features import FeatureStats, feature_summary, sparse_rows
+from saeforge.eval.recon import ReconStats, encode_decode, rows_per_step
+from saeforge.hooks import capture, resolve_hook
+from saeforge.io import write_bytes_atomic, write_json_atomic
+from saeforge.sae.base import SAE
+
+STATE = "eval_state.json"
+STATE_VERSION = 1
+# Settings that change which tokens are evaluated or how chunks are cut: a resumed run must match them.
+_FINGERPRINT_KEYS = ("n_tokens", "context_len", "batch_contexts", "chunk_batches", "sample_tokens", "splice_all",
+                     "text_field", "split", "seed")
+
+
+@dataclass
+class EvalConfig(JsonConfig):
+    n_tokens: int = 100_000  # kept (non-special) eval tokens
+    context_len: int = 128
+    batch_contexts: int = 8  # contexts per forward pass
+    chunk_batches: int = 16  # batches between resume checkpoints
+    dense_threshold: float = 0.1  # a latent firing on more than this fraction of tokens is "dense"
+    downstream: bool = True  # spliced-loss pass (causal LMs only)
+    splice_all: bool = False  # splice/score BOS and special positions too (default: keep their activation)
+    sample_tokens: int = 16384  # tokens sampled for per-latent activation quantiles
+    quantiles: list[float] = field(default_factory=lambda: [0.1, 0.5, 0.9, 0.99])
+    decoder_chunk: int | None = None  # rows per block in the decoder cosine computation (None: auto)
+    text_field: str = "text"
+    split: str = "train"
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("n_tokens", "context_len", "batch_contexts", "chunk_batches"):
+            if int(getattr(self, name)) < 1:
+                raise SaeforgeError(f"eval {name} must be a positive integer, got {getattr(self, name)}")
+        if not 0 < self.dense_threshold <= 1:
+            raise SaeforgeError(f"dense_threshold must be in (0, 1], got {self.dense_threshold}")
+        if any(not 0 <= q <= 1 for q in self.quantiles):
+            raise SaeforgeError(f"quantiles must lie in [0, 1], got {self.quantiles}")
+
+
+# ---- JSON helpers -----------------------------------------------------------------------------------------
+def _pack(obj: Any) -> Any:
+    """State -> JSON: numpy arrays become base64 of their raw bytes (bit-exact round trip)."""
+    if isinstance(obj, np.ndarray):
+        a = np.ascontiguousarray(obj)
+        return {"__ndarray__": str(a.dtype), "shape": list(a.shape), "b64": base64.b64encode(a.tobytes()).decode()}
+    if isinstance(obj, dict):
+        return {str(k): _pack(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_pack(v) for v in obj]
+    if isinstance(obj, np.generic):
+        return obj.item()
+    return obj
+
+
+def _unpack(obj: Any) -> Any:
+    if isinstance(obj, dict):
+        if "__ndarray__" in obj:
+            raw = base64.b64decode(obj["b64"])
+            return np.frombuffer(raw, dtype=obj["__ndarray__"]).reshape(obj["shape"]).copy()
+        return {k: _unpack(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [_unpack(v) for v in obj]
+    return obj
+
+
+def jsonable(obj: Any) -> Any:
+    """Plain JSON types; NaN/inf become null (strict JSON has no NaN)."""
+    if isinstance(obj, dict):
+        return {str(k): jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [jsonable(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return jsonable(obj.tolist())
+    if isinstance(obj, np.generic):
+        obj = obj.item()
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
+def save_npz(path: Path, arrays: Mapping[str, np.ndarray]) -> None:
+    buf = io.BytesIO()
+    np.savez(buf, **{k: np.asarray(v) for k, v in arrays.items()})
+    write_bytes_atomic(path, buf.getvalue())
+
+
+class ChunkStore:
+    """Append-only per-chunk arrays, on disk under ``folder`` or in memory when there is no output folder."""
+
+    def __init__(self, folder: Path | None):
+        self.folder = folder
+        self.mem: dict[tuple[str, int], dict[str, np.ndarray]] = {}
+
+    def put(self, phase: str, chunk: int, arrays: dict[str, np.ndarray]) -> None:
+        if self.folder is None:
+            self.mem[(phase, chunk)] = arrays
+        else:
+            save_npz(self.folder / f"{phase}_{chunk:06d}.npz", arrays)
+
+    def concat(self, phase: str, n_chunks: int, keys: list[str]) -> dict[str, np.ndarray]:
+        parts: dict[str, list[np.ndarray]] = {k: [] for k in keys}
+        for c in range(n_chunks):
+            if self.folder is None:
+                z = self.mem[(phase, c)]
+            else:
+                p = self.folder / f"{phase}_{c:06d}.npz"
+                if not p.exists():
+                    raise SaeforgeError(f"{p} is missing, so the eval state cannot be resumed; rerun without --resume")
+                z = dict(np.load(p))
+            for k in keys:
+                parts[k].append(z[k])
+        return {k: np.concatenate(v) if v else np.zeros(0) for k, v in parts.items()}
+
+    def clear(self) -> None:
+        self.mem.clear()
+        if self.folder is not None and self.folder.exists():
+            shutil.rmtree(self.folder)
+
+
+def sae_fingerprint(sae: SAE) -> str:
+    h = hashlib.sha256()
+    for k, v in sorted(sae.state_dict().items()):
+        h.update(k.encode())
+        h.update(str(tuple(v.shape)).encode())
+        h.update(v.detach().float().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+# ---- the runner -------------------------------------------------------------------------------------------
+class EvalRunner:
+    """Evaluate ``saes`` (name -> SAE, all on the same model) on text ``data``; see the module docstring."""
+
+    def __init__(self, saes: Mapping[str, SAE], lm: Any, data: str, cfg: EvalConfig, out: str | Path | None = None):
+        if not saes:
+            raise SaeforgeError("no SAE to evaluate; pass at least one --sae")
+        self.lm, self.data, self.cfg = lm, str(data), cfg
+        self.out = Path(out) if out is not None else None
+        dev = lm.device
+        self.saes = {n: s.to(dev).eval() for n, s in saes.items()}
+        self.names = list(self.saes)
+        self.targets: list[SpliceTarget] = []
+        for name, sae in self.saes.items():
+            hook = sae.cfg.hook
+            if not hook:
+                raise SaeforgeError(f"SAE {name!r} names no hook point (cfg.hook is empty); set it, e.g. resid_post.2")
+            inp = resolve_hook(lm.model, hook, lm.family)
+            tgt = sae.cfg.target_hook or hook
+            outp = inp if tgt == hook else resolve_hook(lm.model, tgt, lm.family)
+            self.targets.append(SpliceTarget(sae, inp, outp))
+        self.points = list({hp.name: hp for t in self.targets for hp in (t.inp, t.out)}.values())
+        self.recon = [ReconStats(s.cfg.d_out) for s in self.saes.values()]
+        self.feats = [FeatureStats(s.cfg.d_sae) for s in self.saes.values()]
+        self.down = [DownstreamStats() for _ in self.saes]
+        self.store = ChunkStore(self.out / "eval_chunks" if self.out else None)
+        self.per_token: dict[str, dict[str, np.ndarray]] = {}
+        self.arrays: dict[str, dict[str, np.ndarray]] = {}
+
+    @property
+    def do_downstream(self) -> bool:
+        return bool(self.cfg.downstream and self.lm.is_causal)
+
+    def fingerprint(self) -> dict[str, Any]:
+        return {
+            "model": str(self.lm.spec),
+            "data": self.data,
+            "saes": {n: sae_fingerprint(s) for n, s in self.saes.items()},
+            **{k: getattr(self.cfg, k) for k in _FINGERPRINT_KEYS},
+        }
+
+    # ---- state ----------------------------------------------------------------------------------------------
+    def _new_state(self, fp: dict[str, Any]) -> dict[str, Any]:
+        phase = {"chunks_done": 0, "tokens": 0, "done": False}
+        return {"version": STATE_VERSION, "fingerprint": fp, "recon": dict(phase), "downstream": dict(phase),
+                "results": None, "extras": {}}
+
+    def load_state(self, resume: bool) -> dict[str, Any]:
+        fp = self.fingerprint()
+        path = self.out / STATE if self.out else None
+        if not resume or path is None or not path.exists():
+            self.store.clear()
+            return self._new_state(fp)
+        import json
+
+        state = _unpack(json.loads(path.read_text()))
+        if state.get("version") != STATE_VERSION:
+            raise SaeforgeError(f"{path} has state version {state.get('version')}; rerun without --resume")
+        old = state.get("fingerprint", {})
+        diff = sorted(k for k in set(fp) | set(old) if fp.get(k) != old.get(k))
+        if diff:
+            raise SaeforgeError(f"{path} belongs to a different evaluation (differs in {', '.join(diff)}); "
+                                "use another --out or drop --resume")
+        for i in range(len(self.names)):
+            st = state.get("stats", {}).get(str(i), {})
+            if "recon" in st:
+                self.recon[i].load_state_dict(st["recon"])
+                self.feats[i].load_state_dict(st["feats"])
+            if "down" in st:
+                self.down[i].load_state_dict(st["down"])
+        return state
+
+    def save_state(self, state: dict[str, Any]) -> None:
+        if self.out is None:
+            return
+        state["stats"] = {str(i): {"recon": self.recon[i].state_dict(), "feats": self.feats[i].state_dict(),
+                                   "down": self.down[i].state_dict()} for i in range(len(self.names))}
+        write_json_atomic(self.out / STATE, _pack(state), indent=None)
+
+    # ---- passes -----------------------------------------------------------------------------------------------
+    def _batches(self):
+        from saeforge.activations.cache import context_batches
+
+        c = self.cfg
+        return context_batches(self.lm.tokenizer, self.data, context_len=c.context_len, batch_size=c.batch_contexts,
+                               text_field=c.text_field, split=c.split, keep_special=False, max_tokens=c.n_tokens)
+
+    def _phase(self, phase: str, state: dict[str, Any], step: Callable, progress: bool, on_chunk: Callable | None) -> None:
+        ph = state[phase]
+        if ph["done"]:
+            return
+        cb = self.cfg.chunk_batches
+        bar = tqdm(total=self.cfg.n_tokens, initial=ph["tokens"], desc=f"eval {phase}", unit="tok",
+                   disable=not progress, dynamic_ncols=True)
+        pending: list[dict[str, np.ndarray]] = []
+
+        def commit(chunk: int) -> None:
+            keys = pending[0].keys()
+            self.store.put(phase, chunk, {k: np.concatenate([p[k] for p in pending]) for k in keys})
+            pending.clear()
+            ph["chunks_done"] = chunk + 1
+            self.save_state(state)
+            if on_chunk is not None:
+                on_chunk(phase, chunk + 1)
+
+        for b, batch in enumerate(self._batches()):
+            chunk = b // cb
+            if chunk < ph["chunks_done"]:
+                continue
+            pending.append(step(batch, b))
+            n = int(batch[3].sum())
+            ph["tokens"] += n
+            bar.update(n)
+            if (b + 1) % cb == 0:
+                commit(chunk)
+        if pending:
+            commit(ph["chunks_done"])
+        bar.close()
+        if ph["tokens"] == 0:
+            raise SaeforgeError(f"{self.data} gave no tokens to evaluate on; check --data and --text-field")
+        ph["done"] = True
+        self.save_state(state)
+
+    @torch.no_grad()
+    def _recon_step(self, batch: tuple, b: int) -> dict[str, np.ndarray]:
+        tokens, doc, _pos, keep = batch
+        valid = doc >= 0
+        am = None if bool(valid.all()) else valid.long()
+        acts = capture(self.lm.model, self.points, tokens, attention_mask=am, stop_early=True)
+        dev = self.lm.device
+        k = keep.to(dev)
+        n = int(keep.sum())
+        gen = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + b)
+        p = min(1.0, self.cfg.sample_tokens / self.cfg.n_tokens)
+        sampled = (torch.rand(n, generator=gen) < p).to(dev)
+        out: dict[str, np.ndarray] = {"sample_n": np.array([int(sampled.sum())], dtype=np.int64)}
+        for i, t in enumerate(self.targets):
+            x, y = acts[t.inp.name][k], acts[t.out.name][k]
+            if x.shape[-1] != t.sae.cfg.d_in or y.shape[-1] != t.sae.cfg.d_out:
+                raise SaeforgeError(
+                    f"SAE {self.names[i]!r} expects widths d_in={t.sae.cfg.d_in}, d_out={t.sae.cfg.d_out} but hooks "
+                    f"{t.inp.name}/{t.out.name} give {x.shape[-1]}/{y.shape[-1]}; evaluate it on the model it was trained on"
+                )
+            vals, idx = [], []
+            step = rows_per_step(t.sae.cfg.d_sae)
+            for s in range(0, n, step):
+                f, y_hat = encode_decode(t.sae, x[s:s + step])
+                self.recon[i].update(y[s:s + step], y_hat, f)
+                self.feats[i].update(f)
+                v, j = sparse_rows(f, sampled[s:s + step])
+                vals.append(v)
+                idx.append(j)
+            out[f"{i}_sample_vals"] = np.concatenate(vals) if vals else np.zeros(0, np.float32)
+            out[f"{i}_sample_idx"] = np.concatenate(idx) if idx else np.zeros(0, np.int32)
+        return out
+
+    def _down_step(self, batch: tuple, b: int) -> dict[str, np.ndarray]:
+        means = {}
+        for i, t in enumerate(self.targets):
+            means.setdefault(t.out.name, torch.from_numpy(self.recon[i].mean).float())
+        recs = downstream_batch(self.lm, batch, self.targets, means, self.cfg.splice_all)
+        out = {}
+        for i, rec in enumerate(recs):
+            self.down[i].update(rec)
+            out.update({f"{i}_{k}": v for k, v in rec.items()})
+        return out
+
+    # ---- results ----------------------------------------------------------------------------------------------
+    def _finish(self, state: dict[str, Any]) -> dict[str, dict[str, Any]]:
+        results = {}
+        c = self.cfg
+        for i, (name, sae) in enumerate(self.saes.items()):
+            rc = state["recon"]["chunks_done"]
+            z = self.store.concat("recon", rc, [f"{i}_sample_vals", f"{i}_sample_idx", "sample_n"])
+            sample = (z[f"{i}_sample_vals"], z[f"{i}_sample_idx"].astype(np.int64), int(z["sample_n"].sum()))
+            fsum, farr = feature_summary(self.feats[i], sample, sae.W_dec, c.dense_threshold, c.quantiles,
+                                         c.decoder_chunk)
+            self.arrays[name] = farr
+            if self.do_downstream:
+                keys = [f"{i}_{k}" for k in ("ce_clean", "ce_spliced", "ce_zero", "ce_mean", "kl", "target")]
+                pt = self.store.concat("downstream", state["downstream"]["chunks_done"], keys)
+                self.per_token[name] = {k.split("_", 1)[1]: v for k, v in pt.items()}
+                down = self.down[i].result()
+            else:
+                why = "the model is an encoder without next-token logits" if not self.lm.is_causal \
+                    else "downstream evaluation was turned off"
+                down = {"skipped": why}
+            results[name] = jsonable({
+                "sae": {"name": name, "arch": sae.cfg.arch, "d_in": sae.cfg.d_in, "d_sae": sae.cfg.d_sae,
+                        "d_out": sae.cfg.d_out, "hook": sae.cfg.hook, "target_hook": sae.cfg.target_hook,
+                        "k": getattr(sae.cfg, "k", None), "model": sae.cfg.model,
+                        "source": (sae.cfg.metadata or {}).get("source_path")},
+                "model": str(self.lm.spec),
+                "data": self.data,
+                "config": c.to_dict(),
+                "reconstruction": self.recon[i].result(),
+                "features": fsum,
+                "downstream": down,
+            })
+        return results
+
+    def run(self, resume: bool = False, progress: bool = True, on_chunk: Callable | None = None) -> dict[str, dict]:
+        """Both passes (skipping what a resumed state has done); returns ``{name: result dict}``."""
+        state = self.load_state(resume)
+        self.state = state
+        if state.get("results") is None:
+            self._phase("recon", state, self._recon_step, progress, on_chunk)
+            if self.do_downstream:
+                self._phase("downstream", state, self._down_step, progress, on_chunk)
+            state["results"] = self._finish(state)
+            self.write_arrays()
+            self.save_state(state)
+            self.store.clear()
+        else:
+            self.read_arrays()
+        return state["results"]
+
+    def sae_dir(self, name: str) -> Path:
+        assert self.out is not None
+        return self.out if len(self.names) == 1 else self.out / _safe(name)
+
+    def write_arrays(self) -> None:
+        if self.out is None:
+            return
+        for name in self.names:
+            d = self.sae_dir(name)
+            save_npz(d / "features.npz", self.arrays[name])
+            if name in self.per_token:
+                save_npz(d / "per_token.npz", self.per_token[name])
+
+    def read_arrays(self) -> None:
+        for name in self.names:
+            d = self.sae_dir(name)
+            if (d / "features.npz").exists():
+                self.arrays[name] = dict(np.load(d / "features.npz"))
+            if (d / "per_token.npz").exists():
+                self.per_token[name] = dict(np.load(d / "per_token.npz"))
+
+
+def _safe(name: str) -> str:
+    s = "".join(ch if ch.isalnum() or ch in "-_.=" else "_" for ch in name).strip(".")
+    return s or "sae"
+

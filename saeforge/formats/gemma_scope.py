@@ -1,0 +1,76 @@
+"""Gemma Scope ``params.npz`` (google/gemma-scope-*): JumpReLU SAEs as plain numpy arrays, no config file.
+
+Keys ``W_enc [d_in, d_sae]``, ``W_dec [d_sae, d_out]`` (rows = latents), ``b_enc``, ``b_dec``, ``threshold
+[d_sae]``; ``h = x @ W_enc + b_enc`` (**no** ``b_dec`` subtraction), ``f = relu(h) · 1[h > threshold]``,
+``x̂ = f @ W_dec + b_dec``. Like sae_lens's ``gemma_2`` loader: ``w_*`` keys are renamed ``W_*`` and an all-ones
+``scaling_factor`` is dropped. Dimensions come from the array shapes. The ``W_enc / sqrt(d_in)`` rescaling
+sae_lens applies to *embedding* SAEs depends on the Hub folder name, not the file, so it is left to the caller.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from saeforge.errors import SaeforgeError
+from saeforge.formats.common import (
+    GEMMA_SCOPE,
+    build_sae,
+    export_tensors,
+    log_threshold,
+    require,
+    require_plain_input,
+    source_metadata,
+)
+from saeforge.io import atomic_open
+from saeforge.sae import SAE
+
+FILE = "params.npz"
+KEYS = ("W_enc", "W_dec", "b_enc", "b_dec", "threshold")
+
+
+def detect(path: Path) -> bool:
+    return (path.is_file() and path.suffix == ".npz") or (path.is_dir() and (path / FILE).exists())
+
+
+def load(path: Path, device: str | torch.device = "cpu", **_: Any) -> SAE:
+    file = path / FILE if path.is_dir() else path
+    try:
+        with np.load(file, allow_pickle=False) as z:
+            arrays = {(("W_" + k[2:]) if k.startswith("w_") else k): np.asarray(z[k]) for k in z.files}
+    except (OSError, ValueError) as err:
+        raise SaeforgeError(f"{file} is not a readable .npz archive ({err})") from None
+    if "scaling_factor" in arrays:
+        if not np.all(arrays["scaling_factor"] == 1):
+            raise SaeforgeError(f"{file}: a scaling_factor other than 1 cannot be represented; fold it first")
+        del arrays["scaling_factor"]
+    missing = [k for k in KEYS if k not in arrays]
+    extra = sorted(set(arrays) - set(KEYS))
+    if missing or extra:
+        raise SaeforgeError(f"{file}: a Gemma Scope JumpReLU needs exactly {list(KEYS)} (missing {missing}, "
+                            f"unexpected {extra})")
+    t = {k: torch.from_numpy(np.ascontiguousarray(arrays[k], dtype=np.float32)) for k in KEYS}
+    t["log_threshold"] = log_threshold(t.pop("threshold"), str(file))
+    d_in, d_sae = t["W_enc"].shape
+    md = source_metadata(GEMMA_SCOPE, "gemma_scope", None, file)
+    return build_sae("jumprelu", t, device, where=str(file), d_in=int(d_in), d_sae=int(d_sae),
+                     d_out=int(t["W_dec"].shape[1]), apply_b_dec_to_input=False, metadata=md)
+
+
+def save(sae: SAE, path: Path, **_: Any) -> Path:
+    """Write ``path`` (if it ends in .npz) or ``path/params.npz`` with ``np.savez`` (uncompressed), float32."""
+    cfg = sae.cfg
+    require(cfg.arch in ("jumprelu", "batchtopk"), GEMMA_SCOPE, cfg.arch, "Gemma Scope files hold JumpReLU SAEs",
+            "use --to saelens or saeforge")
+    require(not cfg.skip, GEMMA_SCOPE, cfg.arch, "params.npz has no skip connection (W_skip)")
+    require_plain_input(sae, GEMMA_SCOPE)
+    t = export_tensors(sae, GEMMA_SCOPE, subtract_b_dec=False).tensors
+    thr = t["threshold"].expand(cfg.d_sae) if cfg.arch == "batchtopk" else t["threshold"]
+    arrays = {"W_enc": t["W_enc"], "W_dec": t["W_dec"], "b_enc": t["b_enc"], "b_dec": t["b_dec"], "threshold": thr}
+    file = path if path.suffix == ".npz" else path / FILE
+    file.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_open(file, "wb") as fh:
+        np.savez(fh, **{k: v.detach().cpu().float().contiguous().numpy() for k, v in arrays.items()})
+    return file

@@ -1,0 +1,69 @@
+"""Exact top-k selection that is cheaper than ``torch.topk`` on wide rows.
+
+``torch.topk`` on CPU copies every row into a scratch buffer and runs a selection over all ``m``
+entries. For SAE pre-activations (``m`` = tens of thousands of latents, ``k`` = 32) almost all of that
+work is wasted. :func:`topk_rows` prunes first, exactly:
+
+1. split each row into ``G`` groups of ``s`` consecutive entries and take each group's maximum
+   (one vectorised, streaming pass);
+2. keep the ``k`` groups with the largest maxima (a top-k over ``G = m / s`` numbers);
+3. run the real top-k over the ``k · s`` entries of those groups only.
+
+Why it is exact: the k selected group maxima are k distinct entries that are all ≥ t, the smallest
+selected maximum, so the true k-th largest value v_k ≥ t. Every entry strictly larger than v_k lies in a
+group whose maximum is > t, and every such group is selected; together with the k selected maxima
+(all ≥ v_k) the candidates hold the whole top-k multiset. Only the choice among *equal* values may
+differ from ``torch.topk`` (it is unspecified there too).
+
+The same trick is the first stage of the "approximate top-k" of Chern et al. 2022 (TPU-KNN,
+arXiv:2206.14286); keeping whole groups instead of one element per group makes it exact.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+
+def group_size(m: int, k: int, device_type: str) -> int:
+    """Group width ``s`` for :func:`topk_rows` (0: use plain ``torch.topk``).
+
+    Powers of two that divide ``m``, at most 32, with at least 8·k groups so the candidate set
+    (k·s entries) stays a small share of the row. GPU ``topk`` is already a radix select, so pruning
+    is only used on CPU.
+    """
+    if device_type != "cpu":
+        return 0
+    s = 32
+    while s >= 4 and (m % s or m // s < 8 * k):
+        s //= 2
+    return s if s >= 4 else 0
+
+
+def topk_rows(h: Tensor, k: int, sorted: bool = False) -> tuple[Tensor, Tensor]:
+    """Row-wise top-k of a 2-D tensor: ``(values [B, k], indices [B, k])``, same set as ``torch.topk``."""
+    B, m = h.shape
+    s = group_size(m, k, h.device.type)
+    if s == 0 or not h.is_contiguous():
+        return h.topk(k, dim=-1, sorted=sorted)
+    G = m // s
+    groups = h.view(B, G, s)
+    gidx = groups.amax(-1).topk(k, dim=-1, sorted=False).indices  # [B, k]
+    cand = groups.gather(1, gidx.unsqueeze(-1).expand(B, k, s)).view(B, k * s)
+    vals, j = cand.topk(k, dim=-1, sorted=sorted)
+    idx = gidx.gather(1, torch.div(j, s, rounding_mode="floor")) * s + j.remainder(s)
+    return vals, idx
+
+
+def topk_among(h: Tensor, cols: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """Top-k of ``h[:, cols]`` per row, with indices into ``h``'s columns (AuxK over dead latents)."""
+    sub = h.index_select(1, cols)
+    k = min(k, cols.numel())
+    vals, j = topk_rows(sub, k)
+    return vals, cols[j]
+
+
+def batch_topk_threshold(vals: Tensor, n: int) -> Tensor:
+    """The ``n``-th largest entry of ``vals`` (any shape), as a 0-d tensor (BatchTopK's cut)."""
+    flat = vals.reshape(-1)
+    n = max(1, min(n, flat.numel()))
+    return flat.topk(n, sorted=False).values.min()

@@ -1,0 +1,74 @@
+"""The three sparse primitives a TopK-style SAE step needs, on index/weight pairs ``idx, w [B, K]``.
+
+* :func:`gather_sum`  ``out[b] = Σ_j w[b,j] · W[idx[b,j]]``  (sparse decode; ``[B, d]``)
+* :func:`gather_dots` ``out[b,j] = ⟨W[idx[b,j]], g[b]⟩``  (gradient of the decode w.r.t. the k values)
+* :func:`scatter_rows` ``out[idx[b,j]] += w[b,j] · src[b]`` (gradient of the touched rows of W_dec and
+  of W_encᵀ: a sparse ``[n, B] × [B, d]`` product instead of a dense one)
+
+Each costs O(B·K·d), against O(B·n·d) for the dense products they replace. On CUDA with Triton they
+dispatch to :mod:`saeforge.kernels.triton_ops`; elsewhere they use PyTorch's own sparse kernels
+(``embedding_bag`` and a coalesced COO ``sparse.mm``), which need no ``[B, n]`` or ``[B, K, d]`` temporary.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from saeforge.kernels import triton_ops
+
+
+def _use_triton(*ts: Tensor) -> bool:
+    return ts[0].is_cuda and triton_ops.available()
+
+
+def gather_sum(idx: Tensor, w: Tensor, W: Tensor) -> Tensor:
+    """``[B, K]`` indices and weights, ``W [n, d]`` -> ``[B, d]`` (in ``W``'s dtype)."""
+    B, K = idx.shape
+    if K == 0:
+        return W.new_zeros(B, W.shape[1])
+    if _use_triton(W):
+        return triton_ops.gather_sum(idx, w.to(W.dtype), W)
+    return F.embedding_bag(idx, W, per_sample_weights=w.to(W.dtype), mode="sum")
+
+
+def gather_dots(idx: Tensor, W: Tensor, g: Tensor) -> Tensor:
+    """``out[b, j] = ⟨W[idx[b, j]], g[b]⟩`` for ``idx [B, K]``, ``W [n, d]``, ``g [B, d]`` -> fp32 ``[B, K]``."""
+    B, K = idx.shape
+    if K == 0:
+        return g.new_zeros(B, 0, dtype=torch.float32)
+    g = g.to(W.dtype).contiguous()
+    if _use_triton(W):
+        return triton_ops.gather_dots(idx, W, g)
+    # ATen's per-sample-weight backward of embedding_bag: one dot product per (row, index), no temporaries.
+    flat = idx.reshape(-1)
+    offsets = torch.arange(0, B * K, K, device=idx.device)
+    offset2bag = torch.arange(B, device=idx.device).repeat_interleave(K)
+    out = torch.ops.aten._embedding_bag_per_sample_weights_backward(g, W, flat, offsets, offset2bag, 0, -1)
+    return out.view(B, K).float()
+
+
+def scatter_rows(idx: Tensor, w: Tensor, src: Tensor, n: int) -> Tensor:
+    """``out [n, d]`` (fp32) with ``out[idx[b, j]] += w[b, j] · src[b]`` for ``idx, w [B, K]``, ``src [B, d]``.
+
+    Duplicated ``(row, b)`` pairs add up, so the main and AuxK index sets can be passed concatenated.
+    """
+    B, K = idx.shape
+    d = src.shape[1]
+    src = src.float().contiguous()
+    w = w.float()
+    if K == 0:
+        return src.new_zeros(n, d)
+    if _use_triton(src):
+        return triton_ops.scatter_rows(idx, w, src, n)
+    # The sparse matrix S [n, B] with S[idx[b,j], b] = w[b,j], times src: ATen coalesces (sorts) the
+    # B·K entries once and adds each weighted src row into its output row.
+    rows = idx.reshape(-1)
+    cols = torch.arange(B, device=idx.device).repeat_interleave(K)
+    S = torch.sparse_coo_tensor(torch.stack([rows, cols]), w.reshape(-1), (n, B), check_invariants=False)
+    return torch.sparse.mm(S, src)
+
+
+def index_sum(idx: Tensor, w: Tensor, n: int) -> Tensor:
+    """``out [n]`` (fp32) with ``out[idx[b, j]] += w[b, j]`` (the gradient of a bias over latents)."""
+    return torch.zeros(n, device=w.device, dtype=torch.float32).index_add_(0, idx.reshape(-1), w.reshape(-1).float())

@@ -1,0 +1,240 @@
+"""Pieces shared by the training recipes: straight-through estimators, dataset scaling, schedules,
+the AuxK loss, decoder-norm folding and Bricken et al.'s dead-latent resampling.
+
+Each function carries the formula and the source it implements; docs/recipes/*.md cite them in turn.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from torch import Tensor
+
+
+# ---- straight-through estimators ------------------------------------------------------------------
+def rectangle(u: Tensor) -> Tensor:
+    """The rectangle kernel K(u) = 1[|u| < 1/2] (Rajamanoharan et al. 2024b, eq. 11)."""
+    return ((u > -0.5) & (u < 0.5)).to(u.dtype)
+
+
+class _JumpReLULog(torch.autograd.Function):
+    """Anthropic, January 2025: f = h · 1[h > e^t] with t the per-latent *log* threshold.
+
+    Pseudo-derivatives (quoted from the update): ∂f/∂h = 1[h > e^t]; ∂f/∂t = −e^t/ε when
+    |h − e^t| < ε/2, else 0. The t-derivative is taken with respect to t itself (not chained
+    through exp), exactly as written there.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, h: Tensor, log_t: Tensor, eps: float) -> Tensor:
+        theta = log_t.exp()
+        ctx.save_for_backward(h, theta)
+        ctx.eps = eps
+        return h * (h > theta).to(h.dtype)
+
+    @staticmethod
+    def backward(ctx: Any, g: Tensor):
+        h, theta = ctx.saved_tensors
+        eps = ctx.eps
+        grad_h = g * (h > theta).to(g.dtype)
+        grad_t = (-(theta / eps) * rectangle((h - theta) / eps) * g).reshape(-1, theta.shape[-1]).sum(0)
+        return grad_h, grad_t, None
+
+
+class _JumpReLUTheta(torch.autograd.Function):
+    """Rajamanoharan et al. 2024b (Gemma Scope): f = h · 1[h > θ]; ∂f/∂h = 1[h > θ];
+    ∂f/∂θ = −(θ/ε) K((h − θ)/ε) (their eq. 11). θ may itself be exp(log θ): autograd chains."""
+
+    @staticmethod
+    def forward(ctx: Any, h: Tensor, theta: Tensor, eps: float) -> Tensor:
+        ctx.save_for_backward(h, theta)
+        ctx.eps = eps
+        return h * (h > theta).to(h.dtype)
+
+    @staticmethod
+    def backward(ctx: Any, g: Tensor):
+        h, theta = ctx.saved_tensors
+        eps = ctx.eps
+        grad_h = g * (h > theta).to(g.dtype)
+        grad_theta = (-(theta / eps) * rectangle((h - theta) / eps) * g).reshape(-1, theta.shape[-1]).sum(0)
+        return grad_h, grad_theta, None
+
+
+class _Step(torch.autograd.Function):
+    """Heaviside step H(h − θ) with the pseudo-derivative ∂H/∂θ = −(1/ε) K((h − θ)/ε) and no gradient
+    to h (Rajamanoharan et al. 2024b, eq. 12): the L0 penalty trains only the threshold."""
+
+    @staticmethod
+    def forward(ctx: Any, h: Tensor, theta: Tensor, eps: float) -> Tensor:
+        ctx.save_for_backward(h, theta)
+        ctx.eps = eps
+        return (h > theta).to(h.dtype)
+
+    @staticmethod
+    def backward(ctx: Any, g: Tensor):
+        h, theta = ctx.saved_tensors
+        eps = ctx.eps
+        grad_theta = (-(1.0 / eps) * rectangle((h - theta) / eps) * g).reshape(-1, theta.shape[-1]).sum(0)
+        return torch.zeros_like(h), grad_theta, None
+
+
+def jumprelu_log(h: Tensor, log_threshold: Tensor, eps: float) -> Tensor:
+    return _JumpReLULog.apply(h, log_threshold, eps)
+
+
+def jumprelu(h: Tensor, threshold: Tensor, eps: float) -> Tensor:
+    return _JumpReLUTheta.apply(h, threshold, eps)
+
+
+def step(h: Tensor, threshold: Tensor, eps: float) -> Tensor:
+    return _Step.apply(h, threshold, eps)
+
+
+# ---- data scaling and schedules -------------------------------------------------------------------
+@torch.no_grad()
+def norm_scale(x: Tensor, width: int | None = None) -> float:
+    """The scalar s with E‖s·x‖ = √n over the sample ``x [N, n]`` (Anthropic, April 2024 and January
+    2025 updates: "the dataset is scaled by a single constant such that E‖x‖ = √n")."""
+    n = width if width is not None else x.shape[-1]
+    mean_norm = x.float().norm(dim=-1).mean().item()
+    if not math.isfinite(mean_norm) or mean_norm <= 0:
+        return 1.0
+    return math.sqrt(n) / mean_norm
+
+
+def ramp(step_: int, total: float) -> float:
+    """Linear ramp 0 → 1 over ``total`` steps, then 1 (λ warm-ups)."""
+    if total <= 0:
+        return 1.0
+    return min(1.0, step_ / total)
+
+
+# ---- AuxK (Gao et al. 2024, §A.2) -----------------------------------------------------------------
+def auxk_loss(h: Tensor, e: Tensor, dead: Tensor, k_aux: int, W_dec: Tensor, denom: Tensor) -> Tensor:
+    """‖e − ê‖² / denom, ê decoded (no bias) from the top-``k_aux`` dead latents of pre-activations ``h``.
+
+    No host sync: live latents are masked to −inf, so rows pick zeros (after ReLU) when fewer latents are
+    dead; the loss is forced to 0 when no latent is dead.
+    """
+    from saeforge.sae.sparse import sparse_decode
+
+    k = min(k_aux, h.shape[-1])
+    av, ai = h.masked_fill(~dead, float("-inf")).topk(k, dim=-1, sorted=False)
+    e_hat = sparse_decode(av.relu(), ai, W_dec, None)
+    aux = (e_hat - e.detach()).pow(2).sum() / denom
+    return torch.where(dead.any(), aux, torch.zeros_like(aux))
+
+
+# ---- folding --------------------------------------------------------------------------------------
+@torch.no_grad()
+def fold_decoder_norms_(sae: Any, norms: Tensor, encoder_cols: bool = True) -> None:
+    """Rescale latent i by n_i: W_dec[i] /= n_i, and (when ``encoder_cols``) W_enc[:, i], b_enc[i] *= n_i.
+    Codes scale by n_i, so f·W_dec is unchanged and so is which latents fire (for ReLU-like
+    activations, positive homogeneity). Architectures with thresholds scale those too."""
+    n = norms.clamp_min(1e-12)
+    sae.W_dec.div_(n.view(-1, *([1] * (sae.W_dec.dim() - 1))))
+    if encoder_cols:
+        sae.W_enc.mul_(n)
+        if getattr(sae, "b_enc", None) is not None:
+            sae.b_enc.mul_(n)
+
+
+# ---- dead-latent resampling (Bricken et al. 2023, "Neuron resampling") ----------------------------
+@torch.no_grad()
+def reset_adam_rows_(opt: torch.optim.Optimizer, param: Tensor, index: Tensor, dim: int) -> None:
+    """Zero Adam's first and second moments for the slices ``index`` of ``param`` along ``dim``."""
+    state = opt.state.get(param)
+    if not state:
+        return
+    for key in ("exp_avg", "exp_avg_sq"):
+        if key in state:
+            state[key].index_fill_(dim, index, 0.0)
+
+
+@torch.no_grad()
+def sample_by_loss(loss: Tensor, n: int, generator: torch.Generator) -> Tensor:
+    """Indices of ``n`` distinct rows drawn with probability ∝ loss² (Bricken et al. 2023)."""
+    p = loss.detach().double().cpu().pow(2)
+    if not torch.isfinite(p).all() or p.sum() <= 0:
+        p = torch.ones_like(p)
+    n = min(n, int((p > 0).sum()))
+    return torch.multinomial(p / p.sum(), n, replacement=False, generator=generator).to(loss.device)
+
+
+@torch.no_grad()
+def bricken_resample_(
+    sae: Any, x_enc: Tensor, y_dec: Tensor, loss: Tensor, dead_idx: Tensor, opt: torch.optim.Optimizer,
+    generator: torch.Generator, enc_scale: float = 0.2, zero: tuple[str, ...] = ("b_enc",),
+) -> Tensor:
+    """Bricken et al. 2023, "Neuron resampling", for the latents ``dead_idx``:
+
+    1. draw one input per dead latent with probability ∝ (its reconstruction loss)²;
+    2. decoder row := that input (target side for a transcoder) scaled to unit norm;
+    3. encoder column := the input scaled to ``enc_scale`` (0.2) × the mean encoder norm of the live
+       latents; the latent's encoder bias(es) := 0;
+    4. Adam's moments of every modified row/column are reset to zero.
+
+    Returns the indices actually reset (fewer than asked when the sample has too few rows).
+    """
+    pick = sample_by_loss(loss, int(dead_idx.numel()), generator)
+    idx = dead_idx[: pick.numel()]
+    if idx.numel() == 0:
+        return idx
+    v = x_enc[pick].float()
+    u = y_dec[pick].float()
+    alive = torch.ones(sae.W_enc.shape[1], dtype=torch.bool, device=idx.device)
+    alive[idx] = False
+    enc_norm = sae.W_enc[:, alive].norm(dim=0).mean() if alive.any() else sae.W_enc.new_tensor(1.0)
+    sae.W_enc[:, idx] = (v / v.norm(dim=1, keepdim=True).clamp_min(1e-12) * enc_norm * enc_scale).T.to(sae.W_enc.dtype)
+    sae.W_dec[idx] = (u / u.norm(dim=1, keepdim=True).clamp_min(1e-12)).to(sae.W_dec.dtype)
+    reset_adam_rows_(opt, sae.W_enc, idx, 1)
+    reset_adam_rows_(opt, sae.W_dec, idx, 0)
+    for name in zero:
+        b = getattr(sae, name)
+        b[idx] = 0.0
+        reset_adam_rows_(opt, b, idx, 0)
+    return idx
+
+
+@torch.no_grad()
+def set_dataset_scales_(sae: Any, x: Tensor, y: Tensor) -> None:
+    """Set ``cfg.input_scale`` (and ``output_scale``) so that E‖x‖ = √n in the SAE's working space."""
+    cfg = sae.cfg
+    cfg.input_scale, cfg.output_scale = 1.0, 1.0
+    cfg.input_scale = norm_scale(sae.normalize_input(x)[0])
+    cfg.output_scale = norm_scale(y) if cfg.is_transcoder else cfg.input_scale
+
+
+class BrickenResampling:
+    """Mixin giving an SAE the trainer's resampling hooks (Bricken et al. 2023). The config needs the
+    fields ``resample_every_tokens``, ``resample_window_tokens``, ``resample_max``, ``resample_rows``,
+    ``resample_encoder_scale``; the class sets ``resample_biases`` (parameters zeroed for reset latents)
+    and defines ``resampling_enabled`` and ``reconstruct_working(x_n) -> ŷ``."""
+
+    resample_biases: tuple[str, ...] = ("b_enc",)
+
+    def resampling_enabled(self) -> bool:
+        return True
+
+    def resample_request(self, tokens_before: int, tokens_after: int) -> int:
+        """Rows of data the trainer should hand to :meth:`resample` after this step (0: none)."""
+        cfg = self.cfg
+        if not self.resampling_enabled() or cfg.resample_every_tokens <= 0 or cfg.resample_max <= 0:
+            return 0
+        k = tokens_after // cfg.resample_every_tokens
+        due = k > tokens_before // cfg.resample_every_tokens and k <= cfg.resample_max
+        return cfg.resample_rows if due else 0
+
+    @torch.no_grad()
+    def resample(self, x: Tensor, y: Tensor, since_fired: Tensor, opt: torch.optim.Optimizer,
+                 generator: torch.Generator) -> Tensor:
+        """Reset latents silent for ``resample_window_tokens``; returns the indices reset."""
+        dead = (since_fired >= self.cfg.resample_window_tokens).nonzero().squeeze(1)
+        if dead.numel() == 0:
+            return dead
+        x_n, _ = self.normalize_input(x)
+        y_n = x_n if y is x else self.normalize_target(y)
+        loss = (y_n - self.reconstruct_working(x_n)).pow(2).sum(-1)
+        return bricken_resample_(self, x_n, y_n, loss, dead, opt, generator, self.cfg.resample_encoder_scale,
+                                 self.resample_biases)

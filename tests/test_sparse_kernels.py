@@ -1,0 +1,292 @@
+"""Sparse TopK kernels against dense reference implementations (issue 7).
+
+Every sparse path is compared with the obvious dense formula written out here: dense pre-activations,
+``torch.topk``, a dense code matrix and dense matrix products, differentiated by autograd. fp32
+tolerances are 1e-5 relative to the largest entry.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from saeforge.kernels import (
+    batch_topk_encode,
+    dense_to_sparse,
+    gather_dots,
+    gather_sum,
+    index_sum,
+    scatter_rows,
+    sparse_decode,
+    topk_encode,
+    topk_rows,
+    triton_ops,
+)
+from saeforge.kernels.topk_step import topk_training_forward
+from saeforge.sae import TrainStepInput, create_sae, make_config
+from saeforge.sae.sparse import sparse_decode as sae_sparse_decode
+
+
+def close(a: torch.Tensor, b: torch.Tensor, rtol: float = 1e-5) -> bool:
+    scale = max(a.abs().max().item(), b.abs().max().item(), 1e-30)
+    return (a - b).abs().max().item() <= rtol * scale
+
+
+def dense_codes(h: torch.Tensor, k: int) -> torch.Tensor:
+    v, i = h.topk(k, dim=-1)
+    return torch.zeros_like(h).scatter(-1, i, v.relu())
+
+
+# ---- selection -------------------------------------------------------------------------------------
+@pytest.mark.parametrize("B,m,k", [(37, 4096, 32), (5, 1000, 7), (8, 64, 8), (3, 2048, 1), (4, 512, 512)])
+def test_topk_rows_selects_the_same_values_as_torch_topk(B, m, k):
+    g = torch.Generator().manual_seed(m + k)
+    h = torch.randn(B, m, generator=g)
+    v, i = topk_rows(h, k)
+    ref = h.topk(k, dim=-1).values
+    assert torch.equal(v.sort(-1).values, ref.sort(-1).values)
+    assert torch.equal(h.gather(1, i), v)  # indices point at the values
+    assert (i.sort(-1).values.diff(dim=-1) > 0).all()  # no index twice
+
+
+def test_topk_rows_with_ties_and_bf16():
+    h = torch.randint(0, 5, (16, 4096)).float()  # massive ties: only the multiset is defined
+    v, i = topk_rows(h, 32)
+    assert torch.equal(v.sort(-1).values, h.topk(32).values.sort(-1).values)
+    assert torch.equal(h.gather(1, i), v)
+    hb = torch.randn(16, 4096).bfloat16()
+    vb, ib = topk_rows(hb, 16)
+    assert vb.dtype == torch.bfloat16
+    assert torch.equal(vb.sort(-1).values, hb.topk(16).values.sort(-1).values)
+
+
+# ---- primitives ------------------------------------------------------------------------------------
+def test_sparse_primitives_match_dense_products():
+    g = torch.Generator().manual_seed(0)
+    B, K, n, d = 9, 5, 40, 6
+    idx = torch.randint(0, n, (B, K), generator=g)
+    idx[0, 1] = idx[0, 0]  # a repeated index in one row must add up
+    w = torch.randn(B, K, generator=g)
+    W = torch.randn(n, d, generator=g)
+    src = torch.randn(B, d, generator=g)
+    S = torch.zeros(B, n).index_put_((torch.arange(B).repeat_interleave(K), idx.flatten()), w.flatten(), accumulate=True)
+    assert close(gather_sum(idx, w, W), S @ W)
+    assert close(scatter_rows(idx, w, src, n), S.T @ src)
+    assert close(index_sum(idx, w, n), S.sum(0))
+    dots = torch.stack([torch.stack([W[idx[b, j]] @ src[b] for j in range(K)]) for b in range(B)])
+    assert close(gather_dots(idx, W, src), dots)
+    empty = idx[:, :0]
+    assert torch.equal(gather_sum(empty, w[:, :0], W), torch.zeros(B, d))
+    assert torch.equal(scatter_rows(empty, w[:, :0], src, n), torch.zeros(n, d))
+
+
+def test_sparse_decode_forward_and_backward_match_dense():
+    g = torch.Generator().manual_seed(1)
+    B, n, d, k = 11, 50, 7, 4
+    h = torch.randn(B, n, generator=g)
+    v, i = h.topk(k)
+    v = v.clone().requires_grad_()
+    W = torch.randn(n, d, generator=g, requires_grad=True)
+    b = torch.randn(d, generator=g, requires_grad=True)
+    out = sae_sparse_decode(v, i, W, b)  # the SAE module's entry point, same signature as before
+    gy = torch.randn(B, d, generator=g)
+    gv, gW, gb = torch.autograd.grad(out, (v, W, b), gy)
+    v2 = v.detach().clone().requires_grad_()
+    W2 = W.detach().clone().requires_grad_()
+    f = torch.zeros(B, n).scatter(1, i, v2)
+    ref = f @ W2 + b.detach()
+    rv, rW = torch.autograd.grad(ref, (v2, W2), gy)
+    assert close(out, ref) and close(gv, rv) and close(gW, rW) and close(gb, gy.sum(0))
+    lead = sparse_decode(v.detach().view(1, B, k), i.view(1, B, k), W.detach())  # leading dims kept
+    assert lead.shape == (1, B, d) and close(lead[0], ref - b.detach())
+
+
+# ---- TopK encoder ----------------------------------------------------------------------------------
+def _dense_topk_loss(x, W_enc, b_enc, b_pre, W_dec, k, dead=None, k_aux=0):
+    h = (x - b_pre) @ W_enc + b_enc
+    f = dense_codes(h, k)
+    y_hat = f @ W_dec + b_pre
+    loss = (y_hat - x).pow(2).sum()
+    if dead is not None:
+        hd = h.masked_fill(~dead, float("-inf"))
+        av, ai = hd.topk(k_aux)
+        fa = torch.zeros_like(h).scatter(1, ai, av.relu())
+        loss = loss + 0.5 * ((fa @ W_dec) - (x - y_hat).detach()).pow(2).sum()
+    return loss
+
+
+def _sparse_topk_loss(x, W_enc, b_enc, b_pre, W_dec, k, dead=None, k_aux=0, chunk_rows=None):
+    c = topk_encode(x, W_enc, b_enc, k, b_pre=b_pre, dead_mask=dead, k_aux=k_aux, chunk_rows=chunk_rows)
+    y_hat = sparse_decode(c.vals, c.idx, W_dec, b_pre)
+    loss = (y_hat - x).pow(2).sum()
+    if dead is not None:
+        loss = loss + 0.5 * (sparse_decode(c.aux_vals, c.aux_idx, W_dec) - (x - y_hat).detach()).pow(2).sum()
+    return loss
+
+
+@pytest.mark.parametrize("dead_kind", ["none", "some", "all", "no_aux"])
+@pytest.mark.parametrize("chunk_rows", [None, 1, 7])
+def test_topk_encode_loss_and_gradients_match_dense(dead_kind, chunk_rows):
+    g = torch.Generator().manual_seed(3)
+    B, d, n, k, k_aux = 23, 12, 256, 6, 16
+    x = torch.randn(B, d, generator=g).requires_grad_()
+    params = [torch.randn(d, n, generator=g) / d**0.5, torch.randn(n, generator=g) * 0.1,
+              torch.randn(d, generator=g) * 0.1, torch.randn(n, d, generator=g) / d**0.5]
+    dead = None
+    if dead_kind != "no_aux":
+        dead = torch.zeros(n, dtype=torch.bool)
+        if dead_kind == "some":
+            dead[torch.randperm(n, generator=g)[:40]] = True  # some of them also win the main top-k
+        elif dead_kind == "all":
+            dead[:] = True
+    grads = []
+    losses = []
+    for fn, kw in ((_dense_topk_loss, {}), (_sparse_topk_loss, {"chunk_rows": chunk_rows})):
+        ps = [p.clone().requires_grad_() for p in params]
+        xx = x.detach().clone().requires_grad_()
+        loss = fn(xx, *ps, k, dead, k_aux, **kw)
+        losses.append(loss)
+        grads.append(torch.autograd.grad(loss, [xx, *ps]))
+    assert close(losses[0], losses[1])
+    for a, b in zip(*grads):
+        assert close(a, b), (a - b).abs().max()
+
+
+def test_topk_encode_under_bf16_autocast_follows_eager_autocast():
+    g = torch.Generator().manual_seed(4)
+    B, d, n, k = 16, 32, 128, 8
+    x = torch.randn(B, d, generator=g)
+    W = (torch.randn(d, n, generator=g) / d**0.5).requires_grad_()
+    b = torch.zeros(n, requires_grad=True)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        c = topk_encode(x, W, b, k)
+        h = x @ W + b  # eager autocast: bf16 product, fp32 bias add -> fp32
+    assert h.dtype == torch.float32 and c.vals.dtype == torch.float32
+    ref_v, ref_i = h.topk(k)
+    assert torch.equal(c.vals.sort(-1).values, ref_v.relu().sort(-1).values)
+    (gW,) = torch.autograd.grad(c.vals.sum(), W)
+    assert gW.dtype == torch.float32  # fp32 master-weight gradients
+    gref = x.T @ torch.zeros(B, n).scatter(1, ref_i, (ref_v > 0).float())
+    assert close(gW, gref, 1e-2)
+
+
+# ---- BatchTopK encoder ------------------------------------------------------------------------------
+@pytest.mark.parametrize("heavy_rows", [False, True])
+def test_batch_topk_encode_matches_dense_batch_topk(heavy_rows):
+    g = torch.Generator().manual_seed(5)
+    B, d, n, k = 32, 16, 256, 4
+    x = torch.randn(B, d, generator=g)
+    if heavy_rows:  # two rows own most of the batch budget: forces the widening pass
+        x[3] *= 40
+        x[17] *= 30
+    W = (torch.randn(d, n, generator=g) / d**0.5).requires_grad_()
+    b = (torch.randn(n, generator=g) * 0.1).requires_grad_()
+    Wd = (torch.randn(n, d, generator=g) / d**0.5).requires_grad_()
+    vals, idx, theta = batch_topk_encode(x, W, b, k, chunk_rows=5, cand_factor=2)
+    loss = (sparse_decode(vals, idx, Wd) - x).pow(2).sum()
+    gs = torch.autograd.grad(loss, (W, b, Wd))
+    h = x @ W + b
+    flat = h.relu().flatten()
+    tv, ti = flat.topk(B * k)
+    f = torch.zeros_like(flat).scatter(0, ti, tv).view(B, n)
+    ref = (f @ Wd - x).pow(2).sum()
+    rs = torch.autograd.grad(ref, (W, b, Wd))
+    assert close(loss, ref)
+    for a, r in zip(gs, rs):
+        assert close(a, r)
+    assert torch.isclose(theta, tv.min())
+    assert int((vals > 0).sum()) == int((f > 0).sum())
+    if heavy_rows:
+        assert (vals > 0).sum(1).max() > 2 * k  # a row kept more than its first candidate set
+
+
+# ---- the full TopK training forward ----------------------------------------------------------------
+def _dense_training_loss(sae, x, dead):
+    """Independent dense TopK step: Gao et al.'s normalised MSE + AuxK/32 with dense codes."""
+    cfg = sae.cfg
+    h = (x - sae.b_dec) @ sae.W_enc + sae.b_enc
+    y_hat = dense_codes(h, cfg.k) @ sae.W_dec + sae.b_dec
+    e = x - y_hat
+    var = (x - x.mean(0)).pow(2).sum()
+    loss = e.pow(2).sum() / var
+    if dead.any():
+        av, ai = h.masked_fill(~dead, float("-inf")).topk(cfg.k_aux)
+        fa = torch.zeros_like(h).scatter(1, ai, av.relu())
+        loss = loss + cfg.aux_coef * ((fa @ sae.W_dec) - e.detach()).pow(2).sum() / var
+    return loss
+
+
+@pytest.mark.parametrize("multi_topk", [False, True])
+def test_topk_training_forward_matches_dense_and_the_sae(multi_topk):
+    torch.manual_seed(0)
+    cfg = make_config("topk", d_in=16, d_sae=512, k=8, k_aux=32, multi_topk=multi_topk)
+    saes = [create_sae(cfg) for _ in range(3)]
+    for s in saes[1:]:
+        s.load_state_dict(saes[0].state_dict())
+    x = torch.randn(64, 16)
+    dead = torch.zeros(512, dtype=torch.bool)
+    dead[::3] = True
+    inp = TrainStepInput(x, x, 0, 10, dead)
+    outs = [topk_training_forward(saes[0], inp, chunk_rows=9), saes[1].training_forward(inp)]
+    if not multi_topk:
+        outs.append(type("O", (), {"loss": _dense_training_loss(saes[2], x, dead)})())
+    for o in outs[1:]:
+        assert close(outs[0].loss, o.loss)
+    for o in outs:
+        o.loss.backward()
+    for name, p in saes[0].named_parameters():
+        for s in saes[1:len(outs)]:
+            assert close(p.grad, dict(s.named_parameters())[name].grad), name
+    assert torch.equal(outs[0].fired, outs[1].fired)
+    assert close(outs[0].y_hat, outs[1].y_hat)
+
+
+def test_twenty_adam_steps_give_the_same_weights_as_the_dense_step():
+    torch.manual_seed(1)
+    cfg = make_config("topk", d_in=12, d_sae=256, k=6, k_aux=16)
+    a, b = create_sae(cfg), create_sae(cfg)
+    b.load_state_dict(a.state_dict())
+    opts = [torch.optim.Adam(s.parameters(), lr=1e-3, eps=6.25e-10) for s in (a, b)]
+    gen = torch.Generator().manual_seed(2)
+    dead = torch.zeros(256, dtype=torch.bool)
+    dead[200:] = True
+    for step in range(20):
+        x = torch.randn(48, 12, generator=gen)
+        for s, opt, fwd in ((a, opts[0], lambda s, i: topk_training_forward(s, i, chunk_rows=16)),
+                            (b, opts[1], lambda s, i: _dense_training_loss(s, i.x, i.dead_mask))):
+            out = fwd(s, TrainStepInput(x, x, step, 20, dead))
+            (out.loss if hasattr(out, "loss") else out).backward()
+            s.before_optimizer_step()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            s.after_optimizer_step(step, 20)
+    for (name, p), q in zip(a.named_parameters(), b.parameters()):
+        assert close(p, q, 1e-5), name
+    assert not torch.equal(a.W_enc, create_sae(cfg).W_enc)  # training moved the weights
+
+
+def test_dense_to_sparse_round_trip():
+    f = torch.zeros(5, 30)
+    f[0, [1, 4, 9]] = torch.tensor([1.0, -2.0, 3.0])
+    f[3, 29] = 0.5
+    v, i = dense_to_sparse(f)
+    assert v.shape == (5, 3)
+    W = torch.randn(30, 4)
+    assert close(sparse_decode(v, i, W), f @ W)
+
+
+# ---- Triton (CUDA only) -----------------------------------------------------------------------------
+@pytest.mark.skipif(not triton_ops.available(), reason="needs CUDA and Triton")
+def test_triton_kernels_match_torch_path():
+    dev = torch.device("cuda")
+    g = torch.Generator(device="cpu").manual_seed(7)
+    B, K, n, d = 300, 33, 1000, 200
+    idx = torch.randint(0, n, (B, K), generator=g).to(dev)
+    w = torch.randn(B, K, generator=g).to(dev)
+    W = torch.randn(n, d, generator=g).to(dev)
+    src = torch.randn(B, d, generator=g).to(dev)
+    S = torch.zeros(B, n, device=dev).index_put_(
+        (torch.arange(B, device=dev).repeat_interleave(K), idx.flatten()), w.flatten(), accumulate=True)
+    assert close(triton_ops.gather_sum(idx, w, W), S @ W, 1e-4)
+    assert close(triton_ops.scatter_rows(idx, w, src, n), S.T @ src, 1e-4)
+    dots = (W[idx] * src[:, None, :]).sum(-1)
+    assert close(triton_ops.gather_dots(idx, W, src), dots, 1e-4)
