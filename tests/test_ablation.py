@@ -102,3 +102,15 @@ def test_run_matches_an_independent_forward_hook(stories, tinystories_valid):
         h.remove()
         want = _reference(abl[t:t + T] - clean[t:t + T])
         assert r["per_latent"][str(j)]["mean"] == pytest.approx(want, rel=1e-4)
+
+
+def test_bad_options_raise():
+    from saeforge.errors import SaeforgeError
+    from saeforge.eval.ablation import run_ablation_sparsity
+
+    with pytest.raises(SaeforgeError, match="baseline"):
+        run_ablation_sparsity(None, None, [], baseline="zero")
+    with pytest.raises(SaeforgeError, match="T=0"):
+        run_ablation_sparsity(None, None, [], T=0)
+    with pytest.raises(SaeforgeError):
+        ablation_sparsity(torch.zeros(5))

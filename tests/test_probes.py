@@ -216,3 +216,17 @@ def test_probe_suite_end_to_end(stories, tinystories_valid, tmp_path):
         assert row["prior_loss"] == pytest.approx(np.log(2))  # balanced classes
     assert s["probe_loss"] < s["prior_loss"] and s["baseline_probe_loss"] < s["prior_loss"]
     json.dumps(r)  # JSON-able
+
+
+def test_bad_options_raise_one_line_errors():
+    from saeforge.eval.probes import run_probe_suite
+    from saeforge.sae.base import create_sae, make_config
+
+    no_hook = create_sae(make_config("topk", d_in=8, d_sae=16, k=2))
+    with pytest.raises(SaeforgeError, match="names no hook"):
+        run_probe_suite(no_hook, None, ["text"])
+    sae = create_sae(make_config("topk", d_in=8, d_sae=16, k=2, hook="resid_post.0"))
+    with pytest.raises(SaeforgeError, match="select_on"):
+        run_probe_suite(sae, None, ["text"], select_on="best")
+    with pytest.raises(SaeforgeError, match="no probe tasks"):
+        run_probe_suite(sae, None, ["text"], builtin_tasks=False)

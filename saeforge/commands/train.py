@@ -110,6 +110,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--width", type=int, help="number of latents (default: 16 x input width)")
     g.add_argument("--expansion", type=int, default=16, help="latents per input dimension when --width is unset")
     g.add_argument("--k", type=int, help="active latents per token (topk, batchtopk, matryoshka)")
+    g.add_argument("--recipe", help="the architecture's recipe option, e.g. relu: anthropic2024 | monosemanticity; "
+                                    "jumprelu: anthropic2025 | gemmascope (see docs/recipes)")
     g.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="any other field of the architecture's config, e.g. --set multi_topk=true (repeatable)")
     g.add_argument("--list-archs", action="store_true", help="print the architectures and their options, then exit")
@@ -138,6 +140,8 @@ def run(args: argparse.Namespace) -> int:
         raise SaeforgeError("--data is required: an activation cache folder or a text source")
     if args.objective == "kl":
         return run_kl(args)
+    if args.hook and "," in args.hook:
+        return run_crosscoder(args)
     hooks = [h for h in (args.hook, args.target) if h]
     stream = open_training_stream(args, hooks or None, args.batch_size, args.seed)
     hook = args.hook or (stream.hooks[0] if len(stream.hooks) == 1 else None)
@@ -149,6 +153,8 @@ def run(args: argparse.Namespace) -> int:
     opts = parse_sets(args.set)
     if args.k is not None:
         opts["k"] = args.k
+    if args.recipe:
+        opts["recipe"] = args.recipe
     if args.target and args.target != hook:
         opts.setdefault("apply_b_dec_to_input", False)
     model_spec = getattr(stream, "model_spec", None) or args.model
@@ -201,4 +207,30 @@ def run_kl(args: argparse.Namespace) -> int:
     save(ad, acfg, out)
     ad.saes[0].save(out)
     print(f"saved {out} (end-to-end SAE on KL; also in {out}/saes/0)")
+    return 0
+
+
+def run_crosscoder(args: argparse.Namespace) -> int:
+    """``--hook a,b,c``: one crosscoder reading and reconstructing all the hooks (``--arch crosscoder``)."""
+    from saeforge.sae import make_config
+    from saeforge.train import Trainer
+
+    hooks = [h.strip() for h in args.hook.split(",") if h.strip()]
+    if args.arch != "crosscoder":
+        raise SaeforgeError(f"several hooks ({', '.join(hooks)}) need --arch crosscoder, not {args.arch}")
+    stream = open_training_stream(args, hooks, args.batch_size, args.seed)
+    widths = {stream.d[h] for h in hooks}
+    if len(widths) != 1:
+        raise SaeforgeError(f"crosscoder hooks must share a width, got {dict((h, stream.d[h]) for h in hooks)}")
+    d_in = widths.pop()
+    opts = parse_sets(args.set)
+    if args.k is not None:
+        opts["k"] = args.k
+    if args.recipe:
+        opts["recipe"] = args.recipe
+    cfg = make_config("crosscoder", d_in=d_in, d_sae=args.width or args.expansion * d_in, hooks=hooks,
+                      model=getattr(stream, "model_spec", None) or args.model, **opts)
+    Trainer({"": cfg}, stream, train_config_from_args(args), args.out).fit(resume=args.resume,
+                                                                            progress=not args.no_progress)
+    print(f"saved crosscoder over {len(hooks)} hooks to {args.out}")
     return 0

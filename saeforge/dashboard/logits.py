@@ -57,7 +57,7 @@ def norm_gain(norm: nn.Module | None, d: int) -> tuple[Tensor | None, bool]:
 
 def unembedding(loaded: Any) -> tuple[Tensor, Tensor | None, bool] | None:
     """``(W_U [V, d], gain, center)`` of a loaded causal LM, or None when the model has no LM head."""
-    model = loaded.model if hasattr(loaded, "model") else loaded
+    model = loaded if isinstance(loaded, nn.Module) else loaded.model  # a LoadedModel or the HF module itself
     head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     if head is None or getattr(head, "weight", None) is None:
         return None

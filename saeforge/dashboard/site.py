@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any
 
@@ -110,7 +111,7 @@ def latent_records(cfg: Any, stats: Any, effects: dict[str, torch.Tensor] | None
                    neighbors: tuple[torch.Tensor, torch.Tensor] | None, explanations: dict[int, dict[str, Any]]
                    ) -> tuple[list[dict[str, Any]], list[set[int]]]:
     """One JSON-ready record per latent, plus the token ids each record shows."""
-    from saeforge.dashboard.build import linear_histogram, quantile_edges
+    from saeforge.dashboard.stream import linear_histogram, quantile_edges
 
     m, n = stats.m, max(stats.n_rows, 1)
     top, res = stats.top.sorted(), stats.res.sorted()
@@ -189,7 +190,7 @@ def write_site(out: Path, cfg: Any, stats: Any, effects: dict[str, torch.Tensor]
         recs = records[s:s + cfg.shard_size]
         ids = sorted(set().union(*used[s:s + cfg.shard_size]))
         path = shard_path(out, s, cfg.shard_size)
-        write_text_atomic(path, _js(SHARD_PREFIX, {"first": s, "latents": recs,
+        _write(path, _js(SHARD_PREFIX, {"first": s, "latents": recs,
                                                    "vocab": {str(t): strs[t] for t in ids}}))
         written.add(path.name)
     for stale in shard_dir.glob("*.js"):
@@ -207,13 +208,19 @@ def write_site(out: Path, cfg: Any, stats: Any, effects: dict[str, torch.Tensor]
         "expl": [(r["explanation"] or {}).get("pattern", "") for r in records],
         "f1": [(r["explanation"] or {}).get("f1") for r in records],
     }
-    write_text_atomic(out / "data" / "index.js", _js(INDEX_PREFIX, index))
+    _write(out / "data" / "index.js", _js(INDEX_PREFIX, index))
     title = f"saeforge dashboard: {info.get('sae', '')}"
     html = (STATIC / "index.html").read_text(encoding="utf-8").replace("{{TITLE}}", _html_escape(title))
-    write_text_atomic(out / "index.html", html)
+    _write(out / "index.html", html)
     for name in ("app.js", "style.css"):
-        write_text_atomic(out / name, (STATIC / name).read_text(encoding="utf-8"))
+        _write(out / name, (STATIC / name).read_text(encoding="utf-8"))
     return out
+
+
+def _write(path: Path, text: str) -> None:
+    """Atomic write, then world-readable (temp files are created 0600) so any web server can serve the site."""
+    write_text_atomic(path, text)
+    os.chmod(path, 0o644)
 
 
 def _html_escape(s: str) -> str:

@@ -12,9 +12,8 @@ one activating context (the latent's top activations plus some random activating
    predicts, at each position, the largest activation among the patterns that match there (0 if none).
 
 The explanation is scored on held-out text as a classifier of "the latent fires" (activation >
-``fire_threshold``): precision, recall and F1. Gao et al. report precision and recall; like them we skip N2G's
-saliency-weighted importance and its data augmentation (only truncation + pad-token wildcards), see
-docs/metrics.md. The patterns are also rendered as strings for the dashboard.
+``fire_threshold``): precision, recall and F1. Gao et al. report precision and recall. Of the original N2G we
+keep truncation and pad-token wildcards only (no saliency weighting, no data augmentation); see docs/metrics.md. The patterns are also rendered as strings for the dashboard.
 
 Re-running the model on truncated or edited contexts is the expensive part: all such sequences are grouped by
 length (so no padding is needed) and run in batches that stop at the SAE's hook (``capture(stop_early=True)``).
@@ -310,17 +309,18 @@ def run_n2g(
         raise SaeforgeError(f"no latent fires {min_fires}+ times on {n_train_contexts} contexts; "
                             "pass more contexts or a smaller min_fires")
     pad = tok.pad_id if tok.pad_id is not None else 0
+    everyone = sae_act_fn(sae, model, hook, latents)
+    tr_acts = _all_acts(everyone, tr_tok, batch_size)
+    te_acts = _all_acts(everyone, te_tok, batch_size)
     tries, scores = [], []
     for s in tqdm(range(0, len(latents), 32), desc="n2g", disable=not progress):
-        cols = list(range(s, min(s + 32, len(latents))))
-        sub = sae_act_fn(sae, model, hook, [latents[c] for c in cols])
-        tr_acts = _all_acts(sub, tr_tok, batch_size)
-        te_acts = _all_acts(sub, te_tok, batch_size)
-        t = build_patterns(sub, tr_tok, tr_acts, tr_keep, bos_id=tok.bos_id, pad_id=pad, n_top=n_top,
+        cols = slice(s, min(s + 32, len(latents)))
+        sub = sae_act_fn(sae, model, hook, latents[cols])
+        t = build_patterns(sub, tr_tok, tr_acts[..., cols], tr_keep, bos_id=tok.bos_id, pad_id=pad, n_top=n_top,
                            n_random=n_random, max_suffix=max_suffix, keep_frac=keep_frac,
                            fire_threshold=fire_threshold, batch_size=batch_size, seed=seed + s)
         tries += t
-        scores += score_patterns(t, te_tok, te_acts, te_keep, fire_threshold)
+        scores += score_patterns(t, te_tok, te_acts[..., cols], te_keep, fire_threshold)
     per, expl = {}, {}
     for j, trie, sc in zip(latents, tries, scores):
         pattern = trie.render(tok.token_str)

@@ -26,6 +26,7 @@ held out) are skipped and reported.
 from __future__ import annotations
 
 import math
+import zlib
 from dataclasses import dataclass
 from typing import Any, Iterable
 
@@ -170,18 +171,18 @@ def _sae_hook(sae, hook: str | None) -> str:
 
 @torch.no_grad()
 def collect_features(
-    sae, model, texts: list[str], hook: str, context_len: int, batch_size: int, require_prefix: bool = False
+    model, texts: list[str], hook: str, context_len: int, batch_size: int, require_prefix: bool = False
 ) -> dict[str, Any]:
-    """Run ``texts`` (one document per row, truncated to ``context_len``) through the model and the SAE.
+    """Run ``texts`` (one document per row, truncated to ``context_len``) through the model up to ``hook``.
 
-    Returns raw hook activations ``x [N, d]`` (float32, CPU), the document index of each row, and per-document ``(doc index, decoded text, token spans, row slice)`` for
-    labelling. BOS and other special tokens are dropped. With ``require_prefix`` (user spans refer to the
-    original text) documents whose decoded tokens are not a prefix of the text are dropped and counted.
+    Returns raw hook activations ``x [N, d]`` (float32, CPU), the document index of each row, and per document
+    ``(doc index, decoded text, token spans, row slice)`` for labelling. BOS and other special tokens are
+    dropped. With ``require_prefix`` (user spans refer to the original text) documents whose decoded tokens are
+    not a prefix of the text are dropped and counted.
     """
     tok = model.tokenizer
     hp = resolve_hook(model, hook)
     special = set(getattr(tok, "special_ids", ()) or ())
-    dev = next(sae.parameters()).device
     encoded, dropped = [], 0
     for d, text in enumerate(texts):
         ids = tok.encode(text, add_bos=True)[:context_len]
@@ -237,7 +238,7 @@ def _balanced(idx: np.ndarray, y: np.ndarray, cap: int, rng: np.random.Generator
     return np.sort(np.concatenate([rng.choice(pos, n, replace=False), rng.choice(neg, n, replace=False)]))
 
 
-def _probe_task(name, y, feats, doc, opts, rng) -> dict[str, Any]:
+def _probe_task(name, y, feats, doc, opts) -> dict[str, Any]:
     held = (doc.numpy() % opts["heldout_every"]) == 0
     tr_all, te_all = np.flatnonzero(~held), np.flatnonzero(held)
     n_pos_tr, n_pos_te = int(y[tr_all].sum()), int(y[te_all].sum())
@@ -249,6 +250,7 @@ def _probe_task(name, y, feats, doc, opts, rng) -> dict[str, Any]:
     if short:
         row["skipped"] = f"too few examples per class (need {opts['min_positives']} train / {need_te} held out)"
         return row
+    rng = np.random.default_rng([opts["seed"], zlib.crc32(name.encode())])  # per task: stable subsamples
     tr = _balanced(tr_all, y, opts["max_per_class"], rng)
     te = _balanced(te_all, y, opts["max_per_class"], rng)
     ytr, yte = torch.from_numpy(y[tr]).double(), torch.from_numpy(y[te]).double()
@@ -293,11 +295,14 @@ def run_probe_suite(
     raw dimensions), ``prior_loss`` (intercept only; ln 2 for balanced tasks), task counts.
     """
     hook = _sae_hook(sae, hook)
+    if select_on not in ("train", "heldout"):
+        raise SaeforgeError(f"select_on={select_on!r}; use 'train' or 'heldout'")
+    if not builtin_tasks and tasks_jsonl is None:
+        raise SaeforgeError("no probe tasks: keep builtin_tasks=True or pass tasks_jsonl=FILE")
     if heldout_every < 2:
         raise SaeforgeError(f"heldout_every={heldout_every} must be >= 2 (every k-th document is held out)")
     opts = dict(heldout_every=heldout_every, min_positives=min_positives, max_per_class=max_per_class,
-                chunk=chunk, select_on=select_on, max_iter=max_iter, ridge=ridge)
-    rng = np.random.default_rng(seed)
+                chunk=chunk, select_on=select_on, max_iter=max_iter, ridge=ridge, seed=seed)
     rows: list[dict[str, Any]] = []
     jobs: list[tuple[str, dict[str, Any], Any]] = []  # (source, features, [(task name, spans_of)])
     if builtin_tasks:
@@ -307,11 +312,11 @@ def run_probe_suite(
             got += len(model.tokenizer.encode(text, add_bos=True)[:context_len]) - 1
             if got >= n_tokens:
                 break
-        f = collect_features(sae, model, texts, hook, context_len, batch_size)
+        f = collect_features(model, texts, hook, context_len, batch_size)
         jobs.append(("builtin", f, [(t.name, (lambda d, s, t=t: t.spans(s))) for t in BUILTIN_TASKS]))
     if tasks_jsonl is not None:
         for name, examples in read_jsonl_tasks(tasks_jsonl).items():
-            f = collect_features(sae, model, [e.text for e in examples], hook, context_len, batch_size,
+            f = collect_features(model, [e.text for e in examples], hook, context_len, batch_size,
                                  require_prefix=True)
             jobs.append(("jsonl", f, [(name, (lambda d, s, ex=examples: ex[d].spans))]))
     n_jobs = sum(len(j[2]) for j in jobs)
@@ -322,7 +327,7 @@ def run_probe_suite(
                  "baseline": lambda i, x=x: x[torch.from_numpy(i)]}
         for name, spans_of in tasks:
             y = _labels(f["meta"], spans_of, x.shape[0])
-            row = _probe_task(name, y, feats, f["doc"], opts, rng)
+            row = _probe_task(name, y, feats, f["doc"], opts)
             row["source"] = source
             if f["n_dropped"]:
                 row["dropped_documents"] = f["n_dropped"]

@@ -93,7 +93,8 @@ def _fit_once(n, k, L, space: str, max_nfev: int) -> tuple[np.ndarray, float, An
 def fit_scaling_law(
     points: Sequence[dict], space: str = "log", bootstrap: int = 0, seed: int = 0, max_nfev: int = 20_000
 ) -> dict[str, Any]:
-    """Fit ``L(n, k)`` to sweep points ``[{"n": width, "k": k, "loss": held-out normalised MSE}, ...]``.
+    """Fit ``L(n, k)`` to sweep points ``[{"n": width, "k": k, "loss": held-out normalised MSE}, ...]``
+    (``d_sae`` / ``fvu`` are read as ``n`` / ``loss``; points missing a value are skipped).
 
     Returns ``{"params": {name: value}, "stderr": {...}, "ci95": {name: [lo, hi]}, "ci_method", "rss",
     "r2", "space", "n_points", "summary": {...}}``.

@@ -55,6 +55,16 @@ def _llama2c_path(spec: str) -> Path | None:
     return None
 
 
+def _check_tokenizer(tok: Tokenizer, model: torch.nn.Module, spec: str) -> Tokenizer:
+    """Catch a tokenizer that cannot drive this model (transformers 5 even builds an empty one from no files)."""
+    n_emb = model.get_input_embeddings().num_embeddings
+    if tok.vocab_size <= len(tok.special_ids) or tok.vocab_size > n_emb:
+        raise SaeforgeError(
+            f"the tokenizer for {spec} has {tok.vocab_size} tokens but the model has {n_emb} embeddings; pass --tokenizer PATH"
+        )
+    return tok
+
+
 def load_model(
     spec: str,
     tokenizer: str | None = None,
@@ -74,7 +84,7 @@ def load_model(
         model, hdr = load_llama2c(l2c, device=device, dtype=dtype)
         tok_path = tokenizer if tokenizer is not None else find_tokenizer(l2c, hdr.vocab_size)
         tok = load_tokenizer(tok_path, vocab_size=hdr.vocab_size if str(tok_path).endswith(".bin") else None)
-        return LoadedModel(model, tok, "llama", spec, True, hdr.dim, hdr.n_layers)
+        return LoadedModel(model, _check_tokenizer(tok, model, spec), "llama", spec, True, hdr.dim, hdr.n_layers)
 
     from saeforge.models.hf import load_hf, text_config
 
@@ -91,7 +101,7 @@ def load_model(
     tc = text_config(config)
     return LoadedModel(
         model=model,
-        tokenizer=tok,
+        tokenizer=_check_tokenizer(tok, model, spec),
         family=config.model_type,
         spec=spec,
         is_causal=causal,

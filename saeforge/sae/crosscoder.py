@@ -18,7 +18,6 @@ b_dec [n_hooks, d]; ``cfg.json`` lists ``hooks`` (their order is the first axis)
 from __future__ import annotations
 
 import copy
-import math
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -165,9 +164,3 @@ class CrosscoderSAE(SAE):
         fold_decoder_norms_(out, out.decoder_norms())
         return out
 
-
-def crosscoder_width(d: int, n_hooks: int) -> int:
-    """cfg.d_in of a crosscoder over ``n_hooks`` hooks of width ``d``."""
-    if d <= 0 or n_hooks <= 0 or not math.isfinite(d):
-        raise SaeforgeError("hook width and count must be positive")
-    return d * n_hooks

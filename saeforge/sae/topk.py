@@ -63,6 +63,10 @@ class TopKSAE(SAE):
     def recommended_lr(self) -> float:
         return 2e-4 / math.sqrt(self.cfg.d_sae / 2**14)
 
+    def adam_defaults(self) -> dict:
+        """Gao et al. §A.4: Adam ε = 6.25e-10 (used when TrainConfig leaves betas/eps unset)."""
+        return {"betas": (0.9, 0.999), "eps": 6.25e-10}
+
     @torch.no_grad()
     def init_from_data(self, x: Tensor, y: Tensor) -> None:
         if self.cfg.init_b_dec_geometric_median and not self.cfg.is_transcoder:

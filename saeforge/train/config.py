@@ -11,8 +11,8 @@ class TrainConfig(JsonConfig):
     total_tokens: int = 5_000_000
     batch_size: int = 4096
     lr: float | None = None  # None: the architecture's recommendation (e.g. Gao et al.'s 2e-4/sqrt(n/2^14))
-    betas: tuple[float, float] = (0.9, 0.999)
-    eps: float = 6.25e-10  # Adam ε of Gao et al. 2024 §A.4
+    betas: tuple[float, float] | None = None  # None: the recipe's (adam_defaults()), else (0.9, 0.999)
+    eps: float | None = None  # None: the recipe's (e.g. Gao et al.'s 6.25e-10 for topk), else 1e-8
     warmup_steps: int | None = None  # None: min(1000, 5% of steps)
     decay_frac: float = 0.2  # linear decay to 0 over the last fraction of steps (0 disables)
     grad_clip: float = 1.0  # global gradient-norm clip (0 disables)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import json
 import math
 import time
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from collections import deque
@@ -48,6 +49,7 @@ class _Run:
     out: Path
     acc: dict[str, torch.Tensor]
     n_acc: int = 0
+    fresh: bool = True  # built here from a config: gets data-dependent init; an SAE passed in is kept as is
     resampled: int = 0  # latents reset by resampling since the last metrics line
 
 
@@ -109,7 +111,7 @@ class Trainer:
             )
             since = torch.zeros(sae.cfg.d_sae, dtype=torch.long, device=self.device)
             run_out = self.out if (len(saes) == 1 and name == "") else self.out / name
-            self.runs[name] = _Run(name, sae, opt, sched, since, run_out, {})
+            self.runs[name] = _Run(name, sae, opt, sched, since, run_out, {}, fresh=not isinstance(s, SAE))
         _seeded(cfg.seed)
         self.step = 0
         self.tokens = 0
@@ -129,8 +131,9 @@ class Trainer:
             raise SaeforgeError("the activation stream is empty; check --data / the cache")
         sample = {h: torch.cat(v)[:need].to(self.device).float() for h, v in rows.items()}
         for run in self.runs.values():
-            x, y = run.sae.inputs_from(sample)
-            run.sae.init_from_data(x, y)
+            if run.fresh:  # an SAE handed in (pre-trained, loaded, hand-set) keeps its weights
+                x, y = run.sae.inputs_from(sample)
+                run.sae.init_from_data(x, y)
 
     def _resume(self) -> bool:
         path = self.out / CHECKPOINT
@@ -152,7 +155,9 @@ class Trainer:
             run.opt.load_state_dict(st["opt"])
             run.since_fired = st["since_fired"].to(self.device)
             run.sched.last_epoch = meta["step"] - 1
-            run.sched.step()
+            with warnings.catch_warnings():  # stepping the schedule to where it was, not an early step
+                warnings.simplefilter("ignore", UserWarning)
+                run.sched.step()
         torch.set_rng_state(rng)
         self.step, self.tokens = meta["step"], meta["tokens"]
         return True

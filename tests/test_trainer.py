@@ -1,0 +1,153 @@
+"""The trainer: exact resume, metrics, many SAEs in one pass, recipe hooks, and ``saeforge sweep``."""
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from saeforge.commands.sweep import build_grid, run_sweep
+from saeforge.errors import SaeforgeError
+from saeforge.sae import make_config
+from saeforge.synthetic import SuperpositionStream
+from saeforge.train import TrainConfig, Trainer
+
+D, B = 16, 128
+
+
+def _stream(n_batches=None):
+    return SuperpositionStream(d=D, n_features=32, p=0.06, batch_size=B, seed=2, n_batches=n_batches)
+
+
+def _tc(steps, **kw):
+    base = dict(total_tokens=steps * B, batch_size=B, lr=3e-3, log_every=5, checkpoint_every=0, device="cpu",
+                dtype="float32", dead_tokens=3 * B, init_tokens=512)
+    return TrainConfig(**{**base, **kw})
+
+
+def _group():
+    return {
+        "btk": make_config("batchtopk", d_in=D, d_sae=32, k=3, threshold_start_step=2, threshold_beta=0.5),
+        "jr": make_config("jumprelu", d_in=D, d_sae=32, init_fire_count=8.0),
+        # Bricken resampling due at step 15, after the resume point: exercises the look-ahead on resume
+        "mono": make_config("relu", d_in=D, d_sae=32, recipe="monosemanticity", resample_every_tokens=15 * B,
+                            resample_window_tokens=0, resample_max=1, resample_rows=3 * B),
+        "mat": make_config("matryoshka", d_in=D, d_sae=32, k=3, group_fractions=[0.25, 0.75]),
+    }
+
+
+def _weights(folder):
+    return load_file(str(folder / "sae.safetensors"))
+
+
+def test_resume_after_interruption_reproduces_the_uninterrupted_run(tmp_path):
+    N = 20
+    full = Trainer(_group(), _stream(), _tc(N, checkpoint_every=N // 2), tmp_path / "full")
+    full.fit(progress=False)
+    # the interrupted run: its data ends after N/2 batches, just after the step-N/2 checkpoint
+    cut = Trainer(_group(), _stream(n_batches=N // 2), _tc(N, checkpoint_every=N // 2), tmp_path / "cut")
+    with pytest.raises(SaeforgeError, match="ran out"):
+        cut.fit(progress=False)
+    resumed_dir = tmp_path / "resumed"
+    resumed_dir.mkdir()
+    shutil.copy(tmp_path / "cut" / "checkpoint.safetensors", resumed_dir / "checkpoint.safetensors")
+    resumed = Trainer(_group(), _stream(), _tc(N, checkpoint_every=N // 2), resumed_dir)
+    resumed.fit(resume=True, progress=False)
+    assert resumed.step == N and resumed.tokens == N * B
+    for name in _group():
+        a, b = _weights(tmp_path / "full" / name), _weights(resumed_dir / name)
+        assert a.keys() == b.keys()
+        for k in a:
+            assert torch.equal(a[k], b[k]), (name, k)
+        assert json.loads((tmp_path / "full" / name / "cfg.json").read_text()) == \
+            json.loads((resumed_dir / name / "cfg.json").read_text())
+    # the resampling really happened after the resume point
+    lines = [json.loads(l) for l in (resumed_dir / "mono" / "metrics.jsonl").read_text().splitlines()]
+    assert any(r.get("resampled", 0) > 0 for r in lines)
+
+
+def test_metrics_jsonl_is_written(tmp_path):
+    Trainer({"": make_config("topk", d_in=D, d_sae=32, k=3)}, _stream(), _tc(12, log_every=4), tmp_path).fit(
+        progress=False)
+    lines = [json.loads(l) for l in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines] == [4, 8, 12]
+    for r in lines:
+        assert {"step", "tokens", "lr", "loss", "fvu", "l0", "dead_frac", "elapsed_s", "mse"} <= set(r)
+        assert 0 <= r["fvu"] < 2 and r["l0"] == pytest.approx(3, abs=0.5)
+    assert (tmp_path / "cfg.json").exists() and (tmp_path / "train_cfg.json").exists()
+
+
+def test_saes_trained_together_equal_saes_trained_alone(tmp_path):
+    group = _group()
+    together = Trainer(group, _stream(), _tc(8), tmp_path / "together").fit(progress=False)
+    for name, cfg in _group().items():
+        alone = Trainer({"": cfg}, _stream(), _tc(8), tmp_path / name).fit(progress=False)[""]
+        sa, sb = together[name].state_dict(), alone.state_dict()
+        for k in sa:
+            assert torch.equal(sa[k], sb[k]), (name, k)
+
+
+def test_recipe_optimizer_defaults_fill_what_the_train_config_leaves_open(tmp_path):
+    cfgs = {"g": make_config("gated", d_in=D, d_sae=32), "t": make_config("topk", d_in=D, d_sae=32, k=3)}
+    tr = Trainer(cfgs, _stream(), _tc(2, lr=None, betas=None, eps=None), tmp_path)
+    g = tr.runs["g"].opt.param_groups[0]
+    assert g["betas"] == (0.0, 0.999) and g["lr"] == pytest.approx(5e-5)  # Rajamanoharan et al. 2024a
+    t = tr.runs["t"].opt.param_groups[0]
+    assert t["betas"] == (0.9, 0.999) and t["lr"] == pytest.approx(2e-4 / (32 / 2**14) ** 0.5)
+    explicit = Trainer(cfgs, _stream(), _tc(2, betas=(0.5, 0.9)), tmp_path / "x")
+    assert explicit.runs["g"].opt.param_groups[0]["betas"] == (0.5, 0.9)
+
+
+# ---- sweep ----------------------------------------------------------------------------------------
+def test_build_grid_names_and_options():
+    d = {"h": 16, "t": 8, "a": 16, "b": 16}
+    grid = build_grid(["topk", "relu", "jumprelu"], [32, 64], [2, 4], [0.5], d=d, hook="h",
+                      sets={"aux_coef": 0.1}, recipe="gemmascope")
+    assert sorted(grid) == sorted([
+        "topk_w32_k2", "topk_w32_k4", "topk_w64_k2", "topk_w64_k4", "relu_w32_lam0.5", "relu_w64_lam0.5",
+        "jumprelu-gemmascope_w32_lam0.5", "jumprelu-gemmascope_w64_lam0.5"])
+    assert grid["topk_w64_k4"].k == 4 and grid["topk_w64_k4"].aux_coef == 0.1 and grid["topk_w64_k4"].d_sae == 64
+    assert grid["jumprelu-gemmascope_w32_lam0.5"].recipe == "gemmascope"
+    assert grid["relu_w32_lam0.5"].l1_coefficient == 0.5
+    tc = build_grid(["relu"], [32], [], [], d=d, hook="h", target="t")
+    assert tc["relu_w32"].d_out == 8 and tc["relu_w32"].apply_b_dec_to_input is False
+    cc = build_grid(["crosscoder"], [32], [], [1.0], d=d, hook=None, hooks=["a", "b"])
+    assert cc["crosscoder_w32_lam1"].d_in == 32 and cc["crosscoder_w32_lam1"].hooks == ["a", "b"]
+    with pytest.raises(SaeforgeError, match="belong to none"):
+        build_grid(["topk"], [32], [2], [], d=d, hook="h", sets={"l1_coefficient": 1})
+    with pytest.raises(SaeforgeError, match="recipe"):
+        build_grid(["topk"], [32], [2], [], d=d, hook="h", recipe="gemmascope")
+    with pytest.raises(SaeforgeError, match="--hooks"):
+        build_grid(["crosscoder"], [32], [], [], d=d, hook="h")
+
+
+def test_run_sweep_trains_the_grid_from_one_pass_and_indexes_it(tmp_path):
+    grid = build_grid(["topk", "batchtopk"], [32], [2, 4], [], d={"synthetic": D}, hook="synthetic")
+    index = run_sweep(grid, _stream(), _tc(6), tmp_path, progress=False)
+    on_disk = json.loads((tmp_path / "sweep.json").read_text())
+    assert on_disk == index and index["steps"] == 6 and len(index["saes"]) == 4
+    for e in index["saes"]:
+        assert (tmp_path / e["path"] / "sae.safetensors").exists()
+        assert e["sparsity_field"] == "k" and e["final"]["l0"] > 0
+
+
+@pytest.mark.slow
+def test_sweep_cli_on_a_harvested_cache(tmp_path, stories_model_path, tinystories_train):
+    from saeforge.activations.cache import HarvestConfig, harvest
+    from saeforge.cli import main
+
+    cache = tmp_path / "acts"
+    harvest(HarvestConfig(model=str(stories_model_path), data=str(tinystories_train), hooks=["resid_post.2"],
+                          out=str(cache), context_len=32, batch_contexts=8, shard_tokens=1024, max_tokens=2048),
+            progress=False)
+    out = tmp_path / "sweep"
+    rc = main(["sweep", "--data", str(cache), "--arch", "topk,relu", "--width", "128", "--k", "8", "--lam", "1",
+               "--tokens", "2048", "--batch-size", "256", "--device", "cpu", "--dtype", "float32",
+               "--shuffle-buffer", "1024", "--no-progress", "--out", str(out)])
+    assert rc == 0
+    index = json.loads((out / "sweep.json").read_text())
+    assert sorted(e["name"] for e in index["saes"]) == ["relu_w128_lam1", "topk_w128_k8"]
+    cfg = json.loads((out / "topk_w128_k8" / "cfg.json").read_text())
+    assert cfg["hook"] == "resid_post.2" and cfg["d_in"] == 64
