@@ -27,7 +27,7 @@ def main() -> None:
     ap.add_argument("--out", default=str(REPO / "runs" / "bench_dashboard"), help="work folder")
     ap.add_argument("--width", type=int, default=1024)
     ap.add_argument("--k", type=int, default=16)
-    ap.add_argument("--train-tokens", default="2M", help="training tokens for the SAE (setup, not timed)")
+    ap.add_argument("--train-tokens", default="600k", help="training tokens for the SAE (setup, not timed)")
     ap.add_argument("--max-tokens", default=None, help="cap the dashboard's tokens (default: all of train.txt)")
     ap.add_argument("--skip-cache-build", action="store_true", help="time only the build from text")
     ap.add_argument("--screenshots", help="folder for dashboard_index.png and dashboard_latent.png")
@@ -89,9 +89,13 @@ def screenshots(site: Path, folder: Path) -> list[str]:
     from saeforge.dashboard import read_payload, start_background
 
     index = read_payload(site / "data" / "index.js")
-    # a latent firing on a clear, mid-frequency pattern makes a representative page
-    alive = [i for i, d in enumerate(index["density"]) if 0.002 < d < 0.05]
-    lat = max(alive or range(len(index["id"])), key=lambda i: index["max"][i])
+    # a representative page: a mid-frequency latent whose top examples all sit on one word-like token
+    def clear(i: int) -> bool:
+        toks = index["tokens"][i]
+        return 0.001 < index["density"][i] < 0.05 and len(toks) == 1 and toks[0].strip().isalpha()
+
+    pick = [i for i in range(len(index["id"])) if clear(i)] or list(range(len(index["id"])))
+    lat = max(pick, key=lambda i: index["max"][i])
     folder.mkdir(parents=True, exist_ok=True)
     server, url = start_background(site)
     args = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",

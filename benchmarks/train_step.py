@@ -81,11 +81,18 @@ def run_config(c: dict) -> dict:
 
     from saeforge.device import cpu_has_fast_bf16, resolve_device
     from saeforge.kernels import topk_autograd
+    from saeforge.kernels.allocator import tune_cpu_allocator
+    from saeforge.kernels.rows import remove_parallel_component_
+    from saeforge.sae.base import SAE
     from saeforge.kernels.topk_step import topk_training_forward
     from saeforge.sae import TrainStepInput, create_sae, fvu, make_config
 
     if c.get("threads"):
         torch.set_num_threads(c["threads"])
+    malloc_tuned = bool(c["tune_malloc"]) and tune_cpu_allocator()
+    if c["rows"] == "kernels":  # the exact in-place projection proposed for SAE.remove_parallel_decoder_grad
+        SAE.remove_parallel_decoder_grad = lambda self: (
+            None if self.W_dec.grad is None else remove_parallel_component_(self.W_dec.data, self.W_dec.grad))
     device = resolve_device(c["device"])
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[c["dtype"]]
     d, m, k, B = c["d"], c["m"], c["k"], c["batch"]
@@ -93,8 +100,9 @@ def run_config(c: dict) -> dict:
            "threads": torch.get_num_threads()}
     native_bf16 = device.type == "cuda" or cpu_has_fast_bf16()
     if dtype == torch.bfloat16 and not native_bf16 and not c["force_bf16"]:
-        # ~0.5 GFLOP: a couple of seconds at the scalar fallback's speed
-        small = (256, d, max(256, min(m, int(0.5e9 / (2 * 256 * d)))))
+        # ~0.5-1 GFLOP: one to two seconds at the scalar fallback's speed
+        cols = min(m, 2048)
+        small = (min(B, max(256, int(0.5e9 / (2 * d * cols)))), d, cols)
         bf, bf_info = measure_peak(*small, torch.bfloat16, device, cap_s=c["bf16_cap"], reps=2)
         f32, _ = measure_peak(*small, torch.float32, device, cap_s=c["bf16_cap"], reps=3)
         rec.update(skipped="no native bf16 on this CPU (no AMX / AVX512-BF16): bf16 matmuls use a scalar "
@@ -181,6 +189,8 @@ def run_config(c: dict) -> dict:
         final_loss=round(float(acc["loss"] / (1 + len(repeats) * c["steps"])), 5),
         peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         native_bf16=native_bf16,
+        malloc_tuned=malloc_tuned,
+        decoder_projection=c["rows"],
     )
     return rec
 
@@ -197,7 +207,9 @@ def configs(a: argparse.Namespace) -> list[dict]:
                                     "device": a.device, "repeats": a.repeats, "steps": a.steps,
                                     "time_cap": a.time_cap, "peak_cap": a.peak_cap, "bf16_cap": a.bf16_cap,
                                     "force_bf16": a.force_bf16, "threads": a.threads, "adam": a.adam,
-                                    "dead_frac": a.dead_frac, "chunk_rows": a.chunk_rows})
+                                    "dead_frac": a.dead_frac, "chunk_rows": a.chunk_rows,
+                                    "tune_malloc": not a.no_malloc_tuning,
+                                    "rows": a.rows if a.rows != "auto" else ("kernels" if impl == "sparse" else "base")})
     return out
 
 
@@ -222,6 +234,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--force-bf16", action="store_true", help="run bf16 configurations even without native bf16")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--no-malloc-tuning", action="store_true",
+                   help="leave glibc's mmap threshold alone (see saeforge/kernels/allocator.py)")
+    p.add_argument("--rows", choices=["auto", "base", "kernels"], default="auto",
+                   help="decoder-gradient projection: SAE's own (base) or saeforge.kernels.rows (auto: kernels for sparse)")
     p.add_argument("--one", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.one:

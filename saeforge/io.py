@@ -17,6 +17,15 @@ import torch
 from safetensors.torch import save as _st_save
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_FILE_MODE = 0o666 & ~_umask()  # what open() would give; mkstemp alone makes files owner-only (0600)
+
+
 @contextlib.contextmanager
 def atomic_open(path: str | Path, mode: str = "wb") -> Iterator[Any]:
     """Open a temporary sibling of ``path`` for writing; on success it replaces ``path`` atomically."""
@@ -24,6 +33,7 @@ def atomic_open(path: str | Path, mode: str = "wb") -> Iterator[Any]:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, _FILE_MODE)
         with os.fdopen(fd, mode) as fh:
             yield fh
             fh.flush()

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from saeforge.dashboard.build import DashboardConfig, Source, build_dashboard, run_pass, sparse_encoder
-from saeforge.dashboard.logits import decoder_neighbors, logit_effects, logit_effects_for_model
+from saeforge.dashboard.logits import decoder_neighbors, logit_effects_for_model
 from saeforge.dashboard.site import load_explanations, read_payload, shard_path
 from saeforge.dashboard.stream import BINS_PER_DECADE, LOG_LO, N_LOG_BINS, Halo, LatentStats, linear_histogram, quantile_edges
 from saeforge.errors import SaeforgeError

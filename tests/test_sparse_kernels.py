@@ -11,6 +11,10 @@ import torch
 
 from saeforge.kernels import (
     batch_topk_encode,
+    normalize_rows_,
+    remove_parallel_component_,
+    set_chunk_elements,
+    tune_cpu_allocator,
     dense_to_sparse,
     gather_dots,
     gather_sum,
@@ -181,14 +185,21 @@ def test_batch_topk_encode_matches_dense_batch_topk(heavy_rows):
     W = (torch.randn(d, n, generator=g) / d**0.5).requires_grad_()
     b = (torch.randn(n, generator=g) * 0.1).requires_grad_()
     Wd = (torch.randn(n, d, generator=g) / d**0.5).requires_grad_()
-    vals, idx, theta = batch_topk_encode(x, W, b, k, chunk_rows=5, cand_factor=2)
-    loss = (sparse_decode(vals, idx, Wd) - x).pow(2).sum()
+    dead = torch.zeros(n, dtype=torch.bool)
+    dead[::5] = True
+    codes, theta = batch_topk_encode(x, W, b, k, dead_mask=dead, k_aux=8, chunk_rows=5, cand_factor=2)
+    vals, idx = codes.vals, codes.idx
+    y_hat = sparse_decode(vals, idx, Wd)
+    aux = (sparse_decode(codes.aux_vals, codes.aux_idx, Wd) - (x - y_hat).detach()).pow(2).sum()
+    loss = (y_hat - x).pow(2).sum() + 0.1 * aux
     gs = torch.autograd.grad(loss, (W, b, Wd))
     h = x @ W + b
     flat = h.relu().flatten()
     tv, ti = flat.topk(B * k)
     f = torch.zeros_like(flat).scatter(0, ti, tv).view(B, n)
-    ref = (f @ Wd - x).pow(2).sum()
+    av, ai = h.masked_fill(~dead, float("-inf")).topk(8)
+    fa = torch.zeros_like(h).scatter(1, ai, av.relu())
+    ref = (f @ Wd - x).pow(2).sum() + 0.1 * (fa @ Wd - (x - f @ Wd).detach()).pow(2).sum()
     rs = torch.autograd.grad(ref, (W, b, Wd))
     assert close(loss, ref)
     for a, r in zip(gs, rs):
@@ -215,8 +226,8 @@ def _dense_training_loss(sae, x, dead):
     return loss
 
 
-@pytest.mark.parametrize("multi_topk", [False, True])
-def test_topk_training_forward_matches_dense_and_the_sae(multi_topk):
+@pytest.mark.parametrize("multi_topk,any_dead", [(False, True), (True, True), (False, False)])
+def test_topk_training_forward_matches_dense_and_the_sae(multi_topk, any_dead):
     torch.manual_seed(0)
     cfg = make_config("topk", d_in=16, d_sae=512, k=8, k_aux=32, multi_topk=multi_topk)
     saes = [create_sae(cfg) for _ in range(3)]
@@ -224,7 +235,7 @@ def test_topk_training_forward_matches_dense_and_the_sae(multi_topk):
         s.load_state_dict(saes[0].state_dict())
     x = torch.randn(64, 16)
     dead = torch.zeros(512, dtype=torch.bool)
-    dead[::3] = True
+    dead[::3] = any_dead
     inp = TrainStepInput(x, x, 0, 10, dead)
     outs = [topk_training_forward(saes[0], inp, chunk_rows=9), saes[1].training_forward(inp)]
     if not multi_topk:
@@ -264,14 +275,52 @@ def test_twenty_adam_steps_give_the_same_weights_as_the_dense_step():
     assert not torch.equal(a.W_enc, create_sae(cfg).W_enc)  # training moved the weights
 
 
-def test_dense_to_sparse_round_trip():
+def test_dense_to_sparse_round_trip_and_gradient():
     f = torch.zeros(5, 30)
     f[0, [1, 4, 9]] = torch.tensor([1.0, -2.0, 3.0])
     f[3, 29] = 0.5
+    f.requires_grad_()
     v, i = dense_to_sparse(f)
     assert v.shape == (5, 3)
     W = torch.randn(30, 4)
-    assert close(sparse_decode(v, i, W), f @ W)
+    out = sparse_decode(v, i, W)
+    assert close(out, f.detach() @ W)
+    gy = torch.randn(5, 4)
+    (gf,) = torch.autograd.grad(out, f, gy)
+    mask = (f.detach() != 0).float()
+    assert close(gf, (gy @ W.T) * mask)  # gradient reaches f at its non-zeros only
+    v0, i0 = dense_to_sparse(torch.zeros(3, 7))
+    assert v0.shape == (3, 1) and not v0.any()
+
+
+def test_decoder_row_constraints_match_the_broadcast_formulas():
+    g = torch.Generator().manual_seed(8)
+    W = torch.randn(50, 9, generator=g) * 3
+    G = torch.randn(50, 9, generator=g)
+    w = W / W.norm(dim=1, keepdim=True)
+    ref = G - (G * w).sum(1, keepdim=True) * w  # Gao et al. §A.1 as written in SAE.remove_parallel_decoder_grad
+    out = remove_parallel_component_(W, G.clone())
+    assert close(out, ref)
+    assert (out * W).sum(1).abs().max() < 1e-4  # nothing parallel to the rows is left
+    assert close(normalize_rows_(W.clone()), w)
+
+
+def test_chunk_budget_and_allocator_tuning_change_no_numbers():
+    g = torch.Generator().manual_seed(9)
+    x, W = torch.randn(40, 8, generator=g), torch.randn(8, 300, generator=g)
+    ref = topk_encode(x, W, None, 5)
+    try:
+        set_chunk_elements(3 * 300)  # three rows of pre-activations at a time
+        small = topk_encode(x, W, None, 5)
+    finally:
+        set_chunk_elements(1 << 28)
+    assert isinstance(tune_cpu_allocator(), bool)
+    tuned = topk_encode(x, W, None, 5)
+    for c in (small, tuned):  # same selection; values to rounding (the product is blocked differently)
+        assert torch.equal(c.idx.sort(-1).values, ref.idx.sort(-1).values)
+        assert close(c.vals.sort(-1).values, ref.vals.sort(-1).values, 1e-6)
+    with pytest.raises(ValueError):
+        set_chunk_elements(0)
 
 
 # ---- Triton (CUDA only) -----------------------------------------------------------------------------

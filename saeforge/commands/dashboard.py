@@ -41,7 +41,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     b.add_argument("--neighbors", type=int, default=10, help="nearest latents by decoder cosine")
     b.add_argument("--max-tokens", type=parse_size, help="stop after this many tokens (e.g. 500k)")
     b.add_argument("--context-len", type=int, default=128, help="tokens per context when running text")
-    b.add_argument("--batch-contexts", type=int, default=32, help="contexts per forward pass when running text")
+    b.add_argument("--batch-contexts", type=int,
+                   help="contexts per forward pass when running text (default: ~2M residual floats per pass, 8..256)")
     b.add_argument("--text-field", default="text", help="text field of .jsonl/.parquet/HF data")
     b.add_argument("--split", default="train", help="split of a HF dataset")
     b.add_argument("--shard-size", type=int, default=16, help="latents per data shard file")

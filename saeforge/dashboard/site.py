@@ -143,7 +143,8 @@ def latent_records(cfg: Any, stats: Any, effects: dict[str, torch.Tensor] | None
             rec["hist"] = {"lo": 0.0, "hi": rec["max"], "counts": np.round(lin[i], 2).tolist()}
             bands = []
             for b in range(cfg.n_bands - 1, -1, -1):
-                slots = np.nonzero(band[i] == b)[0][: cfg.per_band]
+                slots = np.nonzero(band[i] == b)[0][: cfg.per_band]  # random order: a uniform pick
+                slots = slots[np.argsort(-rx.val[i, slots], kind="stable")]  # shown strongest first
                 bands.append({"q": [b / cfg.n_bands, (b + 1) / cfg.n_bands],
                               "range": [round(float(qe[i, b]), dec), round(float(qe[i, b + 1]), dec)],
                               "examples": [rx.one(i, int(s), dec, used) for s in slots]})

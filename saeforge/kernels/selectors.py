@@ -1,4 +1,4 @@
-"""What to keep from each chunk of pre-activations: TopK (+ AuxK) and BatchTopK selection rules.
+"""What to keep from each chunk of pre-activations: TopK, BatchTopK and AuxK selection rules.
 
 A selector sees the dense pre-activations one chunk of rows at a time (never the whole ``[B, n]``
 tensor) and returns raw pre-activation values with their latent indices; the encoder Function in
@@ -12,51 +12,70 @@ from torch import Tensor
 from saeforge.kernels.select import topk_among, topk_rows
 
 
-class TopKSelector:
-    """Per-row top-k (Gao et al. 2024), optionally with AuxK's top-``k_aux`` among ``dead`` latents.
+class AuxKSelector:
+    """AuxK's top-``k_aux`` among the ``dead`` latents (Gao et al. 2024, §A.2), chunk by chunk.
 
-    AuxK follows the reference exactly: live latents are excluded and the dead latents' values go
-    through the same ReLU, so rows with fewer positive dead values pick zeros that add nothing. On CPU
-    (where reading a count costs no device sync) only the dead columns are searched, and the AuxK set
-    is ``min(k_aux, n_dead)`` wide (empty when nothing is dead); on other devices the live columns are
-    masked to −inf and the width stays ``k_aux`` so nothing waits on the host.
+    Follows the reference exactly: live latents are excluded and the dead latents' values go through
+    the same ReLU, so rows with fewer positive dead values pick zeros that add nothing. On CPU (where
+    reading a count costs no device sync) only the dead columns are searched and the set is
+    ``min(k_aux, n_dead)`` wide (empty when nothing is dead); on other devices the live columns are
+    masked to −inf and the width stays ``k_aux``, so nothing waits on the host.
     """
+
+    def __init__(self, dead_mask: Tensor, k_aux: int):
+        self.dead_mask, self.k_aux = dead_mask, k_aux
+        self.dead_cols: Tensor | None = None
+        self.parts: list[tuple[Tensor, Tensor]] = []
+
+    def begin(self, n: int, device: torch.device) -> None:
+        self.k_aux = min(self.k_aux, n)
+        self.parts = []
+        if device.type == "cpu":
+            self.dead_cols = torch.nonzero(self.dead_mask.to(device)).flatten()
+
+    def chunk(self, h: Tensor) -> None:
+        if self.dead_cols is None:
+            hd = h.masked_fill(~self.dead_mask.to(h.device), float("-inf"))
+            self.parts.append(topk_rows(hd, self.k_aux))
+        elif self.dead_cols.numel() == 0:
+            empty = h.new_zeros(h.shape[0], 0)
+            self.parts.append((empty, empty.long()))
+        else:
+            self.parts.append(topk_among(h, self.dead_cols, self.k_aux))
+
+    def result(self) -> tuple[Tensor, Tensor]:
+        return torch.cat([p[0] for p in self.parts]), torch.cat([p[1] for p in self.parts])
+
+
+class TopKSelector:
+    """Per-row top-k (Gao et al. 2024), plus AuxK over ``dead_mask`` when ``k_aux`` > 0."""
 
     def __init__(self, k: int, dead_mask: Tensor | None = None, k_aux: int = 0):
         self.k = k
-        self.k_aux = k_aux if dead_mask is not None else 0
-        self.dead_mask = dead_mask
-        self.dead_cols: Tensor | None = None
+        self.aux = AuxKSelector(dead_mask, k_aux) if (dead_mask is not None and k_aux > 0) else None
 
     @property
     def n_out(self) -> int:
-        return 2 if self.k_aux else 1
+        return 2 if self.aux is not None else 1
 
     def begin(self, B: int, n: int, device: torch.device) -> None:
         self.k = min(self.k, n)
-        self.parts: list[list[tuple[Tensor, Tensor]]] = [[] for _ in range(self.n_out)]
-        if self.k_aux:
-            self.k_aux = min(self.k_aux, n)
-            if device.type == "cpu":
-                self.dead_cols = torch.nonzero(self.dead_mask.to(device)).flatten()
+        self.parts: list[tuple[Tensor, Tensor]] = []
+        if self.aux is not None:
+            self.aux.begin(n, device)
 
     def chunk(self, h: Tensor) -> None:
-        self.parts[0].append(topk_rows(h, self.k))
-        if not self.k_aux:
-            return
-        if self.dead_cols is not None:
-            if self.dead_cols.numel() == 0:
-                empty = h.new_zeros(h.shape[0], 0)
-                self.parts[1].append((empty, empty.long()))
-            else:
-                self.parts[1].append(topk_among(h, self.dead_cols, self.k_aux))
-        else:
-            hd = h.masked_fill(~self.dead_mask.to(h.device), float("-inf"))
-            self.parts[1].append(topk_rows(hd, self.k_aux))
+        self.parts.append(topk_rows(h, self.k))
+        if self.aux is not None:
+            self.aux.chunk(h)
 
     def finish(self, h_rows) -> tuple[list[Tensor], list[Tensor], Tensor | None]:
-        vals = [torch.cat([p[0] for p in part]) for part in self.parts]
-        idx = [torch.cat([p[1] for p in part]) for part in self.parts]
+        vals = [torch.cat([p[0] for p in self.parts])]
+        idx = [torch.cat([p[1] for p in self.parts])]
+        if self.aux is not None:
+            av, ai = self.aux.result()
+            vals.append(av)
+            idx.append(ai)
         return vals, idx, None
 
 
@@ -72,19 +91,26 @@ class BatchTopKSelector:
     keeps). Checking for doubtful rows reads one flag back from the device each step.
     """
 
-    def __init__(self, k: int, cand_factor: int = 4):
+    def __init__(self, k: int, cand_factor: int = 4, dead_mask: Tensor | None = None, k_aux: int = 0):
         self.k = k
         self.cand_factor = cand_factor
+        self.aux = AuxKSelector(dead_mask, k_aux) if (dead_mask is not None and k_aux > 0) else None
 
-    n_out = 1
+    @property
+    def n_out(self) -> int:
+        return 2 if self.aux is not None else 1
 
     def begin(self, B: int, n: int, device: torch.device) -> None:
         self.B, self.n = B, n
         self.width = min(n, self.cand_factor * self.k)
         self.parts: list[tuple[Tensor, Tensor]] = []
+        if self.aux is not None:
+            self.aux.begin(n, device)
 
     def chunk(self, h: Tensor) -> None:
         self.parts.append(topk_rows(h, self.width))
+        if self.aux is not None:
+            self.aux.chunk(h)
 
     def finish(self, h_rows) -> tuple[list[Tensor], list[Tensor], Tensor]:
         vals = torch.cat([p[0] for p in self.parts])
@@ -122,4 +148,7 @@ class BatchTopKSelector:
         kept = keep.gather(1, order)
         out_v = torch.where(kept, vals.gather(1, order), torch.zeros((), dtype=vals.dtype, device=vals.device))
         out_i = torch.where(kept, idx.gather(1, order), torch.zeros((), dtype=idx.dtype, device=idx.device))
+        if self.aux is not None:
+            av, ai = self.aux.result()
+            return [out_v, av], [out_i, ai], theta
         return [out_v], [out_i], theta

@@ -32,11 +32,42 @@ from torch import Tensor
 from saeforge.kernels.selectors import BatchTopKSelector, TopKSelector
 from saeforge.kernels.sparse_ops import gather_dots, gather_sum, index_sum, scatter_rows
 
-# Dense pre-activation elements per chunk on CPU: 2^22 fp32 = 16 MiB, which stays in a 32 MiB L3
-# while it is selected from, and is large enough that the chunk's matrix product runs at full speed.
-CPU_CHUNK_ELEMENTS = 1 << 22
-# On GPUs a chunk is the whole batch unless that would exceed this many elements (1 GiB in fp32).
-GPU_CHUNK_ELEMENTS = 1 << 28
+# Dense pre-activation elements held at once (one chunk of rows): 2^28 = 1 GiB in fp32. The default
+# keeps a 4096 × 16384 batch in one chunk: on a busy 2-core CPU each chunk costs a few thread
+# barriers, and fewer, larger chunks measured faster than cache-sized ones (docs/performance.md).
+# Lower it with ``set_chunk_elements`` (or pass ``chunk_rows``) when memory is tight.
+CHUNK_ELEMENTS = {"cpu": 1 << 28, "other": 1 << 28}
+
+# CPU only: one reusable buffer per dtype for the chunk products, so a step does not page-fault a fresh
+# multi-hundred-MB ``mmap`` (glibc serves large blocks that way; CUDA has its caching allocator).
+_WORKSPACE: dict[tuple[str, torch.dtype], Tensor] = {}
+
+
+def set_chunk_elements(n: int, device_type: str = "cpu") -> None:
+    """Cap the dense pre-activations alive at once at ``n`` elements (``device_type``: "cpu" or "other")."""
+    if n < 1:
+        raise ValueError(f"chunk size must be positive, got {n}")
+    CHUNK_ELEMENTS["cpu" if device_type == "cpu" else "other"] = int(n)
+
+
+def release_workspace() -> None:
+    """Free the cached CPU chunk buffers (they are re-created on the next call)."""
+    _WORKSPACE.clear()
+
+
+def _workspace(rows: int, n: int, dtype: torch.dtype) -> Tensor:
+    key = ("cpu", dtype)
+    buf = _WORKSPACE.get(key)
+    if buf is None or buf.numel() < rows * n:
+        _WORKSPACE.pop(key, None)
+        buf = _WORKSPACE[key] = torch.empty(rows * n, dtype=dtype)
+    return buf[: rows * n].view(rows, n)
+
+
+def default_chunk_rows(B: int, n: int, device: torch.device) -> int:
+    budget = CHUNK_ELEMENTS["cpu" if device.type == "cpu" else "other"]
+    return max(1, min(B, budget // max(n, 1)))
+
 
 # Benchmarks set this to a dict to get wall-clock seconds per phase ("encode", "topk", "bwd_encoder",
 # "bwd_decoder") added into it. Meaningful on CPU only (CUDA work is asynchronous); None costs nothing.
@@ -48,11 +79,6 @@ def _tick(key: str, t0: float) -> float:
     if PROFILE is not None:
         PROFILE[key] = PROFILE.get(key, 0.0) + (t1 - t0)
     return t1
-
-
-def default_chunk_rows(B: int, n: int, device: torch.device) -> int:
-    budget = CPU_CHUNK_ELEMENTS if device.type == "cpu" else GPU_CHUNK_ELEMENTS
-    return max(1, min(B, budget // max(n, 1)))
 
 
 def _amp_dtype(device: torch.device) -> torch.dtype | None:
@@ -81,17 +107,14 @@ class SparseEncode(torch.autograd.Function):
             a = xc.to(amp) if amp is not None else xc
             w = W_enc.to(amp) if amp is not None else W_enc
             bias = None if b_enc is None else b_enc.float()
-            buf: list[Tensor] = []
 
             def h_rows(rows: Tensor | slice) -> Tensor:
                 part = a[rows]
-                if bias is None:
-                    return part @ w
-                if amp is None:  # fp32: reuse one chunk buffer (no page faults), bias added in place
-                    if not buf or buf[0].shape[0] != part.shape[0]:
-                        buf[:] = [torch.empty(part.shape[0], n, dtype=w.dtype, device=dev)]
-                    return torch.mm(part, w, out=buf[0]).add_(bias)
-                return (part @ w) + bias  # bf16/fp16 product, fp32 bias: promotes to fp32 like eager
+                if bias is not None and amp is not None:
+                    return (part @ w) + bias  # bf16/fp16 product, fp32 bias: promotes to fp32 like eager
+                out = _workspace(part.shape[0], n, w.dtype) if dev.type == "cpu" else None
+                h = torch.mm(part, w, out=out)
+                return h.add_(bias) if bias is not None else h
 
             step = chunk_rows or default_chunk_rows(B, n, dev)
             selector.begin(B, n, dev)
@@ -198,12 +221,18 @@ def topk_encode(x: Tensor, W_enc: Tensor, b_enc: Tensor | None, k: int, *, b_pre
 
 
 def batch_topk_encode(x: Tensor, W_enc: Tensor, b_enc: Tensor | None, k: int, *, b_pre: Tensor | None = None,
-                      chunk_rows: int | None = None, cand_factor: int = 4) -> tuple[Tensor, Tensor, Tensor]:
-    """BatchTopK training codes: the top ``B·k`` ReLU'd pre-activations of the batch, as padded sparse
-    rows ``(vals [B, K], idx [B, K])`` (padding has value 0), and the batch threshold θ (0-d tensor,
-    the smallest kept value; Bussmann et al. average it into the inference threshold)."""
-    out = SparseEncode.apply(x, W_enc, b_enc, b_pre, BatchTopKSelector(k, cand_factor), chunk_rows)
-    return out[0], out[1], out[2]
+                      dead_mask: Tensor | None = None, k_aux: int = 0, chunk_rows: int | None = None,
+                      cand_factor: int = 4) -> tuple[TopKCodes, Tensor]:
+    """BatchTopK training codes (Bussmann, Leask & Nanda 2024): the top ``B·k`` ReLU'd pre-activations
+    of the batch as padded sparse rows ``codes.vals, codes.idx [B, K]`` (padding has value 0), AuxK's
+    codes over ``dead_mask`` as in :func:`topk_encode`, and the batch threshold θ (0-d tensor: the
+    smallest kept value, which the paper averages into the inference threshold)."""
+    want_aux = dead_mask is not None and k_aux > 0
+    sel = BatchTopKSelector(k, cand_factor, dead_mask if want_aux else None, k_aux if want_aux else 0)
+    out = SparseEncode.apply(x, W_enc, b_enc, b_pre, sel, chunk_rows)
+    if want_aux:
+        return TopKCodes(out[0], out[2], out[1], out[3]), out[4]
+    return TopKCodes(out[0], out[1]), out[2]
 
 
 def sparse_decode(vals: Tensor, idx: Tensor, W_dec: Tensor, bias: Tensor | None = None) -> Tensor:
@@ -215,12 +244,17 @@ def sparse_decode(vals: Tensor, idx: Tensor, W_dec: Tensor, bias: Tensor | None 
 def dense_to_sparse(f: Tensor) -> tuple[Tensor, Tensor]:
     """Dense codes ``[B, n]`` (e.g. JumpReLU's) -> padded ``(vals, idx) [B, K]`` for :func:`sparse_decode`.
 
-    ``K`` is the largest number of non-zeros in a row (read back from the device once). Gradients
-    flow back into ``f`` at the kept positions, so JumpReLU keeps its own straight-through estimators
-    on the encoder side and only the decoder becomes sparse.
+    ``K`` is the largest number of non-zeros in a row (read back from the device once); padding has
+    value 0 and index 0. O(B·n) to find the non-zeros, then O(nnz). Gradients flow back into ``f`` at
+    the kept positions, so JumpReLU keeps its straight-through estimators on the encoder side and only
+    the decoder product becomes sparse.
     """
-    nz = f != 0
-    K = max(1, int(nz.sum(-1).max()))
-    K = min(K, f.shape[-1])
-    idx = nz.to(torch.int8).topk(K, dim=-1, sorted=False).indices
-    return f.gather(-1, idx), idx
+    B = f.shape[0]
+    rows, cols = torch.nonzero(f, as_tuple=True)  # row-major: each row's entries are contiguous
+    counts = torch.bincount(rows, minlength=B)
+    K = max(1, int(counts.max())) if rows.numel() else 1
+    starts = torch.cumsum(counts, 0) - counts
+    slot = torch.arange(rows.numel(), device=f.device) - starts[rows]
+    idx = torch.zeros(B, K, dtype=torch.long, device=f.device).index_put_((rows, slot), cols)
+    vals = f.new_zeros(B, K).index_put((rows, slot), f[rows, cols])
+    return vals, idx

@@ -48,9 +48,12 @@ def topk_training_forward(sae: Any, inp: Any, chunk_rows: int | None = None) -> 
         losses["mse_4k"] = mse4
         loss = loss + mse4 / 8
     if dead is not None:
-        e_hat = sparse_decode(codes.aux_vals, codes.aux_idx, sae.W_dec, None)
-        aux = (e_hat - e.detach()).pow(2).sum() / total_var
-        aux = torch.where(dead.any(), aux, torch.zeros_like(aux))
+        if codes.aux_vals.shape[-1] == 0:  # CPU and nothing dead: the reference's where() gives exactly 0
+            aux = total_var.new_zeros(())
+        else:
+            e_hat = sparse_decode(codes.aux_vals, codes.aux_idx, sae.W_dec, None)
+            aux = (e_hat - e.detach()).pow(2).sum() / total_var
+            aux = torch.where(dead.any(), aux, torch.zeros_like(aux))
         losses["aux"] = aux
         loss = loss + cfg.aux_coef * aux
     active = vals > 0
