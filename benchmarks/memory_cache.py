@@ -148,6 +148,8 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--keep", action="store_true", help="keep the synthetic caches")
     p.add_argument("--dense", action="store_true", help="use the SAE's own training_forward")
     p.add_argument("--tune-malloc", action="store_true", help="saeforge.kernels.allocator.tune_cpu_allocator()")
+    p.add_argument("--omp-wait-policy", choices=["PASSIVE", "ACTIVE", "inherit"], default="PASSIVE",
+                   help="OMP_WAIT_POLICY of the training runs (see benchmarks/train_step.py)")
     p.add_argument("--one", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.one:
@@ -167,8 +169,11 @@ def main(argv: list[str] | None = None) -> None:
             size = sum(f.stat().st_size for f in cache.glob("shard_*.safetensors"))
             c = {"cache": str(cache), "bytes": size, "d": a.d, "m": a.m, "k": a.k, "batch": a.batch,
                  "max_steps": a.max_steps, "dense": a.dense, "tune_malloc": a.tune_malloc, "out": str(root / f"run_{gb:g}gb")}
+            env = {**os.environ, "PYTHONPATH": str(REPO)}
+            if a.omp_wait_policy != "inherit":
+                env["OMP_WAIT_POLICY"] = a.omp_wait_policy
             r = subprocess.run([sys.executable, __file__, "--one", json.dumps(c)], capture_output=True, text=True,
-                               env={**os.environ, "PYTHONPATH": str(REPO)})
+                               env=env)
             lines = [ln for ln in r.stdout.splitlines() if ln.startswith("{")]
             if r.returncode != 0 or not lines:
                 rec = {"cache_gb": round(size / 1e9, 3), "error": (r.stderr.strip().splitlines() or ["no output"])[-1]}

@@ -6,7 +6,9 @@ GFLOP/s counting only the unavoidable encoder product (2·d·m FLOPs per token),
 fraction of the machine's peak for a ``[batch, d] × [d, m]`` product in the same dtype (measured in
 the same process right before each repeat), the step-time breakdown (encode, topk, decode, backward,
 optimizer; backward is split into the encoder's and decoder's sparse gradients and the rest) and the
-peak RSS. Each configuration runs in its own subprocess so the RSS figures do not mix.
+peak RSS. Each configuration runs in its own subprocess so the RSS figures do not mix; the subprocess
+gets ``OMP_WAIT_POLICY=PASSIVE`` unless told otherwise (``--omp-wait-policy``): on a machine shared with
+other jobs, spinning OpenMP workers waste the time slices that the busy ones need (docs/performance.md).
 
 A step is the trainer's step (``Trainer._step``): training forward under autocast, backward, the
 decoder-gradient projection, gradient clipping, Adam, LR schedule, decoder renormalisation, dead-latent
@@ -191,6 +193,7 @@ def run_config(c: dict) -> dict:
         native_bf16=native_bf16,
         malloc_tuned=malloc_tuned,
         decoder_projection=c["rows"],
+        omp_wait_policy=os.environ.get("OMP_WAIT_POLICY", "default"),
     )
     return rec
 
@@ -234,6 +237,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--force-bf16", action="store_true", help="run bf16 configurations even without native bf16")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--device", default="cpu")
+    p.add_argument("--omp-wait-policy", choices=["PASSIVE", "ACTIVE", "inherit"], default="PASSIVE",
+                   help="OMP_WAIT_POLICY of the runs (PASSIVE: idle threads sleep instead of spinning, which "
+                        "is what a machine shared with other jobs needs; inherit: leave the environment alone)")
     p.add_argument("--no-malloc-tuning", action="store_true",
                    help="leave glibc's mmap threshold alone (see saeforge/kernels/allocator.py)")
     p.add_argument("--rows", choices=["auto", "base", "kernels"], default="auto",
@@ -243,11 +249,14 @@ def main(argv: list[str] | None = None) -> None:
     if a.one:
         print(json.dumps(run_config(json.loads(a.one))), flush=True)
         return
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    if a.omp_wait_policy != "inherit":  # read by the OpenMP runtime at start-up, hence set for the child
+        env["OMP_WAIT_POLICY"] = a.omp_wait_policy
     for c in configs(a):
         timeout = c["time_cap"] * 4 + 600
         try:
             r = subprocess.run([sys.executable, __file__, "--one", json.dumps(c)], capture_output=True, text=True,
-                               timeout=timeout, env={**os.environ, "PYTHONPATH": str(REPO)})
+                               timeout=timeout, env=env)
             lines = [ln for ln in r.stdout.splitlines() if ln.startswith("{")]
             if r.returncode != 0 or not lines:
                 err = (r.stderr.strip().splitlines() or ["no output"])[-1]

@@ -178,8 +178,9 @@ def render_markdown(title: str, sections: Iterable[Section], base: Path) -> str:
         if s.rows:
             parts += [markdown_table(s.rows, s.columns), ""]
         for f in s.figures:
-            p = Path(f)
-            rel = p.relative_to(base) if p.is_absolute() and p.is_relative_to(base) else p
+            p = Path(f).resolve()
+            root = Path(base).resolve()
+            rel = p.relative_to(root) if p.is_relative_to(root) else p  # links work from the report's folder
             parts += [f"![{p.stem}]({rel.as_posix()})", ""]
     return "\n".join(parts)
 

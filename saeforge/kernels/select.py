@@ -7,13 +7,14 @@ work is wasted. :func:`topk_rows` prunes first, exactly:
 1. split each row into ``G`` groups of ``s`` consecutive entries and take each group's maximum
    (one vectorised, streaming pass);
 2. keep the ``k`` groups with the largest maxima (a top-k over ``G = m / s`` numbers);
-3. run the real top-k over the ``k · s`` entries of those groups only.
+3. run the real top-k over the ``k · s`` entries of those groups only (used for m ≥ 128·k, s = 32).
 
-Why it is exact: the k selected group maxima are k distinct entries that are all ≥ t, the smallest
-selected maximum, so the true k-th largest value v_k ≥ t. Every entry strictly larger than v_k lies in a
-group whose maximum is > t, and every such group is selected; together with the k selected maxima
-(all ≥ v_k) the candidates hold the whole top-k multiset. Only the choice among *equal* values may
-differ from ``torch.topk`` (it is unspecified there too).
+Why it is exact: let t be the smallest selected group maximum. The k selected maxima are k entries ≥ t,
+so the k-th largest value v_k ≥ t. An entry > t lies in a group whose maximum is > t, and all such groups
+are selected, so every entry > t is a candidate: that covers the whole top-k when v_k > t. When v_k = t,
+at most c groups (c = number of entries > t) have a maximum > t, so at least k − c selected maxima equal
+t, enough to complete the top-k. Only the choice among *equal* values may differ from ``torch.topk``
+(it is unspecified there too).
 
 The same trick is the first stage of the "approximate top-k" of Chern et al. 2022 (TPU-KNN,
 arXiv:2206.14286); keeping whole groups instead of one element per group makes it exact.
@@ -60,9 +61,3 @@ def topk_among(h: Tensor, cols: Tensor, k: int) -> tuple[Tensor, Tensor]:
     vals, j = topk_rows(sub, k)
     return vals, cols[j]
 
-
-def batch_topk_threshold(vals: Tensor, n: int) -> Tensor:
-    """The ``n``-th largest entry of ``vals`` (any shape), as a 0-d tensor (BatchTopK's cut)."""
-    flat = vals.reshape(-1)
-    n = max(1, min(n, flat.numel()))
-    return flat.topk(n, sorted=False).values.min()

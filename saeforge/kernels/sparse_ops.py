@@ -7,7 +7,8 @@
 
 Each costs O(B·K·d), against O(B·n·d) for the dense products they replace. On CUDA with Triton they
 dispatch to :mod:`saeforge.kernels.triton_ops`; elsewhere they use PyTorch's own sparse kernels
-(``embedding_bag`` and a coalesced COO ``sparse.mm``), which need no ``[B, n]`` or ``[B, K, d]`` temporary.
+(``embedding_bag`` and a pre-sorted COO ``sparse.mm``), which need no ``[B, n]`` or ``[B, K, d]``
+temporary.
 """
 from __future__ import annotations
 
@@ -61,12 +62,32 @@ def scatter_rows(idx: Tensor, w: Tensor, src: Tensor, n: int) -> Tensor:
         return src.new_zeros(n, d)
     if _use_triton(src):
         return triton_ops.scatter_rows(idx, w, src, n)
-    # The sparse matrix S [n, B] with S[idx[b,j], b] = w[b,j], times src: ATen coalesces (sorts) the
-    # B·K entries once and adds each weighted src row into its output row.
+    return torch.sparse.mm(_sorted_coo(idx, w, n), src)
+
+
+def _sorted_coo(idx: Tensor, w: Tensor, n: int) -> Tensor:
+    """The sparse matrix ``S [n, B]``, ``S[idx[b,j], b] = w[b,j]``, built already coalesced.
+
+    ``sparse.mm`` needs its COO operand sorted by (row, column) without repeats. ATen's own
+    ``coalesce`` sorts the int64 keys with a parallel radix sort that, on a busy 2-core machine,
+    measured 100× slower than one thread (0.27 s against 0.003 s for 131k keys). Here the latent
+    indices are sorted as one row of a 2-D tensor (ATen's per-row stable sort, no radix passes); the
+    flattened order is token-major, so the stable sort leaves tokens ascending within each latent.
+    Repeated (latent, token) pairs (possible when index sets are concatenated, or in padding) are
+    summed with one ``index_add``.
+    """
+    B, K = idx.shape
     rows = idx.reshape(-1)
     cols = torch.arange(B, device=idx.device).repeat_interleave(K)
-    S = torch.sparse_coo_tensor(torch.stack([rows, cols]), w.reshape(-1), (n, B), check_invariants=False)
-    return torch.sparse.mm(S, src)
+    order = rows.view(1, -1).sort(dim=1, stable=True).indices.view(-1)
+    rows, cols, vals = rows[order], cols[order], w.reshape(-1)[order]
+    key = rows * B + cols
+    if rows.numel() > 1 and bool((key[1:] == key[:-1]).any()):
+        uniq, inverse = torch.unique_consecutive(key, return_inverse=True)
+        vals = torch.zeros(uniq.numel(), dtype=vals.dtype, device=vals.device).index_add_(0, inverse, vals)
+        rows, cols = torch.div(uniq, B, rounding_mode="floor"), uniq.remainder(B)
+    return torch.sparse_coo_tensor(torch.stack([rows, cols]), vals, (n, B), is_coalesced=True,
+                                   check_invariants=False)
 
 
 def index_sum(idx: Tensor, w: Tensor, n: int) -> Tensor:

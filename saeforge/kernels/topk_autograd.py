@@ -124,14 +124,12 @@ class SparseEncode(torch.autograd.Function):
                 t = _tick("encode", t)
                 selector.chunk(h)
                 t = _tick("topk", t)
-            del h
             vals, idx, extra = selector.finish(h_rows)
             vals = [v.relu() for v in vals]
             _tick("topk", t)
         ctx.n_out = len(vals)
         ctx.n_latents = n
         ctx.save_for_backward(xc, W_enc, *vals, *idx)
-        ctx.has_b_pre = b_pre is not None
         ctx.mark_non_differentiable(*idx)
         if extra is None:
             extra = torch.empty(0, device=dev)
