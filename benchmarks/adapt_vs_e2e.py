@@ -194,6 +194,11 @@ def main(argv: list[str] | None = None) -> int:
     probe = build(base.replace(trainable="sae"))  # no adapter: clean and spliced CE of the starting point
     batches = eval_batches(probe.loaded.tokenizer, parse_size(args.eval_tokens))  # == adapt_report's slice
     L = {"base": spliced_ce(probe, batches, spliced=False), "sae": spliced_ce(probe, batches)}
+    from saeforge.adapt import adapt_report
+
+    start = adapt_report(probe.loaded.model, probe.loaded.tokenizer, probe.saes, probe.hooks, str(VALID),
+                         probe.adapter_off, n_tokens=parse_size(args.eval_tokens), context_len=128, batch=16,
+                         progress=False)["saes"][0]  # the starting SAE's FVU and L0 in the clean model
     del probe
     runs = {f"lora_r{args.rank}": base.replace(trainable="lora", rank=args.rank, lr=args.lora_lr)}
     for lr in [float(x) for x in args.e2e_lr.split(",") if x]:
@@ -212,7 +217,8 @@ def main(argv: list[str] | None = None) -> int:
     t = {n: time_to(c, target, args.clock) for n, c in curves.items()}
     t_half = {n: time_to(c, half_gap, args.clock) for n, c in curves.items()}
     summary = {
-        "sae": meta, "L_base": L["base"], "L_SAE": L["sae"], "eval_tokens": sum(int(k.sum()) for _, k in batches),
+        "sae": meta, "sae_start_fvu": start["fvu"], "sae_start_l0": start["l0"], "L_base": L["base"],
+        "L_SAE": L["sae"], "eval_tokens": sum(int(k.sum()) for _, k in batches),
         "budget_s": args.budget, "clock": args.clock, "rank": args.rank, "lora_lr": args.lora_lr,
         "e2e_lrs": [runs[n].lr for n in runs if n.startswith("e2e")], "best_ce": best,
         "gap_closed_at_budget": {n: (L["sae"] - b) / (L["sae"] - L["base"]) for n, b in best.items()},
@@ -238,8 +244,8 @@ def markdown(s: dict) -> str:
     fmt = lambda v: "never" if v is None else f"{v:.1f}"  # noqa: E731
     lines = [
         f"Budget {s['budget_s']:.0f} s ({s['clock']} clock) per method; L_base {s['L_base']:.4f}, "
-        f"L_SAE {s['L_SAE']:.4f} on {s['eval_tokens']} valid.txt tokens; target CE {s['target_ce']:.4f}, "
-        f"half-gap CE {s['half_gap_ce']:.4f}.", "",
+        f"L_SAE {s['L_SAE']:.4f} on {s['eval_tokens']} valid.txt tokens (starting SAE: FVU {s['sae_start_fvu']:.4f}, "
+        f"L0 {s['sae_start_l0']:.1f}); target CE {s['target_ce']:.4f}, half-gap CE {s['half_gap_ce']:.4f}.", "",
         "| method | steps | s/step | best spliced CE (gap closed) | final spliced CE (gap closed) | SAE FVU | SAE L0 "
         "| time to target (s) | time to half gap (s) |",
         "|---|---|---|---|---|---|---|---|---|",

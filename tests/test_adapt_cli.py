@@ -68,8 +68,8 @@ def test_rank_is_capped_at_half_the_smaller_side(adapted, stories_model_path):
     """--rank 40 on stories260K: q, o (64x64) and gate, up, down (64x172) -> 32; k, v (32x64, GQA) -> 16."""
     from saeforge.models import load_model
 
-    shapes = {n[: -len(".weight")]: tuple(p.shape) for n, p in load_model(str(stories_model_path)).model.named_parameters()
-              if n.endswith("_proj.weight")}
+    params = load_model(str(stories_model_path)).model.named_parameters()
+    shapes = {n[: -len(".weight")]: tuple(p.shape) for n, p in params if n.endswith("_proj.weight")}
     assert len(shapes) == 5 * 7  # 5 blocks x q, k, v, o, gate, up, down
     manifest = json.loads((adapted / "adapt.json").read_text())
     assert manifest["lora_ranks"] == {n: min(40, min(s) // 2) for n, s in shapes.items()}

@@ -57,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
 
     t = time.perf_counter()
     cache = harvest(HarvestConfig(model=str(model_path), data=str(train_txt), hooks=[args.hook],
-                                  out=str(out / "cache")), progress=progress)
+                                  out=str(out / "cache"), batch_contexts=256), progress=progress)
     times["harvest_s"] = time.perf_counter() - t
 
     t = time.perf_counter()

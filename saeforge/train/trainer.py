@@ -49,6 +49,7 @@ class _Run:
     out: Path
     acc: dict[str, torch.Tensor]
     n_acc: int = 0
+    maybe_dead: bool = True  # host-side: can any latent be dead before the next metrics line?
     fresh: bool = True  # built here from a config: gets data-dependent init; an SAE passed in is kept as is
     resampled: int = 0  # latents reset by resampling since the last metrics line
 
@@ -115,6 +116,7 @@ class Trainer:
         _seeded(cfg.seed)
         self.step = 0
         self.tokens = 0
+        self._max_rows = 0  # largest batch seen: bounds how fast since_fired can grow
 
     # ---- setup ----------------------------------------------------------------------------------
     def _init_from_data(self) -> None:
@@ -176,7 +178,9 @@ class Trainer:
     # ---- the loop -------------------------------------------------------------------------------
     def _step(self, run: _Run, acts: dict[str, torch.Tensor]) -> None:
         x, y = run.sae.inputs_from(acts)
-        dead = run.since_fired >= self.cfg.dead_tokens
+        # While no latent can have reached dead_tokens, the dead mask is all False and AuxK is zero: skip it
+        # (and its extra top-k) without a host sync. _refresh_dead() proves that bound at each metrics line.
+        dead = run.since_fired >= self.cfg.dead_tokens if run.maybe_dead else None
         with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype != torch.float32):
             out = run.sae.training_forward(TrainStepInput(x, y, self.step, self.total_steps, dead))
         out.loss.float().backward()
@@ -218,6 +222,15 @@ class Trainer:
             run.since_fired[reset] = 0
             run.resampled += int(reset.numel())
 
+    def _refresh_dead(self) -> None:
+        """Host check, once per metrics line: ``since_fired`` grows by at most one batch per step, so if its
+        maximum plus the tokens until the next line stays below ``dead_tokens``, no latent can die before then."""
+        if self._max_rows == 0:
+            return  # no batch seen yet: keep the default (maybe dead)
+        horizon = (self.cfg.log_every + 1) * self._max_rows
+        for run in self.runs.values():
+            run.maybe_dead = bool((run.since_fired.max() + horizon >= self.cfg.dead_tokens).item())
+
     def _log(self, pbar: tqdm | None, t0: float) -> dict[str, dict[str, float]]:
         lines = {}
         for run in self.runs.values():
@@ -238,6 +251,7 @@ class Trainer:
             rec = next(iter(lines.values()))
             pbar.set_postfix(loss=f"{rec['loss']:.4f}", fvu=f"{rec['fvu']:.4f}", l0=f"{rec['l0']:.1f}",
                              dead=f"{rec['dead_frac']:.1%}")
+        self._refresh_dead()
         return lines
 
     def fit(self, resume: bool = False, progress: bool = True) -> dict[str, SAE]:
@@ -269,6 +283,7 @@ class Trainer:
             n_rows = next(iter(acts.values())).shape[0]
             self._maybe_resample(it, self.tokens, self.tokens + n_rows)
             self.tokens += n_rows
+            self._max_rows = max(self._max_rows, n_rows)
             self.step += 1
             pbar.update(1)
             if self.step % self.cfg.log_every == 0 or self.step == self.total_steps:
