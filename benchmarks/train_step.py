@@ -125,6 +125,8 @@ def run_config(c: dict) -> dict:
     dead_n = int(round(c["dead_frac"] * m))
     dead = torch.zeros(m, dtype=torch.bool, device=device)
     dead[torch.randperm(m, generator=gen)[:dead_n].to(device)] = True
+    if dead_n == 0:  # the trainer passes no mask while no latent can be dead (AuxK skipped)
+        dead = None
     acc: dict[str, torch.Tensor] = {}
     forward = (lambda s, i: topk_training_forward(s, i, c.get("chunk_rows"))) if sparse else (lambda s, i: s.training_forward(i))
 

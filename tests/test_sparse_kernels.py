@@ -226,7 +226,7 @@ def _dense_training_loss(sae, x, dead):
     return loss
 
 
-@pytest.mark.parametrize("multi_topk,any_dead", [(False, True), (True, True), (False, False)])
+@pytest.mark.parametrize("multi_topk,any_dead", [(False, True), (True, True), (False, False), (False, None)])
 def test_topk_training_forward_matches_dense_and_the_sae(multi_topk, any_dead):
     torch.manual_seed(0)
     cfg = make_config("topk", d_in=16, d_sae=512, k=8, k_aux=32, multi_topk=multi_topk)
@@ -235,8 +235,8 @@ def test_topk_training_forward_matches_dense_and_the_sae(multi_topk, any_dead):
         s.load_state_dict(saes[0].state_dict())
     x = torch.randn(64, 16)
     dead = torch.zeros(512, dtype=torch.bool)
-    dead[::3] = any_dead
-    inp = TrainStepInput(x, x, 0, 10, dead)
+    dead[::3] = bool(any_dead)
+    inp = TrainStepInput(x, x, 0, 10, None if any_dead is None else dead)  # None: the trainer skips AuxK
     outs = [topk_training_forward(saes[0], inp, chunk_rows=9), saes[1].training_forward(inp)]
     if not multi_topk:
         outs.append(type("O", (), {"loss": _dense_training_loss(saes[2], x, dead)})())
