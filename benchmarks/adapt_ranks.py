@@ -118,6 +118,7 @@ def run_rank(sae: str, rank: int, args: argparse.Namespace) -> dict:
     from saeforge.adapt import AdaptConfig, adapt_report, build, fit, save
 
     cfg = AdaptConfig(model=str(MODEL), saes=[sae], data=str(TRAIN), rank=rank, lr=args.lr, tokens=args.tokens,
+                      lr_schedule=args.lr_schedule,
                       batch_contexts=args.batch_contexts, context_len=128, seed=args.seed, device="cpu",
                       checkpoint_every=0, log_every=25)
     run_dir = Path(args.out) / f"rank{rank}"
@@ -133,7 +134,7 @@ def run_rank(sae: str, rank: int, args: argparse.Namespace) -> dict:
     save(ad, cfg, run_dir, rep)
     n_lora = sum(p.numel() for n, p in ad.loaded.model.named_parameters() if "lora_" in n)
     return {
-        "rank": rank, "lr": args.lr, "alpha": cfg.alpha, "dropout": cfg.dropout, "train_tokens": args.tokens,
+        "rank": rank, "lr": args.lr, "lr_schedule": args.lr_schedule, "alpha": cfg.alpha, "dropout": cfg.dropout, "train_tokens": args.tokens,
         "eval_tokens": rep["tokens"], "L_base": rep["ce_base"], "L_SAE": rep["ce_sae"],
         "L_SAE+LoRA": rep["ce_sae_lora"], "gap_closed": rep["gap_closed"], "kl_before": rep["kl_before"],
         "kl_after": rep["kl_after"], "ce_lora_only": rep["ce_lora_only"], "sae_fvu": rep["saes"][0]["fvu"],
@@ -176,6 +177,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--ranks", default="1,4,16", help="comma-separated LoRA ranks")
     p.add_argument("--lr", type=float, default=BENCH_LORA_LR,
                    help="AdamW lr of the adapter (the paper and the CLI use 5e-5; see the docstring)")
+    p.add_argument("--lr-schedule", default="constant", choices=["constant", "cosine", "linear"],
+                   help="adapter lr schedule (constant: the paper's)")
     p.add_argument("--tokens", default="1M", help="adaptation tokens per rank (~4 CPU-minutes each)")
     p.add_argument("--batch-contexts", type=int, default=8, help="contexts of 128 tokens per step")
     p.add_argument("--eval-tokens", default="50k", help="valid.txt tokens for the report")

@@ -6,7 +6,7 @@ Writes synthetic activation caches of the given sizes in the cache format of
 manifest with sha256 checksums), then trains the same TopK SAE (default d = 768, m = 16384, k = 32,
 batch 4096) for one full epoch over each cache with the real :class:`saeforge.train.trainer.Trainer`
 and :class:`saeforge.activations.stream.CachedStream`, each in its own subprocess. The SAE's training
-forward is the sparse-kernel one (``saeforge.kernels.topk_step``; ``--dense`` keeps the SAE's own).
+forward is the trainer's default sparse-kernel one (``--dense``: ``TrainConfig(kernels="dense")``).
 
 Prints one JSON line per cache (peak RSS from ``getrusage``, RSS sampled through training, steps,
 tokens, seconds) and a summary line with the peak-RSS difference, which should stay under 200 MB with
@@ -82,13 +82,10 @@ def _rss_mb() -> float:
 
 def train_once(c: dict) -> dict:
     """Child process: one epoch over the cache; returns the memory record."""
-    import types
-
     import torch
 
     from saeforge.activations.stream import CachedStream
     from saeforge.kernels.allocator import tune_cpu_allocator
-    from saeforge.kernels.topk_step import topk_training_forward
     from saeforge.sae import create_sae, make_config
     from saeforge.train.config import TrainConfig
     from saeforge.train.trainer import Trainer
@@ -112,10 +109,9 @@ def train_once(c: dict) -> dict:
     tokens = n_tokens if not c["max_steps"] else min(n_tokens, c["max_steps"] * c["batch"])
     torch.manual_seed(0)
     sae = create_sae(make_config("topk", d_in=c["d"], d_sae=c["m"], k=c["k"], hook=HOOK))
-    if not c["dense"]:
-        sae.training_forward = types.MethodType(topk_training_forward, sae)
     cfg = TrainConfig(total_tokens=tokens, batch_size=c["batch"], log_every=50, checkpoint_every=0,
-                      device="cpu", dtype="auto", init_tokens=min(16384, n_tokens), seed=0)
+                      device="cpu", dtype="auto", init_tokens=min(16384, n_tokens), seed=0,
+                      kernels="dense" if c["dense"] else "sparse")
     out = Path(c["out"])
     Trainer({"": sae}, stream, cfg, out).fit(progress=False)
     elapsed = time.perf_counter() - t0
@@ -146,8 +142,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--max-steps", type=int, default=0, help="stop after this many steps (0: one full epoch)")
     p.add_argument("--dir", default=None, help="where to write the caches (default: a temp folder)")
     p.add_argument("--keep", action="store_true", help="keep the synthetic caches")
-    p.add_argument("--dense", action="store_true", help="use the SAE's own training_forward")
-    p.add_argument("--tune-malloc", action="store_true", help="saeforge.kernels.allocator.tune_cpu_allocator()")
+    p.add_argument("--dense", action="store_true", help="TrainConfig(kernels='dense'): plain autograd step")
+    p.add_argument("--no-tune-malloc", dest="tune_malloc", action="store_false",
+                   help="skip saeforge.kernels.allocator.tune_cpu_allocator() (the CLI calls it)")
     p.add_argument("--omp-wait-policy", choices=["PASSIVE", "ACTIVE", "inherit"], default="PASSIVE",
                    help="OMP_WAIT_POLICY of the training runs (see benchmarks/train_step.py)")
     p.add_argument("--one", help=argparse.SUPPRESS)

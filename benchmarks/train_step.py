@@ -14,8 +14,10 @@ A step is the trainer's step (``Trainer._step``): training forward under autocas
 decoder-gradient projection, gradient clipping, Adam, LR schedule, decoder renormalisation, dead-latent
 counters and on-device metric accumulation.
 
-``--impl sparse``  the kernels of ``saeforge.kernels`` (``topk_training_forward``) + fused Adam;
-``--impl reference``  ``TopKSAE.training_forward`` as it stands + the trainer's Adam (for comparison).
+``--impl sparse``  ``TopKSAE.training_forward`` as the trainer runs it by default (``TrainConfig.kernels =
+"sparse"``: the kernels of ``saeforge.kernels``) + the trainer's fused Adam (``make_adam``);
+``--impl reference``  the dense autograd path (``kernels = "dense"``, ``dense_training_forward``) + the
+unfused Adam, for comparison.
 
 bf16 on a CPU without AMX / AVX512-BF16 runs a scalar fallback hundreds of times slower than fp32, so
 those configurations are not run: a ``"skipped"`` record carries the measured bf16 and fp32 peaks of a
@@ -84,21 +86,16 @@ def run_config(c: dict) -> dict:
     from saeforge.device import cpu_has_fast_bf16, resolve_device
     from saeforge.kernels import topk_autograd
     from saeforge.kernels.allocator import tune_cpu_allocator
-    from saeforge.kernels.rows import remove_parallel_component_
-    from saeforge.sae.base import SAE
-    from saeforge.kernels.topk_step import topk_training_forward
     from saeforge.sae import TrainStepInput, create_sae, fvu, make_config
+    from saeforge.train.trainer import make_adam
 
     if c.get("threads"):
         torch.set_num_threads(c["threads"])
     malloc_tuned = bool(c["tune_malloc"]) and tune_cpu_allocator()
-    if c["rows"] == "kernels":  # the exact in-place projection proposed for SAE.remove_parallel_decoder_grad
-        SAE.remove_parallel_decoder_grad = lambda self: (
-            None if self.W_dec.grad is None else remove_parallel_component_(self.W_dec.data, self.W_dec.grad))
     device = resolve_device(c["device"])
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[c["dtype"]]
     d, m, k, B = c["d"], c["m"], c["k"], c["batch"]
-    rec = {"d": d, "m": m, "k": k, "batch": B, "dtype": c["dtype"], "impl": c["impl"], "device": str(device),
+    rec = {"arch": c.get("arch", "topk"), "d": d, "m": m, "k": k, "batch": B, "dtype": c["dtype"], "impl": c["impl"], "device": str(device),
            "threads": torch.get_num_threads()}
     native_bf16 = device.type == "cuda" or cpu_has_fast_bf16()
     if dtype == torch.bfloat16 and not native_bf16 and not c["force_bf16"]:
@@ -113,11 +110,12 @@ def run_config(c: dict) -> dict:
         return rec
 
     torch.manual_seed(0)
-    cfg = make_config("topk", d_in=d, d_sae=m, k=k)
+    cfg = make_config(c.get("arch", "topk"), d_in=d, d_sae=m, k=k)
     sae = create_sae(cfg, device=device)
     sparse = c["impl"] == "sparse"
-    adam_kw = {"fused": True} if (sparse and c["adam"] == "auto") else ({} if c["adam"] in ("auto", "default") else {c["adam"]: True})
-    opt = torch.optim.Adam(sae.parameters(), lr=1e-4, betas=(0.9, 0.999), eps=6.25e-10, **adam_kw)
+    sae.sparse_kernels = sparse
+    fused = c["adam"] == "fused" or (c["adam"] == "auto" and sparse)
+    opt = make_adam(sae.parameters(), 1e-4, (0.9, 0.999), 6.25e-10, fused)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     since = torch.zeros(m, dtype=torch.long, device=device)
     gen = torch.Generator().manual_seed(1)
@@ -128,7 +126,8 @@ def run_config(c: dict) -> dict:
     if dead_n == 0:  # the trainer passes no mask while no latent can be dead (AuxK skipped)
         dead = None
     acc: dict[str, torch.Tensor] = {}
-    forward = (lambda s, i: topk_training_forward(s, i, c.get("chunk_rows"))) if sparse else (lambda s, i: s.training_forward(i))
+    if c.get("chunk_rows"):
+        topk_autograd.set_chunk_elements(c["chunk_rows"] * m)
 
     def step(i: int, prof: dict | None) -> tuple[float, float, float]:
         topk_autograd.PROFILE = prof
@@ -136,7 +135,7 @@ def run_config(c: dict) -> dict:
         _sync(device)
         t0 = time.perf_counter()
         with torch.autocast(device.type, dtype=dtype, enabled=dtype != torch.float32):
-            out = forward(sae, TrainStepInput(x, x, i, 10**6, dead))
+            out = sae.training_forward(TrainStepInput(x, x, i, 10**6, dead))
         _sync(device)
         t1 = time.perf_counter()
         out.loss.float().backward()
@@ -188,13 +187,12 @@ def run_config(c: dict) -> dict:
         breakdown_s={k2: round(v, 4) for k2, v in best_rep["phases"].items()},
         repeats=len(repeats),
         steps_per_repeat=c["steps"],
-        adam="fused" if adam_kw.get("fused") else (next(iter(adam_kw), "default")),
+        adam="fused" if opt.defaults.get("fused") else "default",
         dead_frac=c["dead_frac"],
         final_loss=round(float(acc["loss"] / (1 + len(repeats) * c["steps"])), 5),
         peak_rss_mb=round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         native_bf16=native_bf16,
         malloc_tuned=malloc_tuned,
-        decoder_projection=c["rows"],
         omp_wait_policy=os.environ.get("OMP_WAIT_POLICY", "default"),
     )
     return rec
@@ -208,13 +206,12 @@ def configs(a: argparse.Namespace) -> list[dict]:
             for B in a.batch:
                 for dt in a.dtype:
                     for impl in a.impl:
-                        out.append({"d": d, "m": m, "k": a.k, "batch": B, "dtype": dt, "impl": impl,
+                        out.append({"d": d, "m": m, "k": a.k, "batch": B, "dtype": dt, "impl": impl, "arch": a.arch,
                                     "device": a.device, "repeats": a.repeats, "steps": a.steps,
                                     "time_cap": a.time_cap, "peak_cap": a.peak_cap, "bf16_cap": a.bf16_cap,
                                     "force_bf16": a.force_bf16, "threads": a.threads, "adam": a.adam,
                                     "dead_frac": a.dead_frac, "chunk_rows": a.chunk_rows,
-                                    "tune_malloc": not a.no_malloc_tuning,
-                                    "rows": a.rows if a.rows != "auto" else ("kernels" if impl == "sparse" else "base")})
+                                    "tune_malloc": not a.no_malloc_tuning})
     return out
 
 
@@ -224,11 +221,13 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--mult", type=float, nargs="+", default=[16, 32], help="m = mult·d (ignored with --m)")
     p.add_argument("--m", type=int, nargs="+", default=None, help="explicit latent counts")
     p.add_argument("--k", type=int, default=32)
+    p.add_argument("--arch", choices=["topk", "batchtopk"], default="topk",
+                   help="TopK (Gao et al.) or BatchTopK (same sparse encoder, batch-wide selection)")
     p.add_argument("--batch", type=int, nargs="+", default=[4096, 16384])
     p.add_argument("--dtype", nargs="+", choices=["fp32", "bf16"], default=["fp32", "bf16"])
     p.add_argument("--impl", nargs="+", choices=["sparse", "reference"], default=["sparse"])
-    p.add_argument("--adam", choices=["auto", "default", "foreach", "fused"], default="auto",
-                   help="auto: fused for --impl sparse, the trainer's default for reference")
+    p.add_argument("--adam", choices=["auto", "default", "fused"], default="auto",
+                   help="auto: fused for --impl sparse (the trainer's default), unfused for reference")
     p.add_argument("--dead-frac", type=float, default=0.0, help="share of latents marked dead (AuxK cost)")
     p.add_argument("--chunk-rows", type=int, default=None, help="encoder chunk rows (default: auto)")
     p.add_argument("--repeats", type=int, default=3, help="repeats, each after a fresh peak measurement")
@@ -244,8 +243,6 @@ def main(argv: list[str] | None = None) -> None:
                         "is what a machine shared with other jobs needs; inherit: leave the environment alone)")
     p.add_argument("--no-malloc-tuning", action="store_true",
                    help="leave glibc's mmap threshold alone (see saeforge/kernels/allocator.py)")
-    p.add_argument("--rows", choices=["auto", "base", "kernels"], default="auto",
-                   help="decoder-gradient projection: SAE's own (base) or saeforge.kernels.rows (auto: kernels for sparse)")
     p.add_argument("--one", help=argparse.SUPPRESS)
     a = p.parse_args(argv)
     if a.one:

@@ -120,3 +120,18 @@ def test_end_to_end_sae_baseline_trains_sae_params(stories_model_path, tinystori
     fit(ad, cfg, tmp_path / "e2e", progress=False)
     assert ad.peft_model is None and not torch.equal(before, ad.saes[0].W_enc)
     assert all(not p.requires_grad for p in ad.loaded.model.parameters())
+
+
+def test_adapt_lr_schedules_closed_form():
+    import math
+
+    from saeforge.adapt.trainer import schedule_factor
+
+    assert [schedule_factor("constant", s, 10, 0.05) for s in range(10)] == [1.0] * 10
+    # 20 steps, 10% warm-up = 2 steps: 0.5, 1.0, then decay over the remaining 18 steps
+    lin = [schedule_factor("linear", s, 20, 0.1) for s in range(20)]
+    assert lin[:2] == [0.5, 1.0]
+    assert [round(v, 6) for v in lin[2:]] == [round(1 - i / 18, 6) for i in range(18)]
+    cos = [schedule_factor("cosine", s, 20, 0.1) for s in range(20)]
+    assert [round(v, 6) for v in cos[2:]] == [round(0.5 * (1 + math.cos(math.pi * i / 18)), 6) for i in range(18)]
+    assert cos[-1] > 0 and lin[-1] > 0  # the last step still moves

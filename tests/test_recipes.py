@@ -400,7 +400,10 @@ def trained(tmp_path_factory):
         if name not in done:
             kw, lr, width = E2E[name]
             out = tmp_path_factory.mktemp(name)
-            done[name] = (*_train_synthetic(out, name, kw, lr, width), out)
+            # Gated and Anthropic's JumpReLU converge more slowly here: at 300 steps they sit at the 0.9
+            # line (0.89 or 0.92 depending on rounding, e.g. fused vs foreach Adam), at 600 both recover 0.98.
+            steps = 600 if name in ("gated", "jumprelu") else 300
+            done[name] = (*_train_synthetic(out, name, kw, lr, width, steps=steps), out)
         return done[name]
 
     return get

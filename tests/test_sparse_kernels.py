@@ -6,6 +6,8 @@ tolerances are 1e-5 relative to the largest entry.
 """
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -237,7 +239,7 @@ def test_topk_training_forward_matches_dense_and_the_sae(multi_topk, any_dead):
     dead = torch.zeros(512, dtype=torch.bool)
     dead[::3] = bool(any_dead)
     inp = TrainStepInput(x, x, 0, 10, None if any_dead is None else dead)  # None: the trainer skips AuxK
-    outs = [topk_training_forward(saes[0], inp, chunk_rows=9), saes[1].training_forward(inp)]
+    outs = [topk_training_forward(saes[0], inp, chunk_rows=9), saes[1].dense_training_forward(inp)]
     if not multi_topk:
         outs.append(type("O", (), {"loss": _dense_training_loss(saes[2], x, dead)})())
     for o in outs[1:]:
@@ -339,3 +341,80 @@ def test_triton_kernels_match_torch_path():
     assert close(triton_ops.scatter_rows(idx, w, src, n), S.T @ src, 1e-4)
     dots = (W[idx] * src[:, None, :]).sum(-1)
     assert close(triton_ops.gather_dots(idx, W, src), dots, 1e-4)
+
+
+@pytest.mark.parametrize("multi_topk", [False, True])
+def test_trainer_sparse_and_dense_kernels_train_the_same_weights(tmp_path, multi_topk):
+    """TopKSAE.training_forward runs on the kernels by default; through the real Trainer (warm-up, AuxK
+    with dead latents, clipping, decoder constraints, fused Adam) 20 steps match the dense path."""
+    from saeforge.synthetic import SuperpositionStream
+    from saeforge.train import TrainConfig, Trainer
+
+    cfg = make_config("topk", d_in=16, d_sae=256, k=4, k_aux=32, multi_topk=multi_topk)
+    assert create_sae(cfg).sparse_kernels
+    weights = []
+    for kernels in ("sparse", "dense"):
+        stream = SuperpositionStream(d=16, n_features=64, p=0.05, batch_size=128, seed=3)
+        tc = TrainConfig(total_tokens=20 * 128, batch_size=128, lr=3e-3, dead_tokens=256, log_every=5,
+                         checkpoint_every=0, device="cpu", dtype="float32", kernels=kernels, init_tokens=512)
+        sae = Trainer({"": cfg}, stream, tc, tmp_path / kernels).fit(progress=False)[""]
+        assert sae.sparse_kernels == (kernels == "sparse")
+        weights.append({k: v.detach().clone() for k, v in sae.state_dict().items()})
+    aux = [json.loads(line).get("aux", 0.0) for line in (tmp_path / "sparse" / "metrics.jsonl").read_text().splitlines()]
+    assert any(a > 0 for a in aux)  # AuxK was active
+    for name in weights[0]:
+        assert close(weights[0][name], weights[1][name], 1e-5), name
+
+
+@pytest.mark.parametrize("any_dead", [True, False, None])
+def test_batchtopk_sparse_training_forward_matches_dense(any_dead):
+    torch.manual_seed(4)
+    cfg = make_config("batchtopk", d_in=16, d_sae=384, k=6, k_aux=24, threshold_start_step=0)
+    a, b = create_sae(cfg), create_sae(cfg)
+    b.load_state_dict(a.state_dict())
+    assert a.sparse_kernels
+    x = torch.randn(80, 16) * torch.linspace(0.2, 3.0, 80).unsqueeze(1)  # uneven rows: uneven budgets
+    dead = torch.zeros(384, dtype=torch.bool)
+    dead[1::4] = bool(any_dead)
+    inp = TrainStepInput(x, x, 5, 10, None if any_dead is None else dead)
+    oa, ob = a.training_forward(inp), b.dense_training_forward(inp)
+    assert close(oa.loss, ob.loss) and close(oa.y_hat, ob.y_hat)
+    assert torch.equal(oa.fired, ob.fired) and torch.isclose(oa.l0, ob.l0)
+    assert set(oa.losses) == set(ob.losses)
+    assert torch.isclose(a.threshold, b.threshold) and float(a.threshold) > 0
+    oa.loss.backward()
+    ob.loss.backward()
+    for (name, p), q in zip(a.named_parameters(), b.parameters()):
+        assert close(p.grad, q.grad), name
+
+
+@pytest.mark.parametrize("arch", ["jumprelu", "jumprelu-gemmascope"])
+def test_jumprelu_sparse_decode_matches_dense(arch):
+    torch.manual_seed(6)
+    cfg = make_config("jumprelu", d_in=16, d_sae=512,
+                      recipe="gemmascope" if arch.endswith("gemmascope") else "anthropic2025")
+    a, b = create_sae(cfg), create_sae(cfg)
+    with torch.no_grad():  # only the first 40 latents can clear the threshold: the sparse decode is taken
+        a.b_enc.fill_(-5.0)
+        a.b_enc[:40] = 1.2 + torch.rand(40)
+    b.load_state_dict(a.state_dict())
+    b.sparse_kernels = False
+    x = torch.randn(64, 16)
+    inp = TrainStepInput(x, x, 3, 10, None)
+    from saeforge.kernels import topk_autograd
+
+    calls = []
+    real = topk_autograd.dense_to_sparse
+    topk_autograd.dense_to_sparse = lambda f: calls.append(1) or real(f)
+    try:
+        oa, ob = a.training_forward(inp), b.training_forward(inp)
+    finally:
+        topk_autograd.dense_to_sparse = real
+    assert len(calls) == 1  # the sparse decode ran for `a` only
+    active = oa.l0.item()
+    assert 0 < active <= 512 / 8
+    assert close(oa.loss, ob.loss) and close(oa.y_hat, ob.y_hat)
+    oa.loss.backward()
+    ob.loss.backward()
+    for (n, p), q in zip(a.named_parameters(), b.parameters()):
+        assert close(p.grad, q.grad), n

@@ -21,6 +21,10 @@ class AdaptConfig(JsonConfig):
     target_modules: list[str] | None = None  # default: the family's q, k, v, o, gate, up, down
     replace_special: bool = False  # False: BOS/special positions keep their original activations
     lr: float = 5e-5  # AdamW (Chen, Engels & Tegmark 2025)
+    # "constant" is the paper's (its train_model keeps lr 5e-5 throughout). "cosine" / "linear": a named
+    # deviation -- linear warm-up over warmup_frac of the steps, then decay to 0 at the last step.
+    lr_schedule: str = "constant"
+    warmup_frac: float = 0.05
     weight_decay: float = 0.0
     grad_clip: float = 1.0
     tokens: int = 500_000

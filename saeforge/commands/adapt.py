@@ -47,6 +47,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--replace-special", action="store_true",
                    help="splice the SAE at BOS/special positions too (default: they keep the original activation)")
     t.add_argument("--lr", type=float, default=5e-5, help="AdamW learning rate")
+    t.add_argument("--lr-schedule", choices=["constant", "cosine", "linear"], default="constant",
+                   help="constant: the paper's; cosine/linear: 5%% warm-up, then decay to 0 over the run")
     t.add_argument("--tokens", default="500k", help="training token budget")
     t.add_argument("--batch-contexts", type=int, default=8, help="contexts per step")
     t.add_argument("--context-len", type=int, default=128, help="tokens per context")
@@ -85,7 +87,7 @@ def run_train(args: argparse.Namespace) -> int:
         model=model, saes=list(args.sae), data=args.data, tokenizer=args.tokenizer, rank=args.rank,
         alpha=args.alpha, dropout=args.dropout, layers=args.layers,
         target_modules=args.target_modules.split(",") if args.target_modules else None,
-        replace_special=args.replace_special, lr=args.lr, tokens=parse_size(args.tokens),
+        replace_special=args.replace_special, lr=args.lr, lr_schedule=args.lr_schedule, tokens=parse_size(args.tokens),
         batch_contexts=args.batch_contexts, context_len=args.context_len,
         checkpoint_every=args.checkpoint_every, device=args.device, seed=args.seed,
     )

@@ -144,6 +144,9 @@ class SAE(nn.Module):
 
     arch: ClassVar[str] = "base"
     config_class: ClassVar[type[SAEConfig]] = SAEConfig
+    # Architectures with a sparse training path (saeforge/kernels) use it while this is True; the
+    # trainer sets it from TrainConfig.kernels ("sparse" | "dense"). Same numbers either way.
+    sparse_kernels: bool = True
     has_b_enc: ClassVar[bool] = True
 
     def __init__(self, cfg: SAEConfig):
@@ -287,9 +290,9 @@ class SAE(nn.Module):
         """Project out the gradient component parallel to each (unit) decoder row (Gao et al. 2024, §2.4)."""
         if self.W_dec.grad is None:
             return
-        w = self.W_dec / self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12)
-        g = self.W_dec.grad
-        g.sub_((g * w).sum(dim=1, keepdim=True) * w)
+        from saeforge.kernels.rows import remove_parallel_component_
+
+        remove_parallel_component_(self.W_dec.detach(), self.W_dec.grad)
 
     def working_inputs(self, inp: TrainStepInput) -> tuple[Tensor, Tensor]:
         x_n, _ = self.normalize_input(inp.x)

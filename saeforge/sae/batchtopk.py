@@ -94,6 +94,49 @@ class BatchTopKSAE(SAE):
         self.threshold.copy_(torch.where(have, new, self.threshold))
 
     def training_forward(self, inp: TrainStepInput) -> TrainStepOutput:
+        """On CPU the sparse kernels (chunked exact batch top-k, sparse decode and gradients) unless
+        ``self.sparse_kernels`` is False. Their exact selection reads one flag back from the device per
+        step, so on GPUs the dense path (no host sync) is used. Same loss and gradients either way."""
+        if self.sparse_kernels and inp.x.device.type == "cpu":
+            return self._sparse_training_forward(inp)
+        return self.dense_training_forward(inp)
+
+    def _sparse_training_forward(self, inp: TrainStepInput) -> TrainStepOutput:
+        from saeforge.kernels.topk_autograd import batch_topk_encode, sparse_decode
+
+        cfg = self.cfg
+        x, y = self.working_inputs(inp)
+        lead = x.shape[:-1]
+        x2, y2 = x.reshape(-1, x.shape[-1]), y.reshape(-1, y.shape[-1])
+        dead = inp.dead_mask if (inp.dead_mask is not None and cfg.aux_coef > 0) else None
+        codes, _ = batch_topk_encode(x2, self.W_enc, self.b_enc, cfg.k,
+                                     b_pre=self.b_dec if cfg.apply_b_dec_to_input else None,
+                                     dead_mask=dead, k_aux=min(cfg.k_aux, cfg.d_sae))
+        vals, idx = codes.vals, codes.idx
+        self.update_threshold(vals, inp.step)
+        y_hat = sparse_decode(vals, idx, self.W_dec, self.b_dec)
+        e = y2 - y_hat
+        mse = e.pow(2).sum(-1).mean()
+        losses = {"mse": mse}
+        loss = mse
+        if dead is not None:
+            denom = (e - e.mean(0)).pow(2).sum().clamp_min(1e-12)
+            if codes.aux_vals.shape[-1] == 0:
+                aux = denom.new_zeros(())
+            else:
+                e_hat = sparse_decode(codes.aux_vals, codes.aux_idx, self.W_dec, None)
+                aux = (e_hat - e.detach()).pow(2).sum() / denom
+                aux = torch.where(dead.any(), aux, torch.zeros_like(aux))
+            losses["aux"] = aux
+            loss = loss + cfg.aux_coef * aux
+        active = vals > 0
+        fired = torch.zeros(cfg.d_sae, device=vals.device).index_add_(
+            0, idx.flatten(), active.flatten().float()) > 0
+        return TrainStepOutput(loss=loss, losses=losses, y_hat=y_hat.reshape(*lead, -1), y=y, fired=fired,
+                               l0=active.sum(-1).float().mean())
+
+    def dense_training_forward(self, inp: TrainStepInput) -> TrainStepOutput:
+        """Plain-autograd reference of :meth:`training_forward` (dense codes and gradients)."""
         x, y = self.working_inputs(inp)
         h = self.pre_acts(x)
         f = batch_topk(h, self.cfg.k)

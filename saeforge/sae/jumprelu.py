@@ -137,7 +137,7 @@ class JumpReLUSAE(SAE):
             f = jumprelu_log(h, self.log_threshold, cfg.bandwidth)
         else:
             f = jumprelu(h, self.threshold, cfg.bandwidth)
-        y_hat = f @ self.W_dec + self.b_dec
+        y_hat = self._decode_codes(f)
         mse = (y - y_hat).pow(2).sum(-1).mean()
         losses = {"mse": mse}
         if self._anthropic:
@@ -155,6 +155,19 @@ class JumpReLUSAE(SAE):
         active = f != 0
         return TrainStepOutput(loss=loss, losses=losses, y_hat=y_hat, y=y, fired=active.any(0),
                                l0=active.sum(-1).float().mean())
+
+    def _decode_codes(self, f: Tensor) -> Tensor:
+        """``f @ W_dec + b_dec``; on CPU with ``sparse_kernels``, once the codes are sparse (the busiest row
+        has at most 1/8 of the latents active), as a gather-sum of the active decoder rows whose backward
+        touches only those rows (the straight-through estimators stay on the dense encoder side). Counting
+        the active latents is a host read, which costs nothing on CPU; GPUs keep the dense product."""
+        if self.sparse_kernels and f.device.type == "cpu" and f.dim() == 2:
+            if int((f != 0).sum(-1).max()) * 8 <= f.shape[-1]:
+                from saeforge.kernels.topk_autograd import dense_to_sparse, sparse_decode
+
+                vals, idx = dense_to_sparse(f)
+                return sparse_decode(vals, idx, self.W_dec, self.b_dec)
+        return f @ self.W_dec + self.b_dec
 
     def folded(self) -> "JumpReLUSAE":
         """Decoder norms folded into W_e, b_e and the threshold (θ' = θ·‖W_d,i‖; January 2025 update)."""

@@ -79,6 +79,16 @@ class TopKSAE(SAE):
         self.set_decoder_norm_to_unit()
 
     def training_forward(self, inp: TrainStepInput) -> TrainStepOutput:
+        """The sparse kernels (chunked exact top-k, sparse decode, sparse encoder/decoder gradients; see
+        saeforge/kernels) unless ``self.sparse_kernels`` is False; both give the same loss and gradients."""
+        if self.sparse_kernels:
+            from saeforge.kernels.topk_step import topk_training_forward
+
+            return topk_training_forward(self, inp)
+        return self.dense_training_forward(inp)
+
+    def dense_training_forward(self, inp: TrainStepInput) -> TrainStepOutput:
+        """The plain-autograd reference of :meth:`training_forward` (dense pre-activations and gradients)."""
         cfg = self.cfg
         x, y = self.working_inputs(inp)
         h = self.pre_acts(x)

@@ -23,3 +23,5 @@ class TrainConfig(JsonConfig):
     seed: int = 0
     device: str = "auto"
     dtype: str = "auto"  # autocast dtype: auto | float32 | bfloat16 | float16
+    kernels: str = "sparse"  # sparse: saeforge/kernels where an architecture has them; dense: plain autograd
+    fused_adam: bool = True  # torch's fused Adam (one kernel per step) where the device supports it

@@ -79,6 +79,17 @@ def _seeded(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+def make_adam(params, lr: float, betas, eps: float, fused: bool) -> torch.optim.Adam:
+    """Adam; fused (one multi-tensor kernel for the whole update) when asked for and supported."""
+    params = list(params)
+    if fused:
+        try:
+            return torch.optim.Adam(params, lr=lr, betas=betas, eps=eps, fused=True)
+        except (RuntimeError, TypeError, ValueError):  # device or torch without a fused Adam
+            pass
+    return torch.optim.Adam(params, lr=lr, betas=betas, eps=eps)
+
+
 class Trainer:
     """Train ``saes`` (name -> SAE or SAEConfig) on ``stream`` into folder ``out``.
 
@@ -93,6 +104,8 @@ class Trainer:
         self.out = Path(out)
         self.device = resolve_device(cfg.device)
         self.amp_dtype = resolve_dtype(cfg.dtype, self.device)
+        if cfg.kernels not in ("sparse", "dense"):
+            raise SaeforgeError(f"TrainConfig.kernels={cfg.kernels!r}: use 'sparse' or 'dense'")
         self.total_steps = max(1, math.ceil(cfg.total_tokens / cfg.batch_size))
         self.warmup = cfg.warmup_steps if cfg.warmup_steps is not None else default_warmup(self.total_steps)
         self.runs: dict[str, _Run] = {}
@@ -106,7 +119,8 @@ class Trainer:
             hints = getattr(sae, "adam_defaults", dict)()
             betas = tuple(cfg.betas) if cfg.betas is not None else tuple(hints.get("betas", (0.9, 0.999)))
             eps = cfg.eps if cfg.eps is not None else hints.get("eps", 1e-8)
-            opt = torch.optim.Adam(sae.parameters(), lr=lr, betas=betas, eps=eps)
+            sae.sparse_kernels = cfg.kernels == "sparse"
+            opt = make_adam(sae.parameters(), lr, betas, eps, cfg.fused_adam)
             sched = torch.optim.lr_scheduler.LambdaLR(
                 opt, lambda st: lr_factor(st, self.total_steps, self.warmup, cfg.decay_frac)
             )
