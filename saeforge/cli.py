@@ -4,16 +4,10 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import os
 import pkgutil
 import sys
 
-# Idle OpenMP workers sleep instead of spinning (read once, when torch starts, hence before any import of
-# it). On a machine shared with other jobs spinning workers steal the time slices the busy ones need
-# (docs/performance.md: 0.54 -> 0.77 of peak). An OMP_WAIT_POLICY already in the environment wins.
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-
-from saeforge.errors import SaeforgeError  # noqa: E402
+from saeforge.errors import SaeforgeError
 
 
 def build_parser() -> argparse.ArgumentParser:

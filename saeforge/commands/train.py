@@ -79,6 +79,9 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--dtype", default="auto",
                    help="autocast dtype: auto (bf16 on CUDA and on CPUs with AMX/AVX512-BF16, else fp32), "
                         "float32, bfloat16")
+    g.add_argument("--kernels", choices=["sparse", "dense"], default="sparse",
+                   help="sparse: the sparse training kernels where the architecture has them (TopK, BatchTopK, "
+                        "JumpReLU's decoder; docs/performance.md); dense: plain autograd (same numbers, slower)")
     g.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -90,7 +93,7 @@ def train_config_from_args(args: argparse.Namespace):
         total_tokens=args.tokens, batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup_steps,
         decay_frac=args.decay_frac, grad_clip=args.grad_clip, dead_tokens=args.dead_tokens,
         log_every=args.log_every, checkpoint_every=args.checkpoint_every, seed=args.seed, device=args.device,
-        dtype=args.dtype,
+        dtype=args.dtype, kernels=args.kernels,
     )
 
 
