@@ -125,7 +125,7 @@ def test_end_to_end_sae_baseline_trains_sae_params(stories_model_path, tinystori
 def test_adapt_lr_schedules_closed_form():
     import math
 
-    from saeforge.adapt.trainer import schedule_factor
+    from saeforge.train.schedule import schedule_factor
 
     assert [schedule_factor("constant", s, 10, 0.05) for s in range(10)] == [1.0] * 10
     # 20 steps, 10% warm-up = 2 steps: 0.5, 1.0, then decay over the remaining 18 steps

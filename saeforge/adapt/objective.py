@@ -1,7 +1,6 @@
 """Losses on next-token distributions."""
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
 

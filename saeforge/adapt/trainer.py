@@ -28,6 +28,7 @@ from saeforge.io import save_safetensors_atomic, write_json_atomic
 from saeforge.models import LoadedModel, load_model
 from saeforge.sae.base import SAE
 from saeforge.train.checkpoint import flatten_optimizer, unflatten_optimizer
+from saeforge.train.schedule import LR_SCHEDULES, schedule_factor
 
 CHECKPOINT = "adapt_checkpoint.safetensors"
 
@@ -120,21 +121,6 @@ def _load_ckpt(path: Path, ad: Adapted, opt) -> tuple[int, float]:
     return meta["step"], meta["elapsed_s"]
 
 
-LR_SCHEDULES = ("constant", "cosine", "linear")
-
-
-def schedule_factor(kind: str, step: int, total: int, warmup_frac: float) -> float:
-    """lr multiplier at 0-based ``step`` of ``total``: 1 for "constant"; otherwise a linear warm-up over
-    ``warmup_frac`` of the steps, then a cosine or linear decay towards 0 (reached one step after the last)."""
-    if kind == "constant":
-        return 1.0
-    warm = int(round(warmup_frac * total))
-    if step < warm:
-        return (step + 1) / warm
-    frac = (step - warm) / max(1, total - warm)  # 0 .. (n-1)/n
-    return 0.5 * (1 + math.cos(math.pi * frac)) if kind == "cosine" else 1.0 - frac
-
-
 def fit(ad: Adapted, cfg: AdaptConfig, out: str | Path, resume: bool = False, progress: bool = True,
         on_log=None) -> list[dict]:
     """Train the trainable parameters on KL(clean ‖ spliced); returns the logged records."""
@@ -142,9 +128,9 @@ def fit(ad: Adapted, cfg: AdaptConfig, out: str | Path, resume: bool = False, pr
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(cfg.seed)
     params = trainable_params(ad)
-    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     if cfg.lr_schedule not in LR_SCHEDULES:
-        raise SaeforgeError(f"lr_schedule {cfg.lr_schedule!r} is not one of {', '.join(LR_SCHEDULES)}")
+        raise SaeforgeError(f"lr_schedule {cfg.lr_schedule!r} is not one of {', '.join(LR_SCHEDULES)}; pick one")
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
     tok_per_step = cfg.batch_contexts * cfg.context_len
     total = max(1, math.ceil(cfg.tokens / tok_per_step))
     step, elapsed0 = 0, 0.0

@@ -12,8 +12,24 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from torch import Tensor
 
-from saeforge.kernels.topk_autograd import sparse_decode, topk_encode
+from saeforge.kernels.topk_autograd import TopKCodes, sparse_decode, topk_encode
+
+
+def fired_latents(idx: Tensor, active: Tensor, n: int) -> Tensor:
+    """Bool ``[n]``: which latents are active in any row (``idx, active [B, K]``). No host sync."""
+    return torch.zeros(n, device=idx.device).index_add_(0, idx.flatten(), active.flatten().float()) > 0
+
+
+def sparse_auxk_loss(codes: TopKCodes, e: Tensor, dead: Tensor, W_dec: Tensor, denom: Tensor) -> Tensor:
+    """AuxK (Gao et al. §A.2) from the sparse codes: ‖ê − e‖² / denom, ê decoded (no bias) from the AuxK
+    pairs ``codes.aux_vals / aux_idx``; exactly 0 when no latent is dead (as :func:`~saeforge.sae.functional.auxk_loss`)."""
+    if codes.aux_vals.shape[-1] == 0:  # CPU and nothing dead: the dense where() gives exactly 0
+        return denom.new_zeros(())
+    e_hat = sparse_decode(codes.aux_vals, codes.aux_idx, W_dec, None)
+    aux = (e_hat - e.detach()).pow(2).sum() / denom
+    return torch.where(dead.any(), aux, torch.zeros_like(aux))
 
 
 def topk_training_forward(sae: Any, inp: Any, chunk_rows: int | None = None) -> Any:
@@ -48,17 +64,9 @@ def topk_training_forward(sae: Any, inp: Any, chunk_rows: int | None = None) -> 
         losses["mse_4k"] = mse4
         loss = loss + mse4 / 8
     if dead is not None:
-        if codes.aux_vals.shape[-1] == 0:  # CPU and nothing dead: the reference's where() gives exactly 0
-            aux = total_var.new_zeros(())
-        else:
-            e_hat = sparse_decode(codes.aux_vals, codes.aux_idx, sae.W_dec, None)
-            aux = (e_hat - e.detach()).pow(2).sum() / total_var
-            aux = torch.where(dead.any(), aux, torch.zeros_like(aux))
+        aux = sparse_auxk_loss(codes, e, dead, sae.W_dec, total_var)
         losses["aux"] = aux
         loss = loss + cfg.aux_coef * aux
     active = vals > 0
-    fired = torch.zeros(cfg.d_sae, device=vals.device).index_add_(
-        0, idx.flatten(), active.flatten().float()
-    ) > 0
     return TrainStepOutput(loss=loss, losses=losses, y_hat=y_hat.reshape(*lead, -1), y=y,
-                           fired=fired, l0=active.sum(-1).float().mean())
+                           fired=fired_latents(idx, active, cfg.d_sae), l0=active.sum(-1).float().mean())

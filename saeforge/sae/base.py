@@ -31,6 +31,7 @@ from torch import Tensor, nn
 from saeforge.config import JsonConfig
 from saeforge.errors import SaeforgeError
 from saeforge.io import save_safetensors_atomic, write_json_atomic
+from saeforge.kernels.rows import remove_parallel_component_
 
 FORMAT = "saeforge/1"
 INPUT_NORMS = ("none", "layer_norm", "constant_norm_rescale")
@@ -290,8 +291,6 @@ class SAE(nn.Module):
         """Project out the gradient component parallel to each (unit) decoder row (Gao et al. 2024, §2.4)."""
         if self.W_dec.grad is None:
             return
-        from saeforge.kernels.rows import remove_parallel_component_
-
         remove_parallel_component_(self.W_dec.detach(), self.W_dec.grad)
 
     def working_inputs(self, inp: TrainStepInput) -> tuple[Tensor, Tensor]:

@@ -20,6 +20,8 @@ import torch
 from torch import Tensor
 
 from saeforge.errors import SaeforgeError
+from saeforge.kernels.topk_autograd import batch_topk_encode, sparse_decode
+from saeforge.kernels.topk_step import fired_latents, sparse_auxk_loss
 from saeforge.sae.base import SAE, SAEConfig, TrainStepInput, TrainStepOutput, register
 from saeforge.sae.functional import auxk_loss
 from saeforge.sae.geometric_median import geometric_median
@@ -102,8 +104,6 @@ class BatchTopKSAE(SAE):
         return self.dense_training_forward(inp)
 
     def _sparse_training_forward(self, inp: TrainStepInput) -> TrainStepOutput:
-        from saeforge.kernels.topk_autograd import batch_topk_encode, sparse_decode
-
         cfg = self.cfg
         x, y = self.working_inputs(inp)
         lead = x.shape[:-1]
@@ -120,20 +120,13 @@ class BatchTopKSAE(SAE):
         losses = {"mse": mse}
         loss = mse
         if dead is not None:
-            denom = (e - e.mean(0)).pow(2).sum().clamp_min(1e-12)
-            if codes.aux_vals.shape[-1] == 0:
-                aux = denom.new_zeros(())
-            else:
-                e_hat = sparse_decode(codes.aux_vals, codes.aux_idx, self.W_dec, None)
-                aux = (e_hat - e.detach()).pow(2).sum() / denom
-                aux = torch.where(dead.any(), aux, torch.zeros_like(aux))
+            denom = (e - e.mean(0)).pow(2).sum().clamp_min(1e-12)  # as dense_training_forward
+            aux = sparse_auxk_loss(codes, e, dead, self.W_dec, denom)
             losses["aux"] = aux
             loss = loss + cfg.aux_coef * aux
         active = vals > 0
-        fired = torch.zeros(cfg.d_sae, device=vals.device).index_add_(
-            0, idx.flatten(), active.flatten().float()) > 0
-        return TrainStepOutput(loss=loss, losses=losses, y_hat=y_hat.reshape(*lead, -1), y=y, fired=fired,
-                               l0=active.sum(-1).float().mean())
+        return TrainStepOutput(loss=loss, losses=losses, y_hat=y_hat.reshape(*lead, -1), y=y,
+                               fired=fired_latents(idx, active, cfg.d_sae), l0=active.sum(-1).float().mean())
 
     def dense_training_forward(self, inp: TrainStepInput) -> TrainStepOutput:
         """Plain-autograd reference of :meth:`training_forward` (dense codes and gradients)."""

@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from saeforge.errors import SaeforgeError
+from saeforge.kernels import topk_autograd
 from saeforge.sae.base import SAE, SAEConfig, TrainStepInput, TrainStepOutput, register
 from saeforge.sae.functional import fold_decoder_norms_, jumprelu, jumprelu_log, ramp, set_dataset_scales_, step
 
@@ -160,13 +161,12 @@ class JumpReLUSAE(SAE):
         """``f @ W_dec + b_dec``; on CPU with ``sparse_kernels``, once the codes are sparse (the busiest row
         has at most 1/8 of the latents active), as a gather-sum of the active decoder rows whose backward
         touches only those rows (the straight-through estimators stay on the dense encoder side). Counting
-        the active latents is a host read, which costs nothing on CPU; GPUs keep the dense product."""
+        the active latents is a host read, which costs nothing on CPU; GPUs keep the dense product. While codes
+        are still dense the O(B·m) count is wasted, next to the O(B·m·d) product it decides against."""
         if self.sparse_kernels and f.device.type == "cpu" and f.dim() == 2:
-            if int((f != 0).sum(-1).max()) * 8 <= f.shape[-1]:
-                from saeforge.kernels.topk_autograd import dense_to_sparse, sparse_decode
-
-                vals, idx = dense_to_sparse(f)
-                return sparse_decode(vals, idx, self.W_dec, self.b_dec)
+            vals, idx = topk_autograd.dense_to_sparse(f)  # width = the busiest row's count
+            if idx.shape[-1] * 8 <= f.shape[-1]:
+                return topk_autograd.sparse_decode(vals, idx, self.W_dec, self.b_dec)
         return f @ self.W_dec + self.b_dec
 
     def folded(self) -> "JumpReLUSAE":

@@ -20,6 +20,7 @@ import torch
 from torch import Tensor
 
 from saeforge.errors import SaeforgeError
+from saeforge.kernels.topk_step import fired_latents, topk_training_forward
 from saeforge.sae.base import SAE, SAEConfig, TrainStepInput, TrainStepOutput, register
 from saeforge.sae.geometric_median import geometric_median
 from saeforge.sae.sparse import sparse_decode
@@ -82,8 +83,6 @@ class TopKSAE(SAE):
         """The sparse kernels (chunked exact top-k, sparse decode, sparse encoder/decoder gradients; see
         saeforge/kernels) unless ``self.sparse_kernels`` is False; both give the same loss and gradients."""
         if self.sparse_kernels:
-            from saeforge.kernels.topk_step import topk_training_forward
-
             return topk_training_forward(self, inp)
         return self.dense_training_forward(inp)
 
@@ -118,9 +117,5 @@ class TopKSAE(SAE):
             losses["aux"] = aux
             loss = loss + cfg.aux_coef * aux
         active = vals > 0
-        fired = torch.zeros(cfg.d_sae, device=h.device).index_add_(
-            0, idx.flatten(), active.flatten().to(h.dtype)
-        ) > 0
-        return TrainStepOutput(
-            loss=loss, losses=losses, y_hat=y_hat, y=y, fired=fired, l0=active.sum(-1).float().mean()
-        )
+        return TrainStepOutput(loss=loss, losses=losses, y_hat=y_hat, y=y,
+                               fired=fired_latents(idx, active, cfg.d_sae), l0=active.sum(-1).float().mean())

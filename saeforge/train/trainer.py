@@ -23,14 +23,13 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from collections import deque
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterator
 
 import torch
 from tqdm.auto import tqdm
 
 from saeforge.device import resolve_device, resolve_dtype
 from saeforge.errors import SaeforgeError
-from saeforge.io import atomic_open
 from saeforge.sae.base import SAE, SAEConfig, TrainStepInput, create_sae, fvu
 from saeforge.train.checkpoint import load_checkpoint, save_checkpoint
 from saeforge.train.config import TrainConfig
