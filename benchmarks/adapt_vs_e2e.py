@@ -258,10 +258,17 @@ def markdown(s: dict) -> str:
                      f"| {s['best_ce'][n]:.4f} ({s['gap_closed_at_budget'][n]:.1%}) "
                      f"| {f['final_ce']:.4f} ({s['gap_closed_final'][n]:.1%}) | {f['sae_fvu']:.4f} | {f['sae_l0']:.1f} "
                      f"| {fmt(s['time_to_target_s'][n])} | {fmt(s['time_to_half_gap_s'][n])} |")
-    sp, sh = s["speedup_lora_vs_e2e"], s["speedup_lora_vs_e2e_half_gap"]
-    lines += ["", f"t_e2e / t_LoRA to the target CE (best e2e run {s['best_e2e']}): "
-                  f"{'n/a' if sp is None else f'{sp:.2f}'}; to the half-gap CE: {'n/a' if sh is None else f'{sh:.2f}'} "
-                  "(above 1: LoRA is faster)."]
+    lora = next(n for n in s["best_ce"] if n.startswith("lora"))
+
+    def ratio(key: str, times: dict) -> str:
+        if s[key] is not None:
+            return f"{s[key]:.2f}"
+        reached = [n for n in (s["best_e2e"], lora) if times[n] is not None]
+        return f"only {reached[0]} reached it" if reached else "neither reached it"
+
+    lines += ["", f"t_e2e / t_LoRA (above 1: LoRA is faster; best e2e run {s['best_e2e']}) to the target CE: "
+                  f"{ratio('speedup_lora_vs_e2e', s['time_to_target_s'])}; to the half-gap CE: "
+                  f"{ratio('speedup_lora_vs_e2e_half_gap', s['time_to_half_gap_s'])}."]
     return "\n".join(lines) + "\n"
 
 
