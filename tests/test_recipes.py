@@ -341,7 +341,7 @@ def test_bricken_resampling_resets_rows_and_adam_state():
     cos = (sae.W_dec[[1, 4]] @ (x / x.norm(dim=1, keepdim=True)).T).max(dim=1).values
     assert torch.allclose(cos, torch.ones(2), atol=1e-5)
     # the schedule: every 100 tokens, at most 2 times
-    sae.cfg.resample_every_tokens, sae.cfg.resample_max = 100, 2
+    sae.cfg.resample_every_tokens, sae.cfg.resample_max, sae.cfg.resample_rows = 100, 2, 819_200
     assert [sae.resample_request(a, a + 50) for a in (0, 50, 100, 150, 200)] == [0, 819_200, 0, 819_200, 0]
 
 

@@ -6,17 +6,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from saeforge.config import parse_size  # noqa: F401  (re-exported for the commands)
 from saeforge.errors import SaeforgeError
-
-
-def parse_size(text: str) -> int:
-    """'5M' -> 5_000_000, '64k' -> 64_000, '1e6' -> 1_000_000."""
-    t = str(text).strip().lower().replace("_", "")
-    mult = {"k": 10**3, "m": 10**6, "g": 10**9, "b": 10**9}.get(t[-1:], 1)
-    try:
-        return int(float(t[:-1] if mult > 1 else t) * mult)
-    except ValueError:
-        raise SaeforgeError(f"cannot read {text!r} as a count; write e.g. 5M, 250k or 100000") from None
 
 
 def parse_sets(items: list[str] | None) -> dict[str, Any]:

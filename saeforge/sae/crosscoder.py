@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from saeforge.errors import SaeforgeError
 from saeforge.sae.base import SAE, SAEConfig, TrainStepInput, TrainStepOutput, register
-from saeforge.sae.functional import fold_decoder_norms_, norm_scale, ramp
+from saeforge.sae.functional import fold_decoder_norms_, norm_scale, ramp, TargetL0
 
 
 @dataclass
@@ -35,6 +35,7 @@ class CrosscoderConfig(SAEConfig):
     hooks: list[str] = field(default_factory=list)  # the hook points read and reconstructed, in order
     hook_scales: list[float] | None = None  # per-hook E‖x_l‖ = √d scales (estimated before training)
     l1_coefficient: float = 5.0  # λ
+    target_l0: float | None = None  # steer the coefficient to this mean L0 (TargetL0); None: fixed
     l1_warmup_frac: float = 0.05
     decoder_init_norm: float = 0.1
 
@@ -60,7 +61,7 @@ class CrosscoderConfig(SAEConfig):
 
 
 @register("crosscoder")
-class CrosscoderSAE(SAE):
+class CrosscoderSAE(TargetL0, SAE):
     config_class = CrosscoderConfig
     cfg: CrosscoderConfig
 
@@ -133,7 +134,7 @@ class CrosscoderSAE(SAE):
         return self.W_dec.norm(dim=2).sum(1)
 
     # ---- training ---------------------------------------------------------------------------------
-    def recommended_lr(self) -> float:
+    def recommended_lr(self, total_tokens: int | None = None) -> float:
         return 5e-5
 
     @torch.no_grad()

@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+DEAD_TOKENS = 10_000_000
+
 from saeforge.config import JsonConfig
 
 
@@ -16,7 +18,9 @@ class TrainConfig(JsonConfig):
     warmup_steps: int | None = None  # None: min(1000, 5% of steps)
     decay_frac: float = 0.2  # linear decay to 0 over the last fraction of steps (0 disables)
     grad_clip: float = 1.0  # global gradient-norm clip (0 disables)
-    dead_tokens: int = 10_000_000  # a latent is dead after this many tokens without firing (Gao et al. §A.2)
+    # a latent is dead after this many tokens without firing (Gao et al. §A.2: 10M); None: 10M, or a tenth
+    # of the run when that is shorter, so AuxK and dead-latent counts engage on short runs too
+    dead_tokens: int | None = None
     init_tokens: int = 16384  # rows used for data-dependent initialisation (geometric median, scales)
     log_every: int = 25  # steps between metric lines (the only host syncs in the loop)
     checkpoint_every: int = 500  # steps between checkpoints (0: only at the end)
@@ -25,3 +29,9 @@ class TrainConfig(JsonConfig):
     dtype: str = "auto"  # autocast dtype: auto | float32 | bfloat16 | float16
     kernels: str = "sparse"  # sparse: saeforge/kernels where an architecture has them; dense: plain autograd
     fused_adam: bool = True  # torch's fused Adam (one kernel per step) where the device supports it
+
+    def dead_window(self) -> int:
+        """The dead-latent window in tokens (``dead_tokens``, or its default for this run length)."""
+        if self.dead_tokens is not None:
+            return self.dead_tokens
+        return min(DEAD_TOKENS, max(self.batch_size, self.total_tokens // 10))
