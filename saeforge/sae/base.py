@@ -275,9 +275,19 @@ class SAE(nn.Module):
         raise NotImplementedError
 
     # ---- the training contract: what the trainer asks of every architecture (defaults here) ----------
-    def recommended_lr(self, total_tokens: int | None = None) -> float:
-        """The learning rate used when ``TrainConfig.lr`` is unset, for a run of ``total_tokens``."""
+    def published_lr(self) -> float:
+        """The recipe's own learning rate, as its paper or reference code gives it (``lr_rule="published"``)."""
         return 2e-4
+
+    def recommended_lr(self, total_tokens: int | None = None, rule: str = "scaled") -> float:
+        """The learning rate used when ``TrainConfig.lr`` is unset (``TrainConfig.lr_rule`` picks the rule):
+        ``"scaled"`` (default) is :func:`scaled_lr` for this SAE's widths, the same rule for every
+        architecture; ``"published"`` is the recipe's constant (:meth:`published_lr`)."""
+        if rule == "published":
+            return self.published_lr()
+        if rule != "scaled":
+            raise SaeforgeError(f"unknown lr rule {rule!r}; use 'scaled' or 'published'")
+        return scaled_lr(self.cfg.d_in, self.cfg.d_sae)
 
     def adam_defaults(self) -> dict[str, Any]:
         """Adam ``betas`` / ``eps`` of the recipe (used where ``TrainConfig`` leaves them unset)."""
@@ -389,6 +399,22 @@ class SAE(nn.Module):
     def extra_repr(self) -> str:
         c = self.cfg
         return f"arch={c.arch}, d_in={c.d_in}, d_sae={c.d_sae}, d_out={c.d_out}, hook={c.hook}"
+
+
+LR_REFERENCE = (2e-4, 768, 2**14)  # Gao et al.'s lr at GPT-2 small's width with 2^14 latents
+LR_SCALE = 2.0  # measured: the best lr of short (3M-token) runs sits above the transferred value (docs)
+
+
+def scaled_lr(d_in: int, d_sae: int) -> float:
+    """The default learning rate of every architecture: Gao et al.'s 2e-4 / √(n / 2^14), fitted at GPT-2
+    small's width d = 768, transferred to width ``d_in`` as lr ∝ 1/√d_in.
+
+    Why 1/√d: Adam moves each weight by about lr per step whatever the scale of its gradient, and decoder
+    rows (and encoder columns at init) have a fixed norm, so their entries are of size 1/√d. The angle a
+    latent's direction turns per step is thus ≈ lr·√d; keeping it equal to its value at the reference
+    width gives lr ∝ 1/√d (docs/recipes/README.md shows the measurements, at d = 32, 64, 128 and 384)."""
+    lr0, d0, n0 = LR_REFERENCE
+    return LR_SCALE * lr0 * math.sqrt(n0 / d_sae) * math.sqrt(d0 / d_in)
 
 
 def config_fields(cfg_cls: type[SAEConfig]) -> list[str]:

@@ -74,7 +74,7 @@ class BatchTopKSAE(SAE):
         h = h.relu()
         return h * (h > self.threshold)
 
-    def recommended_lr(self, total_tokens: int | None = None) -> float:
+    def published_lr(self) -> float:
         return 2e-4 / math.sqrt(self.cfg.d_sae / 2**14)
 
     @torch.no_grad()

@@ -134,7 +134,7 @@ class CrosscoderSAE(TargetL0, SAE):
         return self.W_dec.norm(dim=2).sum(1)
 
     # ---- training ---------------------------------------------------------------------------------
-    def recommended_lr(self, total_tokens: int | None = None) -> float:
+    def published_lr(self) -> float:
         return 5e-5
 
     @torch.no_grad()
@@ -151,13 +151,16 @@ class CrosscoderSAE(TargetL0, SAE):
         per_hook = (y - y_hat).pow(2).sum(-1).mean(0)  # [L]
         mse = per_hook.sum()
         sparsity = (f * self.decoder_norms()).sum(-1).mean()
-        lam = cfg.l1_coefficient * ramp(inp.step, cfg.l1_warmup_frac * inp.total_steps)
+        lam = cfg.l1_coefficient * self.sparsity_ramp(inp.step, inp.total_steps)
         losses = {"mse": mse, "sparsity": sparsity}
         losses.update({f"mse:{h}": per_hook[i] for i, h in enumerate(cfg.hooks)})
         active = f > 0
         B = x.shape[0]
         return TrainStepOutput(loss=mse + lam * sparsity, losses=losses, y_hat=y_hat.reshape(B, -1),
                                y=y.reshape(B, -1), fired=active.any(0), l0=active.sum(-1).float().mean())
+
+    def sparsity_ramp(self, step: int, total_steps: int) -> float:
+        return ramp(step, self.cfg.l1_warmup_frac * total_steps)
 
     def folded(self) -> "CrosscoderSAE":
         """Summed decoder norms folded into W_enc and b_enc (outputs and L0 unchanged)."""

@@ -261,16 +261,22 @@ class TargetL0:
     (``cfg.SPARSITY_FIELD``) is steered to the L0 the user asked for instead of being a fixed input.
 
     At every metrics line (the loop's one host sync) the coefficient is multiplied by
-    ``(L0 / target) ** L0_GAIN``, clipped to [1/2, 2]: integral control in log space, so the coefficient
+    ``(L0 / target) ** L0_GAIN``, clipped to [3/4, 4/3]: integral control in log space, so the coefficient
     settles where the mean L0 of the batches equals the target, whatever the data's scale. The value in
     use is logged and saved in ``cfg.json``, so the run can be repeated with a fixed coefficient."""
 
-    L0_GAIN = 0.5
+    L0_GAIN = 0.3
+    L0_STEP = 4 / 3  # the most one metrics line may change the coefficient by (either way)
+
+    def sparsity_ramp(self, step: int, total_steps: int) -> float:
+        """The recipe's warm-up factor (0 → 1) on the coefficient at ``step``; 1 when it has none."""
+        return 1.0
 
     def after_metrics(self, metrics: dict[str, float], step: int, total_steps: int) -> None:
         cfg = self.cfg
         field_ = cfg.SPARSITY_FIELD
-        if cfg.target_l0 is not None and metrics.get("l0") is not None:
+        # steer only once the recipe's warm-up is over: during it L0 is high by design
+        if cfg.target_l0 is not None and metrics.get("l0") is not None and self.sparsity_ramp(step, total_steps) >= 1:
             ratio = max(metrics["l0"], 1e-3) / cfg.target_l0
-            setattr(cfg, field_, getattr(cfg, field_) * min(2.0, max(0.5, ratio ** self.L0_GAIN)))
+            setattr(cfg, field_, getattr(cfg, field_) * min(self.L0_STEP, max(1 / self.L0_STEP, ratio ** self.L0_GAIN)))
         metrics[field_] = getattr(cfg, field_)

@@ -67,7 +67,7 @@ class GatedSAE(TargetL0, BrickenResampling, SAE):
         raise TypeError("GatedSAE needs the input for its gate; call encode(x)")
 
     # ---- training ---------------------------------------------------------------------------------
-    def recommended_lr(self, total_tokens: int | None = None) -> float:
+    def published_lr(self) -> float:
         return 5e-5
 
     def adam_defaults(self) -> dict:

@@ -117,7 +117,7 @@ class JumpReLUSAE(TargetL0, SAE):
         return (self.threshold.float() - v).to(self.b_enc.dtype)
 
     # ---- training ---------------------------------------------------------------------------------
-    def recommended_lr(self, total_tokens: int | None = None) -> float:
+    def published_lr(self) -> float:
         return 2e-4 if self._anthropic else 7e-5
 
     def adam_defaults(self) -> dict:
@@ -146,19 +146,26 @@ class JumpReLUSAE(TargetL0, SAE):
             dn = self.W_dec.norm(dim=1)
             sparsity = torch.tanh(cfg.tanh_scale * f.abs() * dn).sum(-1).mean()
             pre_act = ((self.threshold - h).relu() * dn).sum(-1).mean()
-            lam = cfg.sparsity_coefficient * ramp(inp.step, inp.total_steps)
+            lam = cfg.sparsity_coefficient * self.sparsity_ramp(inp.step, inp.total_steps)
             loss = mse + lam * sparsity + cfg.pre_act_coefficient * pre_act
             losses.update(sparsity=sparsity, pre_act=pre_act)
         else:
             l0 = step(h, self.threshold, cfg.bandwidth).sum(-1).mean()
-            warm = cfg.sparsity_warmup_steps
-            warm = min(10_000, inp.total_steps // 10) if warm is None else warm
-            lam = cfg.sparsity_coefficient * ramp(inp.step, warm)
+            lam = cfg.sparsity_coefficient * self.sparsity_ramp(inp.step, inp.total_steps)
             loss = mse + lam * l0
             losses["l0_loss"] = l0
         active = f != 0
         return TrainStepOutput(loss=loss, losses=losses, y_hat=y_hat, y=y, fired=active.any(0),
                                l0=active.sum(-1).float().mean())
+
+    def sparsity_ramp(self, step: int, total_steps: int) -> float:
+        """anthropic2025: λ_S ramps linearly over all of training, or over its first 5% when a target L0
+        steers it (the controller needs a fixed ramp to act on); gemmascope: over ``sparsity_warmup_steps``
+        (default 10,000, or a tenth of a shorter run)."""
+        if self._anthropic:
+            return ramp(step, total_steps if self.cfg.target_l0 is None else 0.05 * total_steps)
+        warm = self.cfg.sparsity_warmup_steps
+        return ramp(step, min(10_000, total_steps // 10) if warm is None else warm)
 
     def _decode_codes(self, f: Tensor) -> Tensor:
         """``f @ W_dec + b_dec``; on CPU with ``sparse_kernels``, once the codes are sparse (the busiest row

@@ -79,7 +79,7 @@ class ReLUSAE(TargetL0, BrickenResampling, SAE):
     def activate(self, h: Tensor) -> Tensor:
         return h.relu()
 
-    def recommended_lr(self, total_tokens: int | None = None) -> float:
+    def published_lr(self) -> float:
         return 2e-4 if self._mono else 5e-5  # April 2024 update: lr 5e-5
 
     @torch.no_grad()
@@ -105,12 +105,15 @@ class ReLUSAE(TargetL0, BrickenResampling, SAE):
         mse = (y - y_hat).pow(2).sum(-1).mean()
         weights = 1.0 if self._mono else self.W_dec.norm(dim=1)
         sparsity = (f * weights).sum(-1).mean()
-        lam = cfg.l1_coefficient * ramp(inp.step, cfg.l1_warmup_frac * inp.total_steps)
+        lam = cfg.l1_coefficient * self.sparsity_ramp(inp.step, inp.total_steps)
         active = f > 0
         return TrainStepOutput(
             loss=mse + lam * sparsity, losses={"mse": mse, "sparsity": sparsity}, y_hat=y_hat, y=y,
             fired=active.any(0), l0=active.sum(-1).float().mean(),
         )
+
+    def sparsity_ramp(self, step: int, total_steps: int) -> float:
+        return ramp(step, self.cfg.l1_warmup_frac * total_steps)
 
     def folded(self) -> "ReLUSAE":
         """Decoder norms folded into W_e and b_e (April 2024: the saved decoder has unit rows)."""

@@ -64,7 +64,7 @@ class TopKSAE(SAE):
         x_n, self._norm_ctx = self.normalize_input(x)
         return topk_relu(self.pre_acts(x_n), self.cfg.k)
 
-    def recommended_lr(self, total_tokens: int | None = None) -> float:
+    def published_lr(self) -> float:
         return 2e-4 / math.sqrt(self.cfg.d_sae / 2**14)
 
     def adam_defaults(self) -> dict:

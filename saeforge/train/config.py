@@ -12,7 +12,10 @@ from saeforge.config import JsonConfig
 class TrainConfig(JsonConfig):
     total_tokens: int = 5_000_000
     batch_size: int = 4096
-    lr: float | None = None  # None: the architecture's recommendation (e.g. Gao et al.'s 2e-4/sqrt(n/2^14))
+    lr: float | None = None  # None: from lr_rule
+    # how an unset lr is chosen: "scaled" (every architecture: Gao et al.'s 2e-4/√(n/2^14) transferred to
+    # the SAE's input width, saeforge.sae.base.scaled_lr) or "published" (the recipe's own constant)
+    lr_rule: str = "scaled"
     betas: tuple[float, float] | None = None  # None: the recipe's (adam_defaults()), else (0.9, 0.999)
     eps: float | None = None  # None: the recipe's (e.g. Gao et al.'s 6.25e-10 for topk), else 1e-8
     warmup_steps: int | None = None  # None: min(1000, 5% of steps)

@@ -115,7 +115,7 @@ class Trainer:
             _seeded(cfg.seed)
             sae = s if isinstance(s, SAE) else create_sae(s)
             sae = sae.to(self.device)
-            lr = cfg.lr if cfg.lr is not None else sae.recommended_lr(cfg.total_tokens)
+            lr = cfg.lr if cfg.lr is not None else sae.recommended_lr(cfg.total_tokens, cfg.lr_rule)
             hints = sae.adam_defaults()
             betas = tuple(cfg.betas) if cfg.betas is not None else tuple(hints.get("betas", (0.9, 0.999)))
             eps = cfg.eps if cfg.eps is not None else hints.get("eps", 1e-8)
