@@ -135,3 +135,20 @@ def test_skip_connection_trains(trained, arch):
     fvu, _ = _metrics(loaded, _heldout(stream))
     assert abs(fvu - lines[-1]["fvu"]) < 0.05, f"{arch}: logged FVU {lines[-1]['fvu']:.3f}, saved SAE {fvu:.3f}"
     assert fvu < FVU_BOUND
+
+
+def test_crosscoder_from_the_command_line(tmp_path, stories_model_path, tinystories_valid):
+    """``saeforge train --arch crosscoder --hook a,b`` builds one crosscoder over both hooks of a cache."""
+    from saeforge.cli import main
+
+    cache = tmp_path / "cache"
+    assert main(["harvest", "--model", str(stories_model_path), "--data", str(tinystories_valid),
+                 "--hooks", "resid_post.1,resid_post.2", "--max-tokens", "8000", "--out", str(cache)]) == 0
+    out = tmp_path / "cc"
+    assert main(["train", "--data", str(cache), "--arch", "crosscoder", "--hook", "resid_post.1,resid_post.2",
+                 "--width", "96", "--tokens", "16k", "--batch-size", "1024", "--out", str(out),
+                 "--no-progress"]) == 0
+    sae = SAE.load(out)
+    assert sae.cfg.hooks == ["resid_post.1", "resid_post.2"] and sae.cfg.d_in == 128 and sae.cfg.d_sae == 96
+    x = torch.randn(5, 2, 64)
+    assert sae(x).shape == (5, 2, 64)

@@ -277,6 +277,13 @@ class TargetL0:
         field_ = cfg.SPARSITY_FIELD
         # steer only once the recipe's warm-up is over: during it L0 is high by design
         if cfg.target_l0 is not None and metrics.get("l0") is not None and self.sparsity_ramp(step, total_steps) >= 1:
-            ratio = max(metrics["l0"], 1e-3) / cfg.target_l0
-            setattr(cfg, field_, getattr(cfg, field_) * min(self.L0_STEP, max(1 / self.L0_STEP, ratio ** self.L0_GAIN)))
+            l0 = max(metrics["l0"], 1e-3)
+            prev = cfg.metadata.get("target_l0_last")  # in the config, so a resumed run steers the same
+            cfg.metadata["target_l0_last"] = l0
+            # anti-windup: while L0 is already closing in on the target (error down by a tenth since the
+            # last line), hold the coefficient; L0 lags the coefficient by tens of steps
+            closing = prev is not None and abs(math.log(l0 / cfg.target_l0)) < 0.9 * abs(math.log(prev / cfg.target_l0))
+            if not closing:
+                ratio = l0 / cfg.target_l0
+                setattr(cfg, field_, getattr(cfg, field_) * min(self.L0_STEP, max(1 / self.L0_STEP, ratio ** self.L0_GAIN)))
         metrics[field_] = getattr(cfg, field_)

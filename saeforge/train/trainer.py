@@ -5,12 +5,17 @@ input/target from it (``SAE.inputs_from``), runs ``training_forward`` under auto
 Adam. The loop never synchronises with the host except on logging steps: losses accumulate on device
 and dead-latent counters are updated with tensor ops.
 
-Recipes reach the loop only through duck-typed SAE methods, never through ``if arch == ...``:
+Recipes reach the loop only through the training contract declared in ``saeforge/sae/base.py`` (every
+method has a default there), never through ``if arch == ...``:
 
-* ``recommended_lr()`` and ``adam_defaults()`` (betas/eps) fill what ``TrainConfig`` leaves as None;
+* ``recommended_lr(total_tokens, rule)`` and ``adam_defaults()`` (betas/eps) fill what ``TrainConfig`` leaves
+  as None;
+* ``train_step(inp)`` (the architecture's ``training_forward`` plus the skip term) returns one
+  ``TrainStepOutput``;
 * ``before_optimizer_step()`` / ``after_optimizer_step(step, total)`` (decoder-norm constraints);
-* ``resample_request(tokens_before, tokens_after) -> rows`` and ``resample(x, y, since_fired, opt,
-  generator) -> reset latent indices`` (dead-latent resampling, e.g. Bricken et al. 2023). The rows
+* ``after_metrics(line, step, total)`` at each metrics line (e.g. steering a coefficient to a target L0);
+* ``resample_request(tokens_before, tokens_after, total_tokens) -> rows`` and ``resample(x, y, since_fired,
+  opt, generator) -> reset latent indices`` (dead-latent resampling, e.g. Bricken et al. 2023). The rows
   come from the *upcoming* training batches, peeked without consuming them, so resampling never
   changes what the SAEs train on and a resumed run sees exactly the same data.
 """
@@ -102,7 +107,6 @@ class Trainer:
         self.stream = stream
         self.out = Path(out)
         self.device = resolve_device(cfg.device)
-        self.amp_dtype = resolve_dtype(cfg.dtype, self.device)
         if cfg.kernels not in ("sparse", "dense"):
             raise SaeforgeError(f"TrainConfig.kernels={cfg.kernels!r}: use 'sparse' or 'dense'")
         self.total_steps = max(1, math.ceil(cfg.total_tokens / cfg.batch_size))
@@ -128,6 +132,7 @@ class Trainer:
             run_out = self.out if (len(saes) == 1 and name == "") else self.out / name
             self.runs[name] = _Run(name, sae, opt, sched, since, run_out, {}, fresh=not isinstance(s, SAE))
         _seeded(cfg.seed)
+        self.amp_dtype = resolve_dtype(cfg.dtype, self.device, min(r.sae.cfg.d_in for r in self.runs.values()))
         self.step = 0
         self.tokens = 0
         self._max_rows = 0  # largest batch seen: bounds how fast since_fired can grow
