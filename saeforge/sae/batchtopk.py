@@ -25,7 +25,7 @@ from torch import Tensor
 
 from saeforge.errors import SaeforgeError
 from saeforge.kernels.topk_autograd import batch_topk_encode, sparse_decode
-from saeforge.kernels.topk_step import fired_latents, sparse_auxk_loss
+from saeforge.kernels.sparse_losses import fired_latents, sparse_auxk_loss
 from saeforge.sae.base import SAE, SAEConfig, TrainStepInput, TrainStepOutput, register
 from saeforge.sae.functional import auxk_loss
 from saeforge.sae.geometric_median import geometric_median
