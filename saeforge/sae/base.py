@@ -41,6 +41,8 @@ INPUT_NORMS = ("none", "layer_norm", "constant_norm_rescale")
 class SAEConfig(JsonConfig):
     """Fields every architecture shares. Architectures subclass this to add their own."""
 
+    FLAGS: ClassVar[dict[str, str]] = {"d_sae": "--width", "d_in": "--set d_in", "d_out": "--set d_out"}
+
     arch: str = "topk"
     d_in: int = 0
     d_sae: int = 0
@@ -58,14 +60,17 @@ class SAEConfig(JsonConfig):
     format: str = FORMAT
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.d_out is None:
             self.d_out = self.d_in
+        self.require_finite("input_scale", "output_scale", positive=True)
         if self.input_norm not in INPUT_NORMS:
             raise SaeforgeError(
                 f"input_norm={self.input_norm!r} is not known; use one of {', '.join(INPUT_NORMS)}"
             )
-        if self.d_in <= 0 or self.d_sae <= 0:
-            raise SaeforgeError(f"SAE widths must be positive (got d_in={self.d_in}, d_sae={self.d_sae})")
+        if self.d_in <= 0 or self.d_sae <= 0 or self.d_out <= 0:
+            raise SaeforgeError(f"SAE widths must be positive (got d_in={self.d_in}, d_sae={self.d_sae}, "
+                                f"d_out={self.d_out}); pass a positive --width")
         if self.apply_b_dec_to_input and self.d_out != self.d_in:
             raise SaeforgeError(
                 "apply_b_dec_to_input needs d_out == d_in; set it false for transcoders"

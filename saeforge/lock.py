@@ -1,0 +1,58 @@
+"""Output-folder locks: one writer per folder at a time.
+
+A command that writes a folder holds an exclusive ``flock`` on ``<folder>/.saeforge.lock`` while it runs. A
+second writer is refused at once with one line naming the holder. The kernel drops the lock when the holder
+exits, however it exits (kill -9 included), so a crashed run never leaves a stale lock behind; the empty lock
+file itself stays (harmless; its bytes and times never change). While it holds the lock a writer also removes temp files of interrupted atomic
+writes (``.<name>.*.tmp``, see :mod:`saeforge.io`), which no other process can be writing.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+from typing import Iterator
+
+from saeforge.errors import SaeforgeError
+
+LOCK_FILE = ".saeforge.lock"
+
+try:
+    import fcntl
+except ImportError:  # Windows: no flock; locking is skipped there
+    fcntl = None  # type: ignore[assignment]
+
+
+def remove_temp_files(folder: Path) -> None:
+    """Delete leftovers of interrupted atomic writes (``.<name>.<random>.tmp``) directly in ``folder``."""
+    if not folder.is_dir():
+        return
+    for p in folder.iterdir():
+        if p.name.startswith(".") and p.name.endswith(".tmp") and p.is_file():
+            with contextlib.suppress(OSError):
+                p.unlink()
+
+
+@contextlib.contextmanager
+def folder_lock(folder: str | Path, command: str) -> Iterator[Path]:
+    """Hold the write lock of ``folder`` (created if needed) for the ``with`` block."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise SaeforgeError(f"{folder} is a file; pass a folder path as --out")
+    folder.mkdir(parents=True, exist_ok=True)
+    if fcntl is None:
+        yield folder
+        return
+    fd = os.open(folder / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise SaeforgeError(
+                f"{folder} is being written by another saeforge process (`saeforge {command}` refuses to share "
+                "it); wait for that one to finish or pick another --out"
+            ) from None
+        remove_temp_files(folder)
+        yield folder
+    finally:
+        os.close(fd)
