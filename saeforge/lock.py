@@ -39,10 +39,22 @@ def folder_lock(folder: str | Path, command: str) -> Iterator[Path]:
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise SaeforgeError(f"{folder} is a file; pass a folder path as --out")
+    created = not folder.exists()
     folder.mkdir(parents=True, exist_ok=True)
-    if fcntl is None:
-        yield folder
-        return
+    try:
+        if fcntl is None:
+            yield folder
+        else:
+            yield from _locked(folder, command)
+    except BaseException:
+        if created:  # a run that failed before writing anything leaves no folder behind
+            with contextlib.suppress(OSError):
+                (folder / LOCK_FILE).unlink()
+                folder.rmdir()
+        raise
+
+
+def _locked(folder: Path, command: str) -> Iterator[Path]:
     fd = os.open(folder / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         try:

@@ -3,20 +3,39 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 from typing import Any
 
 from saeforge.errors import SaeforgeError
 
 
+class ArgError(SaeforgeError, argparse.ArgumentTypeError):
+    """A flag value that cannot be read; argparse prints it as its one-line usage error."""
+
+
 def parse_size(text: str) -> int:
-    """'5M' -> 5_000_000, '64k' -> 64_000, '1e6' -> 1_000_000."""
+    """'5M' -> 5_000_000, '64k' -> 64_000, '1e6' -> 1_000_000 (a positive whole count)."""
     t = str(text).strip().lower().replace("_", "")
     mult = {"k": 10**3, "m": 10**6, "g": 10**9, "b": 10**9}.get(t[-1:], 1)
     try:
-        return int(float(t[:-1] if mult > 1 else t) * mult)
+        value = float(t[:-1] if mult > 1 else t) * mult
     except ValueError:
-        raise SaeforgeError(f"cannot read {text!r} as a count; write e.g. 5M, 250k or 100000") from None
+        raise ArgError(f"cannot read {text!r} as a count; write e.g. 5M, 250k or 100000") from None
+    if not math.isfinite(value) or value < 1 or value != int(value):
+        raise ArgError(f"{text!r} is not a positive whole count; write e.g. 5M, 250k or 100000")
+    return int(value)
+
+
+def finite_float(text: str) -> float:
+    """A finite number (argparse ``type``): 'nan', 'inf' and words are refused."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise ArgError(f"cannot read {text!r} as a number; write e.g. 2e-4 or 0.5") from None
+    if not math.isfinite(value):
+        raise ArgError(f"{text!r} is not a finite number; write e.g. 2e-4 or 0.5")
+    return value
 
 
 def parse_sets(items: list[str] | None) -> dict[str, Any]:
@@ -27,9 +46,12 @@ def parse_sets(items: list[str] | None) -> dict[str, Any]:
             raise SaeforgeError(f"--set {item!r} needs the form key=value")
         k, v = item.split("=", 1)
         try:
-            out[k.strip()] = json.loads(v)
+            value = json.loads(v)
         except json.JSONDecodeError:
-            out[k.strip()] = v
+            value = v
+        if isinstance(value, float) and not math.isfinite(value):
+            raise SaeforgeError(f"--set {item!r}: {k.strip()} must be a finite number")
+        out[k.strip()] = value
     return out
 
 
@@ -66,10 +88,10 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("optimisation")
     g.add_argument("--tokens", type=parse_size, default=5_000_000, help="training tokens (default 5M; loops the data)")
     g.add_argument("--batch-size", type=int, default=4096, help="rows per step (default 4096)")
-    g.add_argument("--lr", type=float, help="learning rate (default: the recipe's, e.g. 2e-4/sqrt(n/2^14) for topk)")
+    g.add_argument("--lr", type=finite_float, help="learning rate (default: the recipe's, e.g. 2e-4/sqrt(n/2^14) for topk)")
     g.add_argument("--warmup-steps", type=int, help="LR warm-up steps (default min(1000, 5%% of steps))")
-    g.add_argument("--decay-frac", type=float, default=0.2, help="linear LR decay over the last fraction (default 0.2)")
-    g.add_argument("--grad-clip", type=float, default=1.0, help="gradient-norm clip, 0 to disable (default 1)")
+    g.add_argument("--decay-frac", type=finite_float, default=0.2, help="linear LR decay over the last fraction (default 0.2)")
+    g.add_argument("--grad-clip", type=finite_float, default=1.0, help="gradient-norm clip, 0 to disable (default 1)")
     g.add_argument("--dead-tokens", type=parse_size, default=10_000_000,
                    help="tokens without firing before a latent counts as dead (default 10M, Gao et al.)")
     g.add_argument("--log-every", type=int, default=25, help="steps between metric lines (default 25)")
