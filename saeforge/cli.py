@@ -16,10 +16,17 @@ import sys
 from saeforge.errors import SaeforgeError, describe
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line usage errors: the problem and where to read the usage, no usage dump."""
+
+    def error(self, message: str):  # type: ignore[override]
+        self.exit(2, f"{self.prog}: error: {message}; see `{self.prog} --help`\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
     from saeforge import commands
 
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="saeforge",
         description="Sparse autoencoders on language-model activations: harvest activations, train SAEs, "
         "evaluate them, adapt the model around them, browse their features, convert formats.",

@@ -305,6 +305,9 @@ class LiveStream(_BufferedStream):
         if isinstance(model, (str, Path)):
             model = load_model(str(model), tokenizer=tokenizer, device=self.device)
         self.loaded = model
+        from saeforge.models import check_context_len
+
+        check_context_len(self.loaded, context_len)
         if not hooks:
             raise SaeforgeError("no hooks given to LiveStream; name at least one, e.g. resid_post.2")
         self.hook_points = [resolve_hook(self.loaded, h) for h in hooks]
