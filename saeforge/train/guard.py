@@ -61,7 +61,8 @@ def _diff(old: Any, new: Any, prefix: str = "") -> list[str]:
     return [] if old == new else [f"{prefix[:-1]}: {old!r} -> {new!r}"]
 
 
-def compare_resume(path: Path, saved: dict[str, Any], current: dict[str, Any], allow: Iterable[str]) -> None:
+def compare_resume(path: Path, saved: dict[str, Any], current: dict[str, Any], allow: Iterable[str],
+                   hint: str | None = None) -> None:
     """Refuse to resume unless ``current`` equals ``saved`` (both ``{"train": ..., "saes": ..., "data": ...}``);
     ``allow`` names TrainConfig fields from :data:`RESUME_CHANGEABLE` that may differ."""
     allow = set(allow)
@@ -79,9 +80,10 @@ def compare_resume(path: Path, saved: dict[str, Any], current: dict[str, Any], a
             new = {k: v for k, v in (new or {}).items() if k not in allow}
         diffs += [f"{part} {d}" for d in _diff(old, new)]
     if diffs:
+        hint = hint or f"allow a safe change with --allow-change ({', '.join(RESUME_CHANGEABLE)}), "
         raise SaeforgeError(
             f"--resume: {path} was made with other settings ({'; '.join(diffs)}); rerun with the original ones, "
-            f"allow a safe change with --allow-change ({', '.join(RESUME_CHANGEABLE)}), or use a new --out"
+            f"{hint}or use a new --out"
         )
 
 
