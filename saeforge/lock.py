@@ -23,14 +23,17 @@ except ImportError:  # Windows: no flock; locking is skipped there
     fcntl = None  # type: ignore[assignment]
 
 
-def remove_temp_files(folder: Path) -> None:
-    """Delete leftovers of interrupted atomic writes (``.<name>.<random>.tmp``) directly in ``folder``."""
+def remove_temp_files(folder: Path, depth: int = 2) -> None:
+    """Delete leftovers of interrupted atomic writes (``.<name>.<random>.tmp``) in ``folder`` and its
+    sub-folders down to ``depth`` levels (per-SAE folders of a group run, a dashboard's ``.build``)."""
     if not folder.is_dir():
         return
     for p in folder.iterdir():
         if p.name.startswith(".") and p.name.endswith(".tmp") and p.is_file():
             with contextlib.suppress(OSError):
                 p.unlink()
+        elif depth > 0 and p.is_dir() and not p.is_symlink():
+            remove_temp_files(p, depth - 1)
 
 
 @contextlib.contextmanager

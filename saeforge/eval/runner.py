@@ -42,10 +42,15 @@ from saeforge.io import write_bytes_atomic, write_json_atomic
 from saeforge.sae.base import SAE
 
 STATE = "eval_state.json"
-STATE_VERSION = 1
+STATE_VERSION = 2  # 2: the state is wrapped as {"sha256", "state"}
 # Settings that change which tokens are evaluated or how chunks are cut: a resumed run must match them.
 _FINGERPRINT_KEYS = ("n_tokens", "context_len", "batch_contexts", "chunk_batches", "sample_tokens", "splice_all",
                      "text_field", "split", "seed")
+
+
+# Metrics that are finite for any SAE with finite weights on a model with finite activations; a NaN in them
+# means non-finite inputs (ratios such as rel_bias or ce_recovered may be 0/0 for degenerate SAEs, legitimately).
+_MUST_BE_FINITE = ("mse", "fvu", "l0", "ce_clean", "ce_spliced", "kl")
 
 
 @dataclass
@@ -65,6 +70,7 @@ class EvalConfig(JsonConfig):
     seed: int = 0
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         for name in ("n_tokens", "context_len", "batch_contexts", "chunk_batches"):
             if int(getattr(self, name)) < 1:
                 raise SaeforgeError(f"eval {name} must be a positive integer, got {getattr(self, name)}")
@@ -173,6 +179,12 @@ class EvalRunner:
         self.lm, self.data, self.cfg = lm, str(data), cfg
         self.out = Path(out) if out is not None else None
         dev = lm.device
+        from saeforge.models import check_context_len
+        from saeforge.sae.base import check_finite_weights
+
+        check_context_len(lm, cfg.context_len)
+        for n, s in saes.items():
+            check_finite_weights(s.state_dict(), f"SAE {n!r}")
         self.saes = {n: s.to(dev).eval() for n, s in saes.items()}
         self.names = list(self.saes)
         self.targets: list[SpliceTarget] = []
@@ -218,7 +230,7 @@ class EvalRunner:
             return self._new_state(fp)
         import json
 
-        state = _unpack(json.loads(path.read_text()))
+        state = _unpack(self._read_state(path))
         if state.get("version") != STATE_VERSION:
             raise SaeforgeError(f"{path} has state version {state.get('version')}; rerun without --resume")
         old = state.get("fingerprint", {})
@@ -235,12 +247,33 @@ class EvalRunner:
                 self.down[i].load_state_dict(st["down"])
         return state
 
+    @staticmethod
+    def _read_state(path: Path) -> dict[str, Any]:
+        """The packed state, after checking the checksum it was written with."""
+        import json
+
+        from saeforge.errors import CorruptFileError
+
+        fix = "delete it (or drop --resume) to evaluate from the start"
+        try:
+            doc = json.loads(path.read_text(encoding="utf-8"))
+            body, want = doc["state"], doc["sha256"]
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+            raise CorruptFileError(f"{path} is not a readable eval state ({e}); {fix}") from None
+        if hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest() != want:
+            raise CorruptFileError(f"{path} fails its checksum (damaged on disk); {fix}")
+        return body
+
     def save_state(self, state: dict[str, Any]) -> None:
+        import json
+
         if self.out is None:
             return
         state["stats"] = {str(i): {"recon": self.recon[i].state_dict(), "feats": self.feats[i].state_dict(),
                                    "down": self.down[i].state_dict()} for i in range(len(self.names))}
-        write_json_atomic(self.out / STATE, _pack(state), indent=None)
+        body = _pack(state)
+        digest = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+        write_json_atomic(self.out / STATE, {"sha256": digest, "state": body}, indent=None)
 
     # ---- passes -----------------------------------------------------------------------------------------------
     def _batches(self):
@@ -350,6 +383,10 @@ class EvalRunner:
                 why = "the model is an encoder without next-token logits" if not self.lm.is_causal \
                     else "downstream evaluation was turned off"
                 down = {"skipped": why}
+            recon = self.recon[i].result()
+            nonfinite = [f"{part}.{k}" for part, d in (("reconstruction", recon), ("downstream", down))
+                         for k, v in d.items() if k in _MUST_BE_FINITE and isinstance(v, (float, int))
+                         and not math.isfinite(v)]
             results[name] = jsonable({
                 "sae": {"name": name, "arch": sae.cfg.arch, "d_in": sae.cfg.d_in, "d_sae": sae.cfg.d_sae,
                         "d_out": sae.cfg.d_out, "hook": sae.cfg.hook, "target_hook": sae.cfg.target_hook,
@@ -358,10 +395,12 @@ class EvalRunner:
                 "model": str(self.lm.spec),
                 "data": self.data,
                 "config": c.to_dict(),
-                "reconstruction": self.recon[i].result(),
+                "reconstruction": recon,
                 "features": fsum,
                 "downstream": down,
             })
+            if nonfinite:  # evaluate_many refuses to pass these off as results (see there)
+                results[name]["nonfinite"] = nonfinite
         return results
 
     def run(self, resume: bool = False, progress: bool = True, on_chunk: Callable | None = None) -> dict[str, dict]:
