@@ -37,8 +37,9 @@ def remove_temp_files(folder: Path, depth: int = 2) -> None:
 
 
 @contextlib.contextmanager
-def folder_lock(folder: str | Path, command: str) -> Iterator[Path]:
-    """Hold the write lock of ``folder`` (created if needed) for the ``with`` block."""
+def folder_lock(folder: str | Path, command: str, transient: bool = False) -> Iterator[Path]:
+    """Hold the write lock of ``folder`` (created if needed) for the ``with`` block. ``transient`` removes the
+    lock file afterwards (for folders read by other tools, e.g. a converted SAE)."""
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise SaeforgeError(f"{folder} is a file; pass a folder path as --out")
@@ -48,7 +49,7 @@ def folder_lock(folder: str | Path, command: str) -> Iterator[Path]:
         if fcntl is None:
             yield folder
         else:
-            yield from _locked(folder, command)
+            yield from _locked(folder, command, transient)
     except BaseException:
         if created:  # a run that failed before writing anything leaves no folder behind
             with contextlib.suppress(OSError):
@@ -57,7 +58,7 @@ def folder_lock(folder: str | Path, command: str) -> Iterator[Path]:
         raise
 
 
-def _locked(folder: Path, command: str) -> Iterator[Path]:
+def _locked(folder: Path, command: str, transient: bool) -> Iterator[Path]:
     fd = os.open(folder / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         try:
@@ -69,5 +70,8 @@ def _locked(folder: Path, command: str) -> Iterator[Path]:
             ) from None
         remove_temp_files(folder)
         yield folder
+        if transient:
+            with contextlib.suppress(OSError):
+                (folder / LOCK_FILE).unlink()
     finally:
         os.close(fd)
