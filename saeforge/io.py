@@ -80,6 +80,18 @@ def _split_safetensors(data: bytes, path: object) -> tuple[dict[str, Any], bytes
     return header, data[8 + n:]
 
 
+def _canonical_header(data: bytes) -> bytes:
+    """The same file with its metadata keys sorted: safetensors keeps metadata in a hash map whose order
+    changes from process to process, and saeforge's files must be byte-identical across runs."""
+    header, body = _split_safetensors(data, "safetensors output")
+    if len(header.get("__metadata__") or {}) < 2:
+        return data
+    header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
+    raw = json.dumps(header, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+    raw += b" " * (-len(raw) % 8)  # tensor data stays 8-byte aligned, as safetensors writes it
+    return len(raw).to_bytes(8, "little") + raw + body
+
+
 def save_safetensors_atomic(
     path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None,
     checksum: bool = False,
@@ -93,7 +105,7 @@ def save_safetensors_atomic(
     data = _st_save(tensors, metadata=metadata)
     if checksum:
         _, body = _split_safetensors(data, path)
-        data = _st_save(tensors, metadata={**(metadata or {}), CHECKSUM_KEY: sha256_bytes(body)})
+        data = _canonical_header(_st_save(tensors, metadata={**(metadata or {}), CHECKSUM_KEY: sha256_bytes(body)}))
     write_bytes_atomic(path, data)
     from saeforge import faults
 

@@ -186,12 +186,20 @@ class Trainer:
             run.sae.to(self.device)
             run.opt.load_state_dict(st["opt"])
             run.since_fired = st["since_fired"].to(self.device)
+            acc = (meta.get("acc") or {}).get(name)
+            if acc is not None:
+                f32 = dict(dtype=torch.float32, device=self.device)
+                run.acc = {k: torch.tensor(v, **f32) for k, v in acc["sums"].items()}
+                run.n_acc = acc["n"]
+                run.grad_norms = None if acc["grad_norms"] is None else torch.tensor(acc["grad_norms"], **f32)
+                run.maybe_dead = acc["maybe_dead"]
             run.sched.last_epoch = meta["step"] - 1
             with warnings.catch_warnings():  # stepping the schedule to where it was, not an early step
                 warnings.simplefilter("ignore", UserWarning)
                 run.sched.step()
         torch.set_rng_state(rng)
         self.step, self.tokens = meta["step"], meta["tokens"]
+        self._max_rows = meta.get("max_rows", 0)
         self.last_checkpoint = self.step
         for run in self.runs.values():  # lines logged after the checkpoint are logged again
             guard.trim_metrics(run.out / "metrics.jsonl", self.step)
@@ -210,7 +218,12 @@ class Trainer:
         self._check_finite()
         runs = {n: {"sae": r.sae, "opt": r.opt, "since_fired": r.since_fired} for n, r in self.runs.items()}
         extra = {"total_steps": self.total_steps, "cfgs": {n: r.sae.cfg.to_dict() for n, r in self.runs.items()},
-                 "identity": self.identity()}
+                 "identity": self.identity(),
+                 # the metric sums since the last line, so a resumed run writes the same metrics.jsonl
+                 "acc": {n: {"n": r.n_acc, "sums": {k: v.item() for k, v in r.acc.items()},
+                             "grad_norms": None if r.grad_norms is None else r.grad_norms.item(),
+                             "maybe_dead": r.maybe_dead}
+                         for n, r in self.runs.items()}, "max_rows": self._max_rows}
         save_checkpoint(self.out / CHECKPOINT, self.step, self.tokens, runs, extra)
         self.last_checkpoint = self.step
 
