@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 from saeforge.commands.train import finite_float, parse_size
+from saeforge.errors import SaeforgeError
 
 
 def _report(ad, data: str, args, cfg_replace_special: bool) -> dict:
@@ -83,6 +84,8 @@ def run_train(args: argparse.Namespace) -> int:
     from saeforge.adapt.trainer import load_any_sae
 
     model = args.model or load_any_sae(args.sae[0], "cpu").cfg.model
+    if not model:
+        raise SaeforgeError(f"{args.sae[0]} does not record its model (the SAE names none); pass --model")
     cfg = AdaptConfig(
         model=model, saes=list(args.sae), data=args.data, tokenizer=args.tokenizer, rank=args.rank,
         alpha=args.alpha, dropout=args.dropout, layers=args.layers,

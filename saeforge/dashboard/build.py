@@ -59,6 +59,10 @@ class DashboardConfig(JsonConfig):
     seed: int = 0
     device: str = "cpu"
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.validate()
+
     def validate(self) -> None:
         for name in ("top_k", "n_bands", "per_band", "hist_bins", "n_logits", "shard_size", "context_len",
                      "checkpoint_rows"):
@@ -130,7 +134,7 @@ def open_source(cfg: DashboardConfig, sae: Any, hook: str, device: torch.device)
             raise SaeforgeError(f"cache {data} holds width {cache.d[hook]} at {hook}, but the SAE reads width "
                                 f"{sae.cfg.d_in}; use the cache of the model the SAE was trained on")
         mcfg = cache.manifest.get("config", {})
-        spec = cfg.model or mcfg.get("model") or sae.cfg.model
+        spec = cfg.model or cache.model_spec or sae.cfg.model
         loaded = load_model(spec, tokenizer=cfg.tokenizer or mcfg.get("tokenizer"), device=device)
         limit = cfg.max_tokens
 

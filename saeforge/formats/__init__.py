@@ -57,7 +57,9 @@ def _is_native(path: Path) -> bool:
         return False
     try:
         return "arch" in read_json(path / "cfg.json")
-    except SaeforgeError:
+    except SaeforgeError as e:
+        if "not valid JSON" in str(e):  # saeforge's and sparsify's layout: a damaged cfg.json, not another format
+            raise
         return False
 
 
