@@ -587,3 +587,23 @@ def test_size_limited_output_is_one_line(w, tmp_path):
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip() and "warn" not in ln.lower()]
     assert proc.returncode == 2 and len(lines) == 1 and "size limit" in lines[0], proc.stderr
     assert not [p for p in (tmp_path / "o").iterdir() if p.name.endswith(".tmp")]  # no torn temp file left
+
+
+def test_eval_resume_refuses_a_damaged_chunk(w, tmp_path):
+    from saeforge.errors import CorruptFileError
+    from saeforge.eval import evaluate
+
+    class Stop(Exception):
+        pass
+
+    def stop_after_two(phase, n):
+        if phase == "recon" and n == 2:
+            raise Stop
+
+    kw = dict(model=str(w.model), n_tokens=160, context_len=32, batch_contexts=2, chunk_batches=1, progress=False,
+              downstream=False, out=tmp_path / "e")
+    with pytest.raises(Stop):
+        evaluate(str(w.sae), data=str(w.valid_txt), on_chunk=stop_after_two, **kw)
+    _flip(tmp_path / "e" / "eval_chunks" / "recon_000000.npz", offset=60)
+    with pytest.raises(CorruptFileError, match="recon_000000.npz fails its checksum"):
+        evaluate(str(w.sae), data=str(w.valid_txt), resume=True, **kw)

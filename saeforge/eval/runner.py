@@ -121,10 +121,11 @@ def jsonable(obj: Any) -> Any:
     return obj
 
 
-def save_npz(path: Path, arrays: Mapping[str, np.ndarray]) -> None:
+def save_npz(path: Path, arrays: Mapping[str, np.ndarray]) -> bytes:
     buf = io.BytesIO()
     np.savez(buf, **{k: np.asarray(v) for k, v in arrays.items()})
     write_bytes_atomic(path, buf.getvalue())
+    return buf.getvalue()
 
 
 class ChunkStore:
@@ -133,12 +134,14 @@ class ChunkStore:
     def __init__(self, folder: Path | None):
         self.folder = folder
         self.mem: dict[tuple[str, int], dict[str, np.ndarray]] = {}
+        self.sha: dict[str, str] = {}  # file name -> sha256, saved in the eval state and checked on read
 
     def put(self, phase: str, chunk: int, arrays: dict[str, np.ndarray]) -> None:
         if self.folder is None:
             self.mem[(phase, chunk)] = arrays
         else:
-            save_npz(self.folder / f"{phase}_{chunk:06d}.npz", arrays)
+            name = f"{phase}_{chunk:06d}.npz"
+            self.sha[name] = hashlib.sha256(save_npz(self.folder / name, arrays)).hexdigest()
 
     def concat(self, phase: str, n_chunks: int, keys: list[str]) -> dict[str, np.ndarray]:
         parts: dict[str, list[np.ndarray]] = {k: [] for k in keys}
@@ -149,13 +152,20 @@ class ChunkStore:
                 p = self.folder / f"{phase}_{c:06d}.npz"
                 if not p.exists():
                     raise SaeforgeError(f"{p} is missing, so the eval state cannot be resumed; rerun without --resume")
-                z = dict(np.load(p))
+                data = p.read_bytes()
+                want = self.sha.get(p.name)
+                if want is not None and hashlib.sha256(data).hexdigest() != want:
+                    from saeforge.errors import CorruptFileError
+
+                    raise CorruptFileError(f"{p} fails its checksum (damaged on disk); rerun without --resume")
+                z = dict(np.load(io.BytesIO(data)))
             for k in keys:
                 parts[k].append(z[k])
         return {k: np.concatenate(v) if v else np.zeros(0) for k, v in parts.items()}
 
     def clear(self) -> None:
         self.mem.clear()
+        self.sha.clear()
         if self.folder is not None and self.folder.exists():
             shutil.rmtree(self.folder)
 
@@ -238,6 +248,7 @@ class EvalRunner:
         if diff:
             raise SaeforgeError(f"{path} belongs to a different evaluation (differs in {', '.join(diff)}); "
                                 "use another --out or drop --resume")
+        self.store.sha = dict(state.get("chunk_sha", {}))
         for i in range(len(self.names)):
             st = state.get("stats", {}).get(str(i), {})
             if "recon" in st:
@@ -271,6 +282,7 @@ class EvalRunner:
             return
         state["stats"] = {str(i): {"recon": self.recon[i].state_dict(), "feats": self.feats[i].state_dict(),
                                    "down": self.down[i].state_dict()} for i in range(len(self.names))}
+        state["chunk_sha"] = dict(self.store.sha)
         body = _pack(state)
         digest = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
         write_json_atomic(self.out / STATE, {"sha256": digest, "state": body}, indent=None)
