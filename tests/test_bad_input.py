@@ -374,6 +374,13 @@ CASES: list[tuple[str, A, str] | tuple[str, A, str, int]] = [
     ("train-kl-without-model", lambda w, t: ["train", "--objective", "kl", "--data", str(w.train_txt), "--hook", HOOK,
                                              "--out", str(t / "o")], "--objective kl needs --model"),
     ("train-no-data", lambda w, t: ["train", "--out", str(t / "o")], "--data is required"),
+    # ---- sweep
+    ("sweep-width-word", lambda w, t: ["sweep", "--data", str(w.cache), "--arch", "topk", "--width", "128,big", "--k", "8",
+                                       "--out", str(t / "o")], "comma-separated list of int"),
+    ("sweep-lam-nan", lambda w, t: ["sweep", "--data", str(w.cache), "--arch", "relu", "--width", "128", "--lam", "nan",
+                                    "--out", str(t / "o")], "positive finite number"),
+    ("sweep-lr-0", lambda w, t: ["sweep", "--data", str(w.cache), "--arch", "topk", "--width", "128", "--k", "8",
+                                 "--lr", "0", "--out", str(t / "o")], "lr must be a finite number > 0"),
     # ---- eval
     ("eval-sae-missing", lambda w, t: _eval_argv(w, t / "none"), "does not exist"),
     ("eval-sae-flipped", lambda w, t: _eval_argv(w, w.sae_flip), "sae.safetensors fails its checksum"),
