@@ -6,8 +6,10 @@ with a message that names them (a typo in a config file is an error, never silen
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
+import math
 import types
 import typing
 from pathlib import Path
@@ -211,3 +213,31 @@ class JsonConfig:
         if not isinstance(d, dict):
             raise ConfigError(f"{path} holds a JSON {type(d).__name__}, not an object of {cls.__name__} fields")
         return cls.from_dict(d)
+
+
+class ArgError(ConfigError, argparse.ArgumentTypeError):
+    """A flag value that cannot be read; argparse prints it as its one-line usage error."""
+
+
+def parse_size(text: str) -> int:
+    """'5M' -> 5_000_000, '64k' -> 64_000, '1e6' -> 1_000_000 (a positive whole count)."""
+    t = str(text).strip().lower().replace("_", "")
+    mult = {"k": 10**3, "m": 10**6, "g": 10**9, "b": 10**9}.get(t[-1:], 1)
+    try:
+        value = float(t[:-1] if mult > 1 else t) * mult
+    except ValueError:
+        raise ArgError(f"cannot read {text!r} as a count; write e.g. 5M, 250k or 100000") from None
+    if not math.isfinite(value) or value < 1 or value != int(value):
+        raise ArgError(f"{text!r} is not a positive whole count; write e.g. 5M, 250k or 100000")
+    return int(value)
+
+
+def finite_float(text: str) -> float:
+    """A finite number (argparse ``type``): 'nan', 'inf' and words are refused."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise ArgError(f"cannot read {text!r} as a number; write e.g. 2e-4 or 0.5") from None
+    if not math.isfinite(value):
+        raise ArgError(f"{text!r} is not a finite number; write e.g. 2e-4 or 0.5")
+    return value

@@ -48,7 +48,7 @@ def sparsity_field(arch: str) -> str:
 
     cls = get_arch(arch).config_class
     names = {f.name for f in dataclasses.fields(cls)}
-    fld = getattr(cls, "SPARSITY_FIELD", "k" if "k" in names else None)
+    fld = cls.SPARSITY_FIELD
     if fld is None or fld not in names:
         raise SaeforgeError(f"architecture {arch!r} has no sparsity knob a sweep can vary")
     return fld
@@ -73,7 +73,7 @@ def build_grid(
         opts = {k: v for k, v in sets.items() if k in names}
         used |= set(opts)
         tag = arch
-        if recipe is not None and recipe in getattr(cls, "RECIPES", ()):
+        if recipe is not None and recipe in cls.RECIPES:
             opts["recipe"], recipe_used = recipe, True
             tag = f"{arch}-{recipe}"
         fld = sparsity_field(arch)

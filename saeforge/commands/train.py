@@ -7,35 +7,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+from saeforge.config import ArgError, finite_float, parse_size  # noqa: F401  (re-exported for the commands)
 from saeforge.errors import SaeforgeError
-
-
-class ArgError(SaeforgeError, argparse.ArgumentTypeError):
-    """A flag value that cannot be read; argparse prints it as its one-line usage error."""
-
-
-def parse_size(text: str) -> int:
-    """'5M' -> 5_000_000, '64k' -> 64_000, '1e6' -> 1_000_000 (a positive whole count)."""
-    t = str(text).strip().lower().replace("_", "")
-    mult = {"k": 10**3, "m": 10**6, "g": 10**9, "b": 10**9}.get(t[-1:], 1)
-    try:
-        value = float(t[:-1] if mult > 1 else t) * mult
-    except ValueError:
-        raise ArgError(f"cannot read {text!r} as a count; write e.g. 5M, 250k or 100000") from None
-    if not math.isfinite(value) or value < 1 or value != int(value):
-        raise ArgError(f"{text!r} is not a positive whole count; write e.g. 5M, 250k or 100000")
-    return int(value)
-
-
-def finite_float(text: str) -> float:
-    """A finite number (argparse ``type``): 'nan', 'inf' and words are refused."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise ArgError(f"cannot read {text!r} as a number; write e.g. 2e-4 or 0.5") from None
-    if not math.isfinite(value):
-        raise ArgError(f"{text!r} is not a finite number; write e.g. 2e-4 or 0.5")
-    return value
 
 
 def parse_sets(items: list[str] | None) -> dict[str, Any]:
@@ -89,12 +62,16 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("optimisation")
     g.add_argument("--tokens", type=parse_size, default=5_000_000, help="training tokens (default 5M; loops the data)")
     g.add_argument("--batch-size", type=int, default=4096, help="rows per step (default 4096)")
-    g.add_argument("--lr", type=finite_float, help="learning rate (default: the recipe's, e.g. 2e-4/sqrt(n/2^14) for topk)")
+    g.add_argument("--lr", type=finite_float, help="learning rate (default: from --lr-rule)")
+    g.add_argument("--lr-rule", choices=["scaled", "published"], default="scaled",
+                   help="an unset --lr: scaled = Gao et al.'s 2e-4/sqrt(n/2^14) transferred to the input width "
+                        "(every architecture; docs/recipes/README.md); published = the recipe's own constant")
     g.add_argument("--warmup-steps", type=int, help="LR warm-up steps (default min(1000, 5%% of steps))")
     g.add_argument("--decay-frac", type=finite_float, default=0.2, help="linear LR decay over the last fraction (default 0.2)")
     g.add_argument("--grad-clip", type=finite_float, default=1.0, help="gradient-norm clip, 0 to disable (default 1)")
-    g.add_argument("--dead-tokens", type=parse_size, default=10_000_000,
-                   help="tokens without firing before a latent counts as dead (default 10M, Gao et al.)")
+    g.add_argument("--dead-tokens", type=parse_size, default=None,
+                   help="tokens without firing before a latent counts as dead (default 10M as Gao et al., or a "
+                        "tenth of a shorter run)")
     g.add_argument("--log-every", type=int, default=25, help="steps between metric lines (default 25)")
     g.add_argument("--checkpoint-every", type=int, default=500, help="steps between checkpoints (default 500)")
     g.add_argument("--seed", type=int, default=0)
@@ -128,7 +105,8 @@ def train_config_from_args(args: argparse.Namespace):
     from saeforge.train import TrainConfig
 
     return TrainConfig(
-        total_tokens=args.tokens, batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup_steps,
+        total_tokens=args.tokens, batch_size=args.batch_size, lr=args.lr, lr_rule=args.lr_rule,
+        warmup_steps=args.warmup_steps,
         decay_frac=args.decay_frac, grad_clip=args.grad_clip, dead_tokens=args.dead_tokens,
         log_every=args.log_every, checkpoint_every=args.checkpoint_every, seed=args.seed, device=args.device,
         dtype=args.dtype, kernels=args.kernels,

@@ -58,6 +58,11 @@ class SAEConfig(JsonConfig):
     metadata: dict[str, Any] = field(default_factory=dict)  # provenance: source format, trainer, ...
     format: str = FORMAT
 
+    # the config field that sets sparsity (k, or a penalty coefficient); a sweep varies it
+    SPARSITY_FIELD: ClassVar[str | None] = None
+    # named published recipes the architecture implements (the ``recipe`` field), if any
+    RECIPES: ClassVar[tuple[str, ...]] = ()
+
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.d_out is None:
@@ -89,6 +94,7 @@ class TrainStepInput:
     step: int
     total_steps: int
     dead_mask: Tensor | None = None  # [d_sae] bool, latents that have not fired for dead_tokens
+    skip: Tensor | None = None  # [B, d_out] the skip term in the working space (set by SAE.train_step)
 
 
 @dataclass
@@ -272,6 +278,63 @@ class SAE(nn.Module):
     def training_forward(self, inp: TrainStepInput) -> TrainStepOutput:
         raise NotImplementedError
 
+    # ---- the training contract: what the trainer asks of every architecture (defaults here) ----------
+    def published_lr(self) -> float:
+        """The recipe's own learning rate, as its paper or reference code gives it (``lr_rule="published"``)."""
+        return 2e-4
+
+    def recommended_lr(self, total_tokens: int | None = None, rule: str = "scaled") -> float:
+        """The learning rate used when ``TrainConfig.lr`` is unset (``TrainConfig.lr_rule`` picks the rule):
+        ``"scaled"`` (default) is :func:`scaled_lr` for this SAE's widths, the same rule for every
+        architecture; ``"published"`` is the recipe's constant (:meth:`published_lr`)."""
+        if rule == "published":
+            return self.published_lr()
+        if rule != "scaled":
+            raise SaeforgeError(f"unknown lr rule {rule!r}; use 'scaled' or 'published'")
+        return scaled_lr(self.cfg.d_in, self.cfg.d_sae)
+
+    def adam_defaults(self) -> dict[str, Any]:
+        """Adam ``betas`` / ``eps`` of the recipe (used where ``TrainConfig`` leaves them unset)."""
+        return {}
+
+    def resample_request(self, tokens_before: int, tokens_after: int, total_tokens: int) -> int:
+        """Rows of upcoming data the trainer should hand to :meth:`resample` after this step (0: none)."""
+        return 0
+
+    def resample(self, x: Tensor, y: Tensor, since_fired: Tensor, opt: torch.optim.Optimizer,
+                 generator: torch.Generator) -> Tensor:
+        """Re-initialise dead latents from data; returns the indices reset. Only called after a positive
+        :meth:`resample_request`."""
+        raise NotImplementedError(f"{type(self).__name__} does not resample")
+
+    def after_metrics(self, metrics: dict[str, float], step: int, total_steps: int) -> None:
+        """Called with each metrics line (the loop's host sync), e.g. to steer a sparsity coefficient."""
+
+    def train_step(self, inp: TrainStepInput) -> TrainStepOutput:
+        """What the trainer calls: ``training_forward`` plus, with ``cfg.skip``, the learned skip term. The
+        architecture reconstructs the target minus the skip term (``working_inputs`` subtracts it, with its
+        gradient, so ``W_skip`` trains through every architecture's loss); the returned ``y``/``y_hat`` have
+        it added back, so the logged FVU is that of the whole output, as ``forward`` computes it."""
+        if not self.cfg.skip:
+            return self.training_forward(inp)
+        skip = self.working_skip(inp.x)
+        out = self.training_forward(dataclasses.replace(inp, skip=skip))
+        s = skip.detach()
+        out.y, out.y_hat = out.y + s.reshape(out.y.shape), out.y_hat + s.reshape(out.y_hat.shape)
+        return out
+
+    def working_skip(self, x: Tensor) -> Tensor:
+        """``skip_term(x)`` mapped into the working (normalised target) space: ``forward`` adds it after
+        ``decode`` undid the normalisation, so here it is scaled by ``output_scale`` and, for a layer-normed
+        SAE, divided by the input's standard deviation."""
+        s = self.skip_term(x)
+        if self.cfg.output_scale != 1.0:
+            s = s * self.cfg.output_scale
+        if self.cfg.input_norm != "none" and not self.cfg.is_transcoder:
+            _, (_, std) = self.normalize_input(x)
+            s = s / std
+        return s
+
     def before_optimizer_step(self) -> None:
         """Called after backward, before the optimizer (e.g. remove gradient parallel to decoder rows)."""
 
@@ -300,6 +363,8 @@ class SAE(nn.Module):
     def working_inputs(self, inp: TrainStepInput) -> tuple[Tensor, Tensor]:
         x_n, _ = self.normalize_input(inp.x)
         y_n = x_n if inp.y is inp.x else self.normalize_target(inp.y)
+        if inp.skip is not None:
+            y_n = y_n - inp.skip.reshape(y_n.shape)
         return x_n, y_n
 
     # ---- persistence ----------------------------------------------------------------------------
@@ -356,6 +421,22 @@ def check_finite_weights(state: dict[str, Tensor], where: object) -> None:
         if v.is_floating_point() and not bool(torch.isfinite(v).all()):
             raise NonFiniteError(f"{where}: SAE weight {k} holds NaN/Inf values; this SAE is unusable: "
                                  "train it again (saeforge train stops at the first non-finite loss)")
+
+
+LR_REFERENCE = (2e-4, 768, 2**14)  # Gao et al.'s lr at GPT-2 small's width with 2^14 latents
+LR_SCALE = 2.0  # measured: the best lr of short (3M-token) runs sits above the transferred value (docs)
+
+
+def scaled_lr(d_in: int, d_sae: int) -> float:
+    """The default learning rate of every architecture: Gao et al.'s 2e-4 / √(n / 2^14), fitted at GPT-2
+    small's width d = 768, transferred to width ``d_in`` as lr ∝ 1/√d_in.
+
+    Why 1/√d: Adam moves each weight by about lr per step whatever the scale of its gradient, and decoder
+    rows (and encoder columns at init) have a fixed norm, so their entries are of size 1/√d. The angle a
+    latent's direction turns per step is thus ≈ lr·√d; keeping it equal to its value at the reference
+    width gives lr ∝ 1/√d (docs/recipes/README.md shows the measurements, at d = 32, 64, 128 and 384)."""
+    lr0, d0, n0 = LR_REFERENCE
+    return LR_SCALE * lr0 * math.sqrt(n0 / d_sae) * math.sqrt(d0 / d_in)
 
 
 def config_fields(cfg_cls: type[SAEConfig]) -> list[str]:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import Tensor
@@ -33,6 +34,8 @@ class TopKConfig(SAEConfig):
     aux_coef: float = 1 / 32
     multi_topk: bool = False  # add L(4k)/8 (Gao et al. §A.3)
     init_b_dec_geometric_median: bool = True
+
+    SPARSITY_FIELD: ClassVar[str] = "k"
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -61,7 +64,7 @@ class TopKSAE(SAE):
         x_n, self._norm_ctx = self.normalize_input(x)
         return topk_relu(self.pre_acts(x_n), self.cfg.k)
 
-    def recommended_lr(self) -> float:
+    def published_lr(self) -> float:
         return 2e-4 / math.sqrt(self.cfg.d_sae / 2**14)
 
     def adam_defaults(self) -> dict:
@@ -94,7 +97,7 @@ class TopKSAE(SAE):
         vals, idx = topk_relu(h, cfg.k)
         y_hat = sparse_decode(vals, idx, self.W_dec, self.b_dec)
         e = y - y_hat
-        total_var = (y - y.mean(0)).pow(2).sum().clamp_min(1e-12)
+        total_var = (y - y.mean(0)).pow(2).sum().clamp_min(1e-12).detach()  # a constant (skip terms train through y)
         mse = e.pow(2).sum() / total_var
         losses = {"mse": mse}
         loss = mse

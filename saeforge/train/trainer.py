@@ -109,6 +109,7 @@ class Trainer:
         if cfg.kernels not in ("sparse", "dense"):
             raise SaeforgeError(f"TrainConfig.kernels={cfg.kernels!r}: use 'sparse' or 'dense'")
         self.total_steps = max(1, math.ceil(cfg.total_tokens / cfg.batch_size))
+        self.dead_tokens = cfg.dead_window()
         self.warmup = cfg.warmup_steps if cfg.warmup_steps is not None else default_warmup(self.total_steps)
         self.runs: dict[str, _Run] = {}
         for name, s in saes.items():
@@ -117,8 +118,8 @@ class Trainer:
             _seeded(cfg.seed)
             sae = s if isinstance(s, SAE) else create_sae(s)
             sae = sae.to(self.device)
-            lr = cfg.lr if cfg.lr is not None else getattr(sae, "recommended_lr", lambda: 2e-4)()
-            hints = getattr(sae, "adam_defaults", dict)()
+            lr = cfg.lr if cfg.lr is not None else sae.recommended_lr(cfg.total_tokens, cfg.lr_rule)
+            hints = sae.adam_defaults()
             betas = tuple(cfg.betas) if cfg.betas is not None else tuple(hints.get("betas", (0.9, 0.999)))
             eps = cfg.eps if cfg.eps is not None else hints.get("eps", 1e-8)
             sae.sparse_kernels = cfg.kernels == "sparse"
@@ -239,9 +240,9 @@ class Trainer:
         x, y = run.sae.inputs_from(acts)
         # While no latent can have reached dead_tokens, the dead mask is all False and AuxK is zero: skip it
         # (and its extra top-k) without a host sync. _refresh_dead() proves that bound at each metrics line.
-        dead = run.since_fired >= self.cfg.dead_tokens if run.maybe_dead else None
+        dead = run.since_fired >= self.dead_tokens if run.maybe_dead else None
         with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype != torch.float32):
-            out = run.sae.training_forward(TrainStepInput(x, y, self.step, self.total_steps, dead))
+            out = run.sae.train_step(TrainStepInput(x, y, self.step, self.total_steps, dead))
         out.loss.float().backward()
         run.sae.before_optimizer_step()
         if self.cfg.grad_clip > 0:
@@ -264,8 +265,7 @@ class Trainer:
         """Run the SAEs' resampling hooks that are due after this step (see the module docstring)."""
         due = {}
         for name, run in self.runs.items():
-            req = getattr(run.sae, "resample_request", None)
-            rows = req(tokens_before, tokens_after) if req is not None else 0
+            rows = run.sae.resample_request(tokens_before, tokens_after, self.cfg.total_tokens)
             if rows > 0:
                 due[name] = rows
         if not due:
@@ -289,7 +289,7 @@ class Trainer:
             return  # no batch seen yet: keep the default (maybe dead)
         horizon = (self.cfg.log_every + 1) * self._max_rows
         for run in self.runs.values():
-            run.maybe_dead = bool((run.since_fired.max() + horizon >= self.cfg.dead_tokens).item())
+            run.maybe_dead = bool((run.since_fired.max() + horizon >= self.dead_tokens).item())
 
     def _log(self, pbar: tqdm | None, t0: float) -> dict[str, dict[str, float]]:
         lines = {}
@@ -302,10 +302,11 @@ class Trainer:
                                                     if run.grad_norms is not None else {})},
                                self.step, self.last_checkpoint)
             run.grad_norms = None
-            rec["dead_frac"] = (run.since_fired >= self.cfg.dead_tokens).float().mean().item()
+            rec["dead_frac"] = (run.since_fired >= self.dead_tokens).float().mean().item()
             rec["elapsed_s"] = round(time.perf_counter() - t0, 3)
             if run.resampled:
                 rec["resampled"], run.resampled = run.resampled, 0
+            run.sae.after_metrics(rec, self.step, self.total_steps)
             run.acc, run.n_acc = {}, 0
             run.out.mkdir(parents=True, exist_ok=True)
             with open(run.out / "metrics.jsonl", "a") as fh:
