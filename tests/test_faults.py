@@ -78,3 +78,35 @@ def test_killed_train_resumes_byte_identical(point, reference, tmp_path):
     assert main(argv) == 0
     assert _files(tmp_path / "sae") == _files(reference / "sae")
     assert not [p for p in (tmp_path / "sae").iterdir() if p.name.endswith(".tmp")]  # no temp file left
+
+
+def test_second_writer_is_refused_while_the_first_finishes_intact(reference, tmp_path, stories_model_path,
+                                                                   tinystories_train, capsys):
+    """Two harvests into one folder at once: the second is refused with one line, the first's cache is intact."""
+    import fcntl
+    import time
+
+    out = tmp_path / "cache"
+    argv = _harvest_argv(stories_model_path, tinystories_train, out)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    first = subprocess.Popen([sys.executable, "-m", "saeforge", *argv], env=env, cwd=REPO,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 60
+    while time.time() < deadline:  # wait until the first one holds the lock
+        lock = out / ".saeforge.lock"
+        if lock.exists():
+            with open(lock) as fh:
+                try:
+                    fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    fcntl.flock(fh, fcntl.LOCK_UN)
+                except BlockingIOError:
+                    break
+        time.sleep(0.05)
+    else:
+        first.kill()
+        pytest.fail("the first harvest never took the lock")
+    other = argv[:argv.index("--max-tokens") + 1] + ["2000", "--quiet"]  # different settings, same folder
+    assert main(other) == 2
+    assert "being written by another saeforge process" in capsys.readouterr().err
+    assert first.wait(timeout=120) == 0, first.stderr.read()
+    assert _files(out) == _files(reference / "cache")

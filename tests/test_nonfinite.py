@@ -171,3 +171,25 @@ def test_resume_with_an_allowed_longer_budget(tmp_path, small_cache):
     assert main(argv + ["--tokens", "2048", "--resume", "--allow-change", "total_tokens"]) == 0
     steps = [json.loads(x)["step"] for x in (tmp_path / "sae" / "metrics.jsonl").read_text().splitlines()]
     assert steps == sorted(set(steps)) and steps[-1] == 8
+
+
+def test_eval_reports_nan_metrics_loudly(tmp_path, monkeypatch, small_cache, tinystories_valid, stories_model_path):
+    """NaN reconstructions (from a model or data that gives non-finite values) end as a one-line error naming the
+    metrics; eval.json keeps them as null instead of a table that silently drops them."""
+    import saeforge.eval.runner as runner
+    from saeforge.eval import evaluate
+    from saeforge.sae import create_sae
+
+    real = runner.encode_decode
+
+    def nan_decode(sae, x):
+        f, y_hat = real(sae, x)
+        return f, torch.full_like(y_hat, float("nan"))
+
+    monkeypatch.setattr(runner, "encode_decode", nan_decode)
+    sae = create_sae(make_config("topk", d_in=64, d_sae=128, k=8, hook=HOOK, model=str(stories_model_path)))
+    with pytest.raises(NonFiniteError) as e:
+        evaluate(sae, data=str(tinystories_valid), n_tokens=96, context_len=32, downstream=False, progress=False,
+                 out=tmp_path / "ev")
+    assert "reconstruction.mse" in str(e.value) and "reconstruction.fvu" in str(e.value)
+    assert json.loads((tmp_path / "ev" / "eval.json").read_text())["reconstruction"]["fvu"] is None

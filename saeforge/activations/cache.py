@@ -274,7 +274,8 @@ def harvest(cfg: HarvestConfig, progress: bool = True) -> Path:
     """
     cfg.validate()
     out = Path(cfg.out)
-    _check_folder(out, cfg)  # refuse a wrong folder before creating anything (the lock creates it)
+    if not (out / MANIFEST).exists():
+        _check_folder(out, cfg)  # refuse a foreign folder before the lock puts its file into it
     with folder_lock(out, "harvest"):
         return _harvest_locked(cfg, out, progress)
 

@@ -176,6 +176,11 @@ def open_source(cfg: DashboardConfig, sae: Any, hook: str, device: torch.device)
             if i < skip:
                 continue
             r = forward_rows(loaded.model, [hp], batch, device)
+            if not bool(torch.isfinite(r[f"acts.{hook}"]).all()):
+                from saeforge.errors import NonFiniteError
+
+                raise NonFiniteError(f"{spec} gives NaN/Inf activations at {hook} on {cfg.data} (batch {i}); the "
+                                     "dashboard would show garbage: check the model and the data")
             if r[f"acts.{hook}"].shape[-1] != sae.cfg.d_in:
                 raise SaeforgeError(f"{spec} gives width {r[f'acts.{hook}'].shape[-1]} at {hook}, but the SAE reads "
                                     f"width {sae.cfg.d_in}; pass the --model the SAE was trained on")
