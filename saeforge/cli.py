@@ -13,7 +13,7 @@ import os
 import pkgutil
 import sys
 
-from saeforge.errors import SaeforgeError, describe
+from saeforge.errors import describe
 
 
 class _Parser(argparse.ArgumentParser):

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import gzip
 import json
 import math
 import os
@@ -614,3 +613,16 @@ def test_eval_resume_refuses_a_damaged_chunk(w, tmp_path):
     _flip(tmp_path / "e" / "eval_chunks" / "recon_000000.npz", offset=60)
     with pytest.raises(CorruptFileError, match="recon_000000.npz fails its checksum"):
         evaluate(str(w.sae), data=str(w.valid_txt), resume=True, **kw)
+
+
+def test_an_unexpected_error_is_one_line_asking_for_a_report(w, tmp_path, capsys, monkeypatch):
+    import saeforge.commands.convert as convert
+
+    def boom(args):
+        raise ZeroDivisionError("a bug")
+
+    monkeypatch.setattr(convert, "run", boom)
+    capsys.readouterr()
+    rc = main(["convert", str(w.sae), str(tmp_path / "o"), "--to", "saelens"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 1 and len(err) == 1 and "internal error: ZeroDivisionError: a bug" in err[0] and "--debug" in err[0]
