@@ -626,3 +626,10 @@ def test_an_unexpected_error_is_one_line_asking_for_a_report(w, tmp_path, capsys
     rc = main(["convert", str(w.sae), str(tmp_path / "o"), "--to", "saelens"])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 1 and len(err) == 1 and "internal error: ZeroDivisionError: a bug" in err[0] and "--debug" in err[0]
+
+
+def test_eval_resume_refuses_damaged_result_arrays(w, eval_run, tmp_path, capsys):
+    out = _copy(eval_run, tmp_path / "o")
+    _flip(out / "features.npz", offset=80)
+    rc, line = _error_line(capsys, _eval_argv(w, w.sae, "--resume", out=out))
+    assert rc == 2 and "features.npz fails its checksum" in line

@@ -436,21 +436,33 @@ class EvalRunner:
         return self.out if len(self.names) == 1 else self.out / _safe(name)
 
     def write_arrays(self) -> None:
+        """Write each SAE's arrays; their sha256 go into the state (saved right after), checked on read."""
         if self.out is None:
             return
+        shas = self.state.setdefault("arrays_sha", {}) if hasattr(self, "state") else {}
         for name in self.names:
             d = self.sae_dir(name)
-            save_npz(d / "features.npz", self.arrays[name])
-            if name in self.per_token:
-                save_npz(d / "per_token.npz", self.per_token[name])
+            for fname, arrays in (("features.npz", self.arrays.get(name)), ("per_token.npz", self.per_token.get(name))):
+                if arrays is not None:
+                    data = save_npz(d / fname, arrays)
+                    shas[str((d / fname).relative_to(self.out))] = hashlib.sha256(data).hexdigest()
 
     def read_arrays(self) -> None:
+        from saeforge.errors import CorruptFileError
+
+        shas = getattr(self, "state", {}).get("arrays_sha", {})
         for name in self.names:
             d = self.sae_dir(name)
-            if (d / "features.npz").exists():
-                self.arrays[name] = dict(np.load(d / "features.npz"))
-            if (d / "per_token.npz").exists():
-                self.per_token[name] = dict(np.load(d / "per_token.npz"))
+            for fname, into in (("features.npz", self.arrays), ("per_token.npz", self.per_token)):
+                p = d / fname
+                if not p.exists():
+                    continue
+                data = p.read_bytes()
+                want = shas.get(str(p.relative_to(self.out))) if self.out is not None else None
+                if want is not None and hashlib.sha256(data).hexdigest() != want:
+                    raise CorruptFileError(f"{p} fails its checksum (damaged on disk); rerun the evaluation without "
+                                           "--resume to rewrite it")
+                into[name] = dict(np.load(io.BytesIO(data)))
 
 
 def _safe(name: str) -> str:
