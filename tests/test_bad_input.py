@@ -633,3 +633,11 @@ def test_eval_resume_refuses_damaged_result_arrays(w, eval_run, tmp_path, capsys
     _flip(out / "features.npz", offset=80)
     rc, line = _error_line(capsys, _eval_argv(w, w.sae, "--resume", out=out))
     assert rc == 2 and "features.npz fails its checksum" in line
+
+
+def test_adapt_eval_refuses_a_damaged_adapter(w, adapt_run, tmp_path, capsys):
+    out = _copy(adapt_run, tmp_path / "o")
+    weights = next(p for p in (out / "adapter").rglob("*.safetensors"))
+    _flip(weights)
+    rc, line = _error_line(capsys, ["adapt", "eval", str(out), "--eval-tokens", "100", "--no-progress", "--device", "cpu"])
+    assert rc == 2 and "fails its checksum" in line

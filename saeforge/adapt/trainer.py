@@ -255,9 +255,28 @@ def save(ad: Adapted, cfg: AdaptConfig, out: str | Path, report: dict | None = N
         "kind": "saeforge-adapt", "config": cfg.to_dict(), "model": cfg.model, "tokenizer": cfg.tokenizer,
         "saes": [{"source": src, "path": d, "hook": h.name} for src, d, h in zip(cfg.saes, sae_dirs, ad.hooks)],
         "adapter": "adapter" if ad.peft_model is not None else None, "lora_ranks": ad.ranks, "report": report,
+        # the adapter's files are peft's own format (no checksum inside): their sha256 live here, checked by load()
+        "adapter_sha256": _folder_sha256(out / "adapter") if ad.peft_model is not None else None,
     }
     write_json_atomic(out / "adapt.json", manifest)
     return out
+
+
+def _folder_sha256(folder: Path) -> dict[str, str]:
+    from saeforge.io import sha256_file
+
+    return {str(p.relative_to(folder)): sha256_file(p) for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _check_adapter(path: Path, manifest: dict) -> None:
+    want = manifest.get("adapter_sha256")
+    if not want or not manifest.get("adapter"):
+        return
+    got = _folder_sha256(path / manifest["adapter"])
+    bad = sorted(k for k in want if got.get(k) != want[k])
+    if bad:
+        raise CorruptFileError(f"{path / manifest['adapter'] / bad[0]} is missing or fails its checksum (damaged on "
+                               "disk); rerun `saeforge adapt train` into a new --out")
 
 
 def load(path: str | Path, device: str = "auto") -> Adapted:
@@ -279,6 +298,7 @@ def load(path: str | Path, device: str = "auto") -> Adapted:
     if manifest.get("adapter"):
         from peft import PeftModel
 
+        _check_adapter(path, manifest)
         ad.peft_model = PeftModel.from_pretrained(loaded.model, str(path / manifest["adapter"]))
         ad.peft_model.eval()
     for p in loaded.model.parameters():
