@@ -1,10 +1,11 @@
 """Output-folder locks: one writer per folder at a time.
 
-A command that writes a folder holds an exclusive ``flock`` on ``<folder>/.saeforge.lock`` while it runs. A
-second writer is refused at once with one line naming the holder. The kernel drops the lock when the holder
-exits, however it exits (kill -9 included), so a crashed run never leaves a stale lock behind; the empty lock
-file itself stays (harmless; its bytes and times never change). While it holds the lock a writer also removes temp files of interrupted atomic
-writes (``.<name>.*.tmp``, see :mod:`saeforge.io`), which no other process can be writing.
+A command that writes a folder holds an exclusive ``flock`` on ``<folder>/.saeforge.lock`` while it runs; a
+second writer is refused at once with one line. The kernel drops the lock when the holder exits, however it
+exits (kill -9 included), so a crashed run never leaves a stale lock behind; the empty lock file itself stays
+(harmless: its bytes and times never change). In a ``torchrun`` group only rank 0 takes it: the other ranks
+write the folder as its partners, not as rivals. While it holds the lock a writer removes temp files of
+interrupted atomic writes (``.<name>.*.tmp``, see :mod:`saeforge.io`), which no other process can be writing.
 """
 from __future__ import annotations
 
@@ -21,6 +22,14 @@ try:
     import fcntl
 except ImportError:  # Windows: no flock; locking is skipped there
     fcntl = None  # type: ignore[assignment]
+
+
+def _rank() -> int:
+    """This process's rank in a torch.distributed launch (``RANK``), 0 when not launched that way."""
+    try:
+        return int(os.environ.get("RANK", "0"))
+    except ValueError:
+        return 0
 
 
 def remove_temp_files(folder: Path, depth: int = 2) -> None:
@@ -46,7 +55,7 @@ def folder_lock(folder: str | Path, command: str, transient: bool = False) -> It
     created = not folder.exists()
     folder.mkdir(parents=True, exist_ok=True)
     try:
-        if fcntl is None:
+        if fcntl is None or _rank() != 0:  # in a torchrun group, rank 0 holds the lock for every rank
             yield folder
         else:
             yield from _locked(folder, command, transient)
