@@ -34,3 +34,16 @@ class AdaptConfig(JsonConfig):
     log_every: int = 20
     checkpoint_every: int = 200
     device: str = "auto"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.require_ints(1, "rank", "tokens", "batch_contexts", "log_every")
+        self.require_ints(2, "context_len")
+        self.require_ints(0, "checkpoint_every", "seed")
+        self.require_finite("lr", positive=True)
+        self.require_finite("alpha", positive=True)
+        self.require_finite("dropout", minimum=0.0, maximum=0.999)
+        self.require_finite("warmup_frac", minimum=0.0, maximum=1.0)
+        self.require_finite("weight_decay", "grad_clip", minimum=0.0)
+        self.require(self.trainable in ("lora", "sae"), "trainable", "lora or sae")
+        self.require(self.layers in ("all", "after"), "layers", "all or after")

@@ -58,6 +58,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="data set split for Hugging Face data sets (default: %(default)s)")
     p.add_argument("--keep-special", action="store_true",
                    help="also store rows at BOS/EOS/special tokens (default: only ordinary text tokens)")
+    p.add_argument("--on-nonfinite", choices=["error", "skip"], default="error",
+                   help="rows where the model gives NaN/Inf activations: error (refuse, naming their documents "
+                        "and positions) or skip (leave them out of the cache) (default: %(default)s)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
@@ -70,6 +73,7 @@ def run(args: argparse.Namespace) -> int:
         text_field=args.text_field, split=args.split, context_len=args.context_len,
         batch_contexts=args.batch_contexts, shard_tokens=args.shard_tokens, max_tokens=args.max_tokens,
         dtype=args.dtype, device=args.device, keep_special=args.keep_special,
+        on_nonfinite=args.on_nonfinite,
     )
     out = harvest(cfg, progress=not args.quiet)
     cache = ActivationCache(out)

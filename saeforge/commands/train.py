@@ -3,10 +3,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 from typing import Any
 
-from saeforge.config import parse_size  # noqa: F401  (re-exported for the commands)
+from saeforge.config import ArgError, finite_float, parse_size  # noqa: F401  (re-exported for the commands)
 from saeforge.errors import SaeforgeError
 
 
@@ -18,9 +19,12 @@ def parse_sets(items: list[str] | None) -> dict[str, Any]:
             raise SaeforgeError(f"--set {item!r} needs the form key=value")
         k, v = item.split("=", 1)
         try:
-            out[k.strip()] = json.loads(v)
+            value = json.loads(v)
         except json.JSONDecodeError:
-            out[k.strip()] = v
+            value = v
+        if isinstance(value, float) and not math.isfinite(value):
+            raise SaeforgeError(f"--set {item!r}: {k.strip()} must be a finite number")
+        out[k.strip()] = value
     return out
 
 
@@ -46,9 +50,10 @@ def open_training_stream(args: argparse.Namespace, hooks: list[str], batch_size:
                             seed=seed)
     if not args.model:
         raise SaeforgeError(f"{args.data} is not an activation cache; pass --model to stream from text")
+    from saeforge.device import resolve_device
     from saeforge.models import load_model
 
-    model = load_model(args.model, tokenizer=args.tokenizer, device=getattr(args, "device", "cpu") or "cpu")
+    model = load_model(args.model, tokenizer=args.tokenizer, device=resolve_device(getattr(args, "device", None)))
     return LiveStream(model, hooks, args.data, batch_size=batch_size, context_len=args.context_len,
                       shuffle_buffer=args.shuffle_buffer, seed=seed, text_field=args.text_field)
 
@@ -57,13 +62,13 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("optimisation")
     g.add_argument("--tokens", type=parse_size, default=5_000_000, help="training tokens (default 5M; loops the data)")
     g.add_argument("--batch-size", type=int, default=4096, help="rows per step (default 4096)")
-    g.add_argument("--lr", type=float, help="learning rate (default: from --lr-rule)")
+    g.add_argument("--lr", type=finite_float, help="learning rate (default: from --lr-rule)")
     g.add_argument("--lr-rule", choices=["scaled", "published"], default="scaled",
                    help="an unset --lr: scaled = Gao et al.'s 2e-4/sqrt(n/2^14) transferred to the input width "
                         "(every architecture; docs/recipes/README.md); published = the recipe's own constant")
     g.add_argument("--warmup-steps", type=int, help="LR warm-up steps (default min(1000, 5%% of steps))")
-    g.add_argument("--decay-frac", type=float, default=0.2, help="linear LR decay over the last fraction (default 0.2)")
-    g.add_argument("--grad-clip", type=float, default=1.0, help="gradient-norm clip, 0 to disable (default 1)")
+    g.add_argument("--decay-frac", type=finite_float, default=0.2, help="linear LR decay over the last fraction (default 0.2)")
+    g.add_argument("--grad-clip", type=finite_float, default=1.0, help="gradient-norm clip, 0 to disable (default 1)")
     g.add_argument("--dead-tokens", type=parse_size, default=None,
                    help="tokens without firing before a latent counts as dead (default 10M as Gao et al., or a "
                         "tenth of a shorter run)")
@@ -77,8 +82,23 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--kernels", choices=["sparse", "dense"], default="sparse",
                    help="sparse: the sparse training kernels where the architecture has them (TopK, BatchTopK, "
                         "JumpReLU's decoder; docs/performance.md); dense: plain autograd (same numbers, slower)")
-    g.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    g.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from its last checkpoint (every setting must match the run's)")
+    g.add_argument("--allow-change", action="append", metavar="FIELD[,FIELD]", default=[],
+                   help="with --resume: let these settings differ from the checkpoint's: total_tokens (a longer "
+                        "or shorter budget), log_every, checkpoint_every, device")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def allowed_changes(args: argparse.Namespace) -> tuple[str, ...]:
+    return tuple(f.strip().replace("-", "_") for v in getattr(args, "allow_change", None) or []
+                 for f in v.split(",") if f.strip())
+
+
+def check_width_args(args: argparse.Namespace) -> None:
+    for flag, value in (("--width", args.width), ("--expansion", args.expansion), ("--k", args.k)):
+        if value is not None and value < 1:
+            raise SaeforgeError(f"{flag} {value} must be a positive whole number")
 
 
 def train_config_from_args(args: argparse.Namespace):
@@ -137,10 +157,12 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if not args.data:
         raise SaeforgeError("--data is required: an activation cache folder or a text source")
+    tcfg = train_config_from_args(args)  # validated before any data or model is opened
     if args.objective == "kl":
         return run_kl(args)
     if args.hook and "," in args.hook:
         return run_crosscoder(args)
+    check_width_args(args)
     hooks = [h for h in (args.hook, args.target) if h]
     stream = open_training_stream(args, hooks or None, args.batch_size, args.seed)
     hook = args.hook or (stream.hooks[0] if len(stream.hooks) == 1 else None)
@@ -148,7 +170,7 @@ def run(args: argparse.Namespace) -> int:
         raise SaeforgeError(f"the data has several hooks {stream.hooks}; choose one with --hook")
     d_in = stream.d[hook]
     d_out = stream.d[args.target] if args.target else None
-    width = args.width or args.expansion * d_in
+    width = args.width if args.width is not None else args.expansion * d_in
     opts = parse_sets(args.set)
     if args.k is not None:
         opts["k"] = args.k
@@ -159,8 +181,8 @@ def run(args: argparse.Namespace) -> int:
     model_spec = getattr(stream, "model_spec", None) or args.model
     cfg = make_config(args.arch, d_in=d_in, d_sae=width, d_out=d_out, hook=hook, target_hook=args.target,
                       model=model_spec, **opts)
-    trainer = Trainer({"": cfg}, stream, train_config_from_args(args), args.out)
-    trainer.fit(resume=args.resume, progress=not args.no_progress)
+    trainer = Trainer({"": cfg}, stream, tcfg, args.out)
+    trainer.fit(resume=args.resume, progress=not args.no_progress, allow_changes=allowed_changes(args))
     last = trainer.out / "metrics.jsonl"
     if last.exists():
         rec = json.loads(last.read_text().splitlines()[-1])
@@ -227,9 +249,10 @@ def run_crosscoder(args: argparse.Namespace) -> int:
         opts["k"] = args.k
     if args.recipe:
         opts["recipe"] = args.recipe
-    cfg = make_config("crosscoder", d_in=d_in, d_sae=args.width or args.expansion * d_in, hooks=hooks,
+    width = args.width if args.width is not None else args.expansion * d_in
+    cfg = make_config("crosscoder", d_in=d_in, d_sae=width, hooks=hooks,
                       model=getattr(stream, "model_spec", None) or args.model, **opts)
-    Trainer({"": cfg}, stream, train_config_from_args(args), args.out).fit(resume=args.resume,
-                                                                            progress=not args.no_progress)
+    Trainer({"": cfg}, stream, train_config_from_args(args), args.out).fit(
+        resume=args.resume, progress=not args.no_progress, allow_changes=allowed_changes(args))
     print(f"saved crosscoder over {len(hooks)} hooks to {args.out}")
     return 0

@@ -25,12 +25,11 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
-from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from saeforge.config import JsonConfig
-from saeforge.errors import SaeforgeError
-from saeforge.io import save_safetensors_atomic, write_json_atomic
+from saeforge.errors import CorruptFileError, NonFiniteError, SaeforgeError
+from saeforge.io import load_safetensors_verified, save_safetensors_atomic, write_json_atomic
 from saeforge.kernels.rows import remove_parallel_component_
 
 FORMAT = "saeforge/1"
@@ -40,6 +39,8 @@ INPUT_NORMS = ("none", "layer_norm", "constant_norm_rescale")
 @dataclass
 class SAEConfig(JsonConfig):
     """Fields every architecture shares. Architectures subclass this to add their own."""
+
+    FLAGS: ClassVar[dict[str, str]] = {"d_sae": "--width", "d_in": "--set d_in", "d_out": "--set d_out"}
 
     arch: str = "topk"
     d_in: int = 0
@@ -63,14 +64,17 @@ class SAEConfig(JsonConfig):
     RECIPES: ClassVar[tuple[str, ...]] = ()
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.d_out is None:
             self.d_out = self.d_in
+        self.require_finite("input_scale", "output_scale", positive=True)
         if self.input_norm not in INPUT_NORMS:
             raise SaeforgeError(
                 f"input_norm={self.input_norm!r} is not known; use one of {', '.join(INPUT_NORMS)}"
             )
-        if self.d_in <= 0 or self.d_sae <= 0:
-            raise SaeforgeError(f"SAE widths must be positive (got d_in={self.d_in}, d_sae={self.d_sae})")
+        if self.d_in <= 0 or self.d_sae <= 0 or self.d_out <= 0:
+            raise SaeforgeError(f"SAE widths must be positive (got d_in={self.d_in}, d_sae={self.d_sae}, "
+                                f"d_out={self.d_out}); pass a positive --width")
         if self.apply_b_dec_to_input and self.d_out != self.d_in:
             raise SaeforgeError(
                 "apply_b_dec_to_input needs d_out == d_in; set it false for transcoders"
@@ -370,7 +374,7 @@ class SAE(nn.Module):
         path.mkdir(parents=True, exist_ok=True)
         sae = self.folded() if fold else self
         tensors = {k: v.detach().float() for k, v in sae.state_dict().items()}
-        save_safetensors_atomic(path / "sae.safetensors", tensors, metadata={"format": FORMAT})
+        save_safetensors_atomic(path / "sae.safetensors", tensors, metadata={"format": FORMAT}, checksum=True)
         write_json_atomic(path / "cfg.json", sae.cfg.to_dict())
         return path
 
@@ -380,12 +384,15 @@ class SAE(nn.Module):
         cfg_path, w_path = path / "cfg.json", path / "sae.safetensors"
         if not cfg_path.exists() or not w_path.exists():
             raise SaeforgeError(f"{path} is not a saeforge SAE folder (needs cfg.json and sae.safetensors)")
-        with open(cfg_path) as fh:
-            d = json.load(fh)
-        if "arch" not in d:
+        try:
+            with open(cfg_path, encoding="utf-8") as fh:
+                d = json.load(fh)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise CorruptFileError(f"{cfg_path} is not valid JSON ({e}); restore it or train the SAE again") from None
+        if not isinstance(d, dict) or "arch" not in d:
             raise SaeforgeError(f"{cfg_path} has no 'arch' key; load foreign formats with saeforge.load_sae")
         sae = create_sae(d, device="cpu")
-        state = load_file(str(w_path))
+        state, _ = load_safetensors_verified(w_path, "restore it or train the SAE again")
         missing = set(sae.state_dict()) - set(state)
         unexpected = set(state) - set(sae.state_dict())
         if missing or unexpected:
@@ -393,12 +400,27 @@ class SAE(nn.Module):
                 f"{w_path}: tensors do not match arch {d['arch']!r} (missing {sorted(missing)}, "
                 f"unexpected {sorted(unexpected)})"
             )
+        shapes = {k: tuple(v.shape) for k, v in sae.state_dict().items()}
+        wrong = sorted(k for k, v in state.items() if tuple(v.shape) != shapes[k])
+        if wrong:
+            raise SaeforgeError(f"{w_path}: tensor shapes do not match {cfg_path} ({wrong[0]} is "
+                                f"{tuple(state[wrong[0]].shape)}, cfg says {shapes[wrong[0]]}); the two files come "
+                                "from different SAEs: restore the pair")
+        check_finite_weights(state, w_path)
         sae.load_state_dict(state)
         return sae.to(device)
 
     def extra_repr(self) -> str:
         c = self.cfg
         return f"arch={c.arch}, d_in={c.d_in}, d_sae={c.d_sae}, d_out={c.d_out}, hook={c.hook}"
+
+
+def check_finite_weights(state: dict[str, Tensor], where: object) -> None:
+    """Refuse an SAE with NaN/Inf weights (it would give NaN metrics everywhere downstream)."""
+    for k, v in state.items():
+        if v.is_floating_point() and not bool(torch.isfinite(v).all()):
+            raise NonFiniteError(f"{where}: SAE weight {k} holds NaN/Inf values; this SAE is unusable: "
+                                 "train it again (saeforge train stops at the first non-finite loss)")
 
 
 LR_REFERENCE = (2e-4, 768, 2**14)  # Gao et al.'s lr at GPT-2 small's width with 2^14 latents

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
 
 DEAD_TOKENS = 10_000_000
 
@@ -10,6 +11,8 @@ from saeforge.config import JsonConfig
 
 @dataclass
 class TrainConfig(JsonConfig):
+    FLAGS: ClassVar[dict[str, str]] = {"total_tokens": "--tokens"}
+
     total_tokens: int = 5_000_000
     batch_size: int = 4096
     lr: float | None = None  # None: from lr_rule
@@ -32,6 +35,22 @@ class TrainConfig(JsonConfig):
     dtype: str = "auto"  # autocast dtype: auto | float32 | bfloat16 | float16
     kernels: str = "sparse"  # sparse: saeforge/kernels where an architecture has them; dense: plain autograd
     fused_adam: bool = True  # torch's fused Adam (one kernel per step) where the device supports it
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.require_ints(1, "total_tokens", "batch_size", "dead_tokens", "init_tokens", "log_every")
+        self.require_ints(0, "warmup_steps", "checkpoint_every", "seed")
+        self.require_finite("lr", positive=True)
+        self.require_finite("eps", positive=True)
+        self.require_finite("decay_frac", minimum=0.0, maximum=1.0)
+        self.require_finite("grad_clip", minimum=0.0)
+        if self.betas is not None:
+            self.require(len(self.betas) == 2 and all(isinstance(b, (int, float)) and 0 <= b < 1 for b in self.betas),
+                         "betas", "two numbers in [0, 1)")
+        self.require(self.kernels in ("sparse", "dense"), "kernels", "sparse or dense")
+        self.require(self.lr_rule in ("scaled", "published"), "lr_rule", "scaled or published")
+        self.require(self.dtype in ("auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16"), "dtype",
+                     "auto, float32, bfloat16 or float16")
 
     def dead_window(self) -> int:
         """The dead-latent window in tokens (``dead_tokens``, or its default for this run length)."""

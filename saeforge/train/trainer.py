@@ -33,11 +33,13 @@ from typing import Any, Iterator
 import torch
 from tqdm.auto import tqdm
 
+from saeforge import faults
 from saeforge.device import resolve_device, resolve_dtype
 from saeforge.errors import SaeforgeError
 from saeforge.sae.base import SAE, SAEConfig, TrainStepInput, create_sae, fvu
 from saeforge.train.checkpoint import load_checkpoint, save_checkpoint
 from saeforge.train.config import TrainConfig
+from saeforge.train import guard
 from saeforge.train.schedule import default_warmup, lr_factor
 
 CHECKPOINT = "checkpoint.safetensors"
@@ -56,6 +58,7 @@ class _Run:
     maybe_dead: bool = True  # host-side: can any latent be dead before the next metrics line?
     fresh: bool = True  # built here from a config: gets data-dependent init; an SAE passed in is kept as is
     resampled: int = 0  # latents reset by resampling since the last metrics line
+    grad_norms: torch.Tensor | None = None  # on-device sum of clipped-gradient norms (non-finite if one was)
 
 
 class _Lookahead:
@@ -133,6 +136,8 @@ class Trainer:
             self.runs[name] = _Run(name, sae, opt, sched, since, run_out, {}, fresh=not isinstance(s, SAE))
         _seeded(cfg.seed)
         self.amp_dtype = resolve_dtype(cfg.dtype, self.device, min(r.sae.cfg.d_in for r in self.runs.values()))
+        self.init_cfgs = {n: r.sae.cfg.to_dict() for n, r in self.runs.items()}  # compared on resume
+        self.last_checkpoint: int | None = None
         self.step = 0
         self.tokens = 0
         self._max_rows = 0  # largest batch seen: bounds how fast since_fired can grow
@@ -151,19 +156,31 @@ class Trainer:
         if got == 0:
             raise SaeforgeError("the activation stream is empty; check --data / the cache")
         sample = {h: torch.cat(v)[:need].to(self.device).float() for h, v in rows.items()}
+        for h, x in sample.items():
+            if not bool(torch.isfinite(x).all()):
+                raise guard.NonFiniteError(f"the training data holds NaN/Inf activations at hook {h}; harvest it "
+                                           "again (harvest refuses non-finite rows) or use --on-nonfinite skip")
         for run in self.runs.values():
             if run.fresh:  # an SAE handed in (pre-trained, loaded, hand-set) keeps its weights
                 x, y = run.sae.inputs_from(sample)
                 run.sae.init_from_data(x, y)
 
-    def _resume(self) -> bool:
+    def identity(self) -> dict[str, Any]:
+        """Everything a resumed run must share with the run it continues (see guard.compare_resume)."""
+        data = getattr(self.stream, "identity", None)
+        return {"train": self.cfg.to_dict(), "saes": self.init_cfgs, "data": data() if callable(data) else None}
+
+    def _resume(self, allow_changes: tuple[str, ...] = ()) -> bool:
         path = self.out / CHECKPOINT
         if not path.exists():
             return False
         meta, states, rng = load_checkpoint(path)
         if sorted(meta["names"]) != sorted(self.runs):
             raise SaeforgeError(f"{path} holds SAEs {meta['names']}, not {sorted(self.runs)}; use a new --out")
-        if meta.get("total_steps") != self.total_steps:
+        guard.compare_resume(path, meta.get("identity") or {}, self.identity(), allow_changes)
+        guard.check_finite_state(path, ((f"{n}.{k}", v) for n, st in states.items() for k, v in st["model"].items()),
+                                 "delete it and train again with a lower --lr")
+        if meta.get("total_steps") != self.total_steps and "total_tokens" not in allow_changes:
             raise SaeforgeError(
                 f"{path} was made for {meta.get('total_steps')} steps, not {self.total_steps}; "
                 "resume with the same --tokens and --batch-size"
@@ -175,20 +192,49 @@ class Trainer:
             run.sae.to(self.device)
             run.opt.load_state_dict(st["opt"])
             run.since_fired = st["since_fired"].to(self.device)
+            acc = (meta.get("acc") or {}).get(name)
+            if acc is not None:
+                f32 = dict(dtype=torch.float32, device=self.device)
+                run.acc = {k: torch.tensor(v, **f32) for k, v in acc["sums"].items()}
+                run.n_acc = acc["n"]
+                run.grad_norms = None if acc["grad_norms"] is None else torch.tensor(acc["grad_norms"], **f32)
+                run.maybe_dead = acc["maybe_dead"]
             run.sched.last_epoch = meta["step"] - 1
             with warnings.catch_warnings():  # stepping the schedule to where it was, not an early step
                 warnings.simplefilter("ignore", UserWarning)
                 run.sched.step()
         torch.set_rng_state(rng)
         self.step, self.tokens = meta["step"], meta["tokens"]
+        self._max_rows = meta.get("max_rows", 0)
+        self.last_checkpoint = self.step
+        for run in self.runs.values():  # lines logged after the checkpoint are logged again
+            guard.trim_metrics(run.out / "metrics.jsonl", self.step)
         return True
 
+    def _check_finite(self) -> None:
+        """Host check before anything is written: pending losses, gradient norms and weights are finite."""
+        for run in self.runs.values():
+            pending = {k: float(v / max(run.n_acc, 1)) for k, v in run.acc.items()}
+            if run.grad_norms is not None:
+                pending["gradient norm"] = float(run.grad_norms)
+            guard.check_finite(run.name, pending, self.step, self.last_checkpoint)
+            guard.check_finite_params(run.name, run.sae, self.step, self.last_checkpoint)
+
     def _checkpoint(self) -> None:
+        self._check_finite()
         runs = {n: {"sae": r.sae, "opt": r.opt, "since_fired": r.since_fired} for n, r in self.runs.items()}
-        extra = {"total_steps": self.total_steps, "cfgs": {n: r.sae.cfg.to_dict() for n, r in self.runs.items()}}
+        extra = {"total_steps": self.total_steps, "cfgs": {n: r.sae.cfg.to_dict() for n, r in self.runs.items()},
+                 "identity": self.identity(),
+                 # the metric sums since the last line, so a resumed run writes the same metrics.jsonl
+                 "acc": {n: {"n": r.n_acc, "sums": {k: v.item() for k, v in r.acc.items()},
+                             "grad_norms": None if r.grad_norms is None else r.grad_norms.item(),
+                             "maybe_dead": r.maybe_dead}
+                         for n, r in self.runs.items()}, "max_rows": self._max_rows}
         save_checkpoint(self.out / CHECKPOINT, self.step, self.tokens, runs, extra)
+        self.last_checkpoint = self.step
 
     def save_saes(self) -> None:
+        self._check_finite()
         for run in self.runs.values():
             run.sae.cfg.metadata.setdefault("trainer", "saeforge")
             run.sae.cfg.metadata["train_tokens"] = self.tokens
@@ -205,7 +251,8 @@ class Trainer:
         out.loss.float().backward()
         run.sae.before_optimizer_step()
         if self.cfg.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(run.sae.parameters(), self.cfg.grad_clip)
+            norm = torch.nn.utils.clip_grad_norm_(run.sae.parameters(), self.cfg.grad_clip)
+            run.grad_norms = norm.detach() if run.grad_norms is None else run.grad_norms + norm.detach()
         run.opt.step()
         run.sched.step()
         run.opt.zero_grad(set_to_none=True)
@@ -256,6 +303,10 @@ class Trainer:
                 continue
             rec: dict[str, Any] = {"step": self.step, "tokens": self.tokens, "lr": run.sched.get_last_lr()[0]}
             rec.update({k: (v / run.n_acc).item() for k, v in run.acc.items()})
+            guard.check_finite(run.name, {**rec, **({"gradient norm": float(run.grad_norms)}
+                                                    if run.grad_norms is not None else {})},
+                               self.step, self.last_checkpoint)
+            run.grad_norms = None
             rec["dead_frac"] = (run.since_fired >= self.dead_tokens).float().mean().item()
             rec["elapsed_s"] = round(time.perf_counter() - t0, 3)
             if run.resampled:
@@ -273,9 +324,16 @@ class Trainer:
         self._refresh_dead()
         return lines
 
-    def fit(self, resume: bool = False, progress: bool = True) -> dict[str, SAE]:
-        self.out.mkdir(parents=True, exist_ok=True)
-        if not (resume and self._resume()):
+    def fit(self, resume: bool = False, progress: bool = True, allow_changes: tuple[str, ...] = ()) -> dict[str, SAE]:
+        """Train to ``total_tokens`` (continuing the checkpoint in ``out`` with ``resume``), holding ``out``'s
+        write lock; ``allow_changes`` names settings a resumed run may change (guard.RESUME_CHANGEABLE)."""
+        from saeforge.lock import folder_lock
+
+        with folder_lock(self.out, "train"):
+            return self._fit(resume, progress, tuple(allow_changes))
+
+    def _fit(self, resume: bool, progress: bool, allow_changes: tuple[str, ...]) -> dict[str, SAE]:
+        if not (resume and self._resume(allow_changes)):
             if (self.out / CHECKPOINT).exists():
                 raise SaeforgeError(f"{self.out} already holds a training run; pass --resume or pick a new --out")
             for run in self.runs.values():
@@ -305,6 +363,7 @@ class Trainer:
             self._max_rows = max(self._max_rows, n_rows)
             self.step += 1
             pbar.update(1)
+            faults.point("train:step")
             if self.step % self.cfg.log_every == 0 or self.step == self.total_steps:
                 self._log(pbar, t0)
             if self.cfg.checkpoint_every and self.step % self.cfg.checkpoint_every == 0:
@@ -324,9 +383,10 @@ def train(
     out: str | Path = "runs/sae",
     resume: bool = False,
     progress: bool = True,
+    allow_changes: tuple[str, ...] = (),
 ) -> SAE | dict[str, SAE]:
     """Python API mirroring ``saeforge train``: one SAE in -> one SAE out; a dict in -> a dict out."""
     single = not isinstance(saes, dict)
     trainer = Trainer({"": saes} if single else saes, stream, cfg or TrainConfig(), out)
-    result = trainer.fit(resume=resume, progress=progress)
+    result = trainer.fit(resume=resume, progress=progress, allow_changes=allow_changes)
     return result[""] if single else result
