@@ -23,6 +23,35 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message}; see `{self.prog} --help`\n")
 
 
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Appends ``(default: X)`` to an option's help once: not when the help already names its default, nor for
+    flags (store_true) and options without a default (None)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "default" in text.lower() or action.default in (None, False, argparse.SUPPRESS) or \
+                isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction, argparse._HelpAction,
+                                    argparse._VersionAction)) or not (action.option_strings or action.nargs in
+                                                                      (argparse.OPTIONAL, argparse.ZERO_OR_MORE)):
+            return text
+        return text + " (default: %(default)s)"
+
+
+class RawHelpFormatter(HelpFormatter, argparse.RawDescriptionHelpFormatter):
+    """:class:`HelpFormatter` that keeps the description and epilog as written (examples)."""
+
+
+def _one_default_each(parser: argparse.ArgumentParser) -> None:
+    """Every (sub)parser shows each default once (see :class:`HelpFormatter`), whatever formatter it asked for."""
+    raw = isinstance(parser.formatter_class, type) and issubclass(parser.formatter_class,
+                                                                  argparse.RawDescriptionHelpFormatter)
+    parser.formatter_class = RawHelpFormatter if raw else HelpFormatter
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in set(action.choices.values()):
+                _one_default_each(sub)
+
+
 def build_parser() -> argparse.ArgumentParser:
     from saeforge import commands
 
@@ -37,6 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     for mod in sorted(pkgutil.iter_modules(commands.__path__), key=lambda m: m.name):
         if not mod.name.startswith("_"):
             importlib.import_module(f"saeforge.commands.{mod.name}").register(sub)
+    _one_default_each(parser)
     return parser
 
 

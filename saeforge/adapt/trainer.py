@@ -69,6 +69,9 @@ def build(cfg: AdaptConfig) -> Adapted:
     if not cfg.saes:
         raise SaeforgeError("no SAE given; pass --sae PATH (repeatable)")
     saes = [load_any_sae(p, device).eval() for p in cfg.saes]
+    from saeforge.paths import warn_model_mismatch
+
+    warn_model_mismatch({str(p): s.cfg.model for p, s in zip(cfg.saes, saes)}, cfg.model, "adapt", "--model")
     hooks = resolve_sae_hooks(loaded.model, saes, loaded.family)
     for p in loaded.model.parameters():
         p.requires_grad_(False)

@@ -15,6 +15,8 @@ from saeforge.errors import SaeforgeError
 
 
 def register(sub: argparse._SubParsersAction) -> None:
+    from saeforge.config import parse_size
+
     p = sub.add_parser(
         "demo", help="harvest, train and evaluate a TopK SAE on the shared stories260K model",
         description="End-to-end demo: harvest stories260K's residual stream after block 2 on TinyStories "
@@ -24,11 +26,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--shared", default="../shared", help="the shared folder (models/ and data/)")
     p.add_argument("--out", default="runs/demo", help="output folder")
     p.add_argument("--hook", default="resid_post.2", help="hook point")
-    p.add_argument("--width", type=int, default=1024, help="SAE latents")
+    p.add_argument("--width", type=parse_size, default=1024, help="SAE latents")
     p.add_argument("--k", type=int, default=16, help="active latents per token")
-    p.add_argument("--tokens", default="5M", help="training tokens (loops over the harvested cache)")
-    p.add_argument("--eval-tokens", default="200k", help="held-out tokens for evaluation")
-    p.add_argument("--dead-tokens", default="1M",
+    p.add_argument("--tokens", type=parse_size, default="5M", help="training tokens (loops over the harvested cache)")
+    p.add_argument("--eval-tokens", type=parse_size, default="200k", help="held-out tokens for evaluation")
+    p.add_argument("--dead-tokens", type=parse_size, default="1M",
                    help="tokens without firing before a latent is dead and AuxK takes it up (the demo's "
                         "data is 5M tokens in all, so Gao et al.'s 10M would never trigger)")
     p.add_argument("--no-progress", action="store_true")

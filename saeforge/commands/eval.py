@@ -2,9 +2,16 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 from saeforge.errors import SaeforgeError
+
+
+def _names(text: str) -> list[str]:
+    """'a,b , c' -> ['a', 'b', 'c']; 'none' -> []."""
+    names = [t.strip() for t in str(text).split(",") if t.strip()]
+    return [] if names == ["none"] else names
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -41,6 +48,22 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--report", action="store_true", help="write OUT/report.md with PNG plots")
     p.add_argument("--all", action="store_true", dest="run_all",
                    help="everything: also probe loss, N2G, ablation sparsity, scaling fit (when installed) + report")
+    g = p.add_argument_group("optional sections (--all; docs/eval.md)")
+    g.add_argument("--extras", type=_names, metavar="A,B",
+                   help="which optional sections --all runs: a comma-separated subset of probes,n2g,ablation "
+                        "(default: all installed)")
+    g.add_argument("--n2g-latents", type=parse_size, default=64, help="latents N2G explains per SAE")
+    g.add_argument("--n2g-contexts", type=parse_size, default=384,
+                   help="contexts N2G reads: 2/3 build the patterns, 1/3 score them")
+    g.add_argument("--probe-tasks", type=_names, metavar="A,B",
+                   help="built-in probe tasks to run, comma-separated (`none` for only --probe-task-file); "
+                        "default: all (names: docs/eval.md)")
+    g.add_argument("--probe-task-file", metavar="FILE.jsonl",
+                   help="user probe tasks: one JSON object per line, {\"task\", \"text\", \"spans\": [[start, end], ...]}")
+    g.add_argument("--probe-tokens", type=parse_size,
+                   help="text tokens for the built-in probe tasks (default: --tokens)")
+    g.add_argument("--ablation-positions", type=parse_size, default=64,
+                   help="positions sampled for ablation sparsity")
     p.add_argument("--resume", action="store_true", help="continue an interrupted evaluation in --out")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
     p.add_argument("--dtype", default="float32", help="model weights dtype: float32, bfloat16, float16")
@@ -54,13 +77,20 @@ def run(args: argparse.Namespace) -> int:
 
     if args.batch_size < 1 or args.context_len < 2:
         raise SaeforgeError("--batch-size must be >= 1 and --context-len >= 2")
+    knobs = [f for f, v in (("--extras", args.extras), ("--probe-tasks", args.probe_tasks),
+                            ("--probe-task-file", args.probe_task_file), ("--probe-tokens", args.probe_tokens))
+             if v is not None]
+    if knobs and not args.run_all:
+        print(f"saeforge eval: note: {', '.join(knobs)} only matter with --all", file=sys.stderr)
     combined = evaluate_many(
         args.sae, model=args.model, data=args.data, n_tokens=args.tokens, context_len=args.context_len,
         batch_contexts=args.batch_size, out=args.out, resume=args.resume, progress=not args.no_progress,
         run_all=args.run_all, report=args.report, tokenizer=args.tokenizer, device=args.device, dtype=args.dtype,
         chunk_batches=args.chunk_batches, dense_threshold=args.dense_threshold, sample_tokens=args.sample_tokens,
         downstream=not args.no_downstream, splice_all=args.splice_all, text_field=args.text_field,
-        split=args.split, seed=args.seed,
+        split=args.split, seed=args.seed, extras=args.extras, n2g_latents=args.n2g_latents,
+        n2g_contexts=args.n2g_contexts, probe_tasks=args.probe_tasks, probe_task_file=args.probe_task_file,
+        probe_tokens=args.probe_tokens, ablation_positions=args.ablation_positions,
     )
     print(format_table(combined["saes"]))
     for name, r in combined["saes"].items():

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 
 from saeforge.activations.cache import STORE_DTYPES, HarvestConfig
+from saeforge.config import parse_size
 
 HELP = "run a model over text and save activations at hook points to a resumable on-disk cache"
 
@@ -44,10 +45,10 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="tokens per context, BOS included (default: %(default)s)")
     p.add_argument("--batch-contexts", type=int, default=d["batch_contexts"].default,
                    help="contexts per forward pass (default: %(default)s)")
-    p.add_argument("--shard-tokens", type=int, default=d["shard_tokens"].default,
+    p.add_argument("--shard-tokens", type=parse_size, default=d["shard_tokens"].default,
                    help="approximate rows per shard file, rounded to whole forward batches (default: %(default)s)")
-    p.add_argument("--max-tokens", type=int, default=None,
-                   help="stop after this many stored rows (default: the whole data set)")
+    p.add_argument("--max-tokens", type=parse_size, default=None,
+                   help="stop after this many stored rows, e.g. 200k or 5M (default: the whole data set)")
     p.add_argument("--dtype", choices=list(STORE_DTYPES), default=d["dtype"].default,
                    help="storage dtype of the activations; the model itself runs in float32 (default: %(default)s)")
     p.add_argument("--device", default=d["device"].default,

@@ -26,9 +26,13 @@ from saeforge.errors import SaeforgeError
 from saeforge.io import write_json_atomic
 
 
-def _csv(text: str | None, kind: type = str) -> list[Any]:
+def _csv(text: str | None, kind: type | str = str) -> list[Any]:
     if not text:
         return []
+    if kind == "count":  # latent counts, read as every count flag is (512, 16k, 1M)
+        from saeforge.config import parse_size
+
+        return [parse_size(v) for v in str(text).split(",") if v.strip()]
     try:
         values = [kind(v.strip()) for v in str(text).split(",") if v.strip()]
     except ValueError:
@@ -163,7 +167,7 @@ def run(args: argparse.Namespace) -> int:
     stream = open_training_stream(args, wanted, args.batch_size, args.seed)
     hook = args.hook or (stream.hooks[0] if len(stream.hooks) == 1 else None)
     grid = build_grid(
-        _csv(args.arch), _csv(args.width, int), _csv(args.k, int), _csv(args.lam, float), d=stream.d,
+        _csv(args.arch), _csv(args.width, "count"), _csv(args.k, int), _csv(args.lam, float), d=stream.d,
         hook=hook, target=args.target, hooks=hooks, sets=parse_sets(args.set), recipe=args.recipe,
         model=getattr(stream, "model_spec", None) or args.model,
     )

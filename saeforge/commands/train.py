@@ -61,7 +61,7 @@ def open_training_stream(args: argparse.Namespace, hooks: list[str], batch_size:
 def add_train_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("optimisation")
     g.add_argument("--tokens", type=parse_size, default=5_000_000, help="training tokens (default 5M; loops the data)")
-    g.add_argument("--batch-size", type=int, default=4096, help="rows per step (default 4096)")
+    g.add_argument("--batch-size", type=parse_size, default=4096, help="rows per step (default 4096)")
     g.add_argument("--lr", type=finite_float, help="learning rate (default: from --lr-rule)")
     g.add_argument("--lr-rule", choices=["scaled", "published"], default="scaled",
                    help="an unset --lr: scaled = Gao et al.'s 2e-4/sqrt(n/2^14) transferred to the input width "
@@ -126,7 +126,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--hook", help="input hook point, e.g. resid_post.2 (default: the cache's only hook)")
     g.add_argument("--target", help="target hook point for a transcoder (default: reconstruct --hook)")
     g.add_argument("--arch", default="topk", help="architecture: see `saeforge train --list-archs`")
-    g.add_argument("--width", type=int, help="number of latents (default: 16 x input width)")
+    g.add_argument("--width", type=parse_size, help="number of latents (default: 16 x input width)")
     g.add_argument("--expansion", type=int, default=16, help="latents per input dimension when --width is unset")
     g.add_argument("--k", type=int, help="active latents per token (topk, batchtopk, matryoshka)")
     g.add_argument("--recipe", help="the architecture's recipe option, e.g. relu: anthropic2024 | monosemanticity; "

@@ -120,6 +120,13 @@ class Source:
     loaded: Any  # LoadedModel (tokenizer + unembedding)
 
 
+def _warn_mismatch(sae: Any, spec: str | None) -> None:
+    """One stderr line when the dashboard runs the SAE on a model other than the one it names."""
+    from saeforge.paths import warn_model_mismatch
+
+    warn_model_mismatch({"": getattr(sae.cfg, "model", None)}, spec, "dashboard", "--model/--hook")
+
+
 def open_source(cfg: DashboardConfig, sae: Any, hook: str, device: torch.device) -> Source:
     from saeforge.models import load_model
 
@@ -136,6 +143,7 @@ def open_source(cfg: DashboardConfig, sae: Any, hook: str, device: torch.device)
         mcfg = cache.manifest.get("config", {})
         spec = cfg.model or cache.model_spec or sae.cfg.model
         loaded = load_model(spec, tokenizer=cfg.tokenizer or mcfg.get("tokenizer"), device=device)
+        _warn_mismatch(sae, spec)
         limit = cfg.max_tokens
 
         def chunks(skip: int) -> Iterator[dict[str, Tensor]]:
@@ -160,6 +168,7 @@ def open_source(cfg: DashboardConfig, sae: Any, hook: str, device: torch.device)
     if not spec:
         raise SaeforgeError(f"the SAE names no model and {cfg.data} is text; pass --model (a .bin, folder or hub id)")
     loaded = load_model(spec, tokenizer=cfg.tokenizer, device=device)
+    _warn_mismatch(sae, spec)
     from saeforge.models import check_context_len
 
     check_context_len(loaded, cfg.context_len)

@@ -180,6 +180,10 @@ def iter_documents(
             return
         yield from _iter_hf(str(path), text_field, split, streaming)
         return
-    if _looks_like_path(source):
-        raise SaeforgeError(f"data file {source} does not exist; check the --data path")
+    from saeforge.paths import looks_local
+
+    if _looks_like_path(source) or looks_local(source):
+        raise SaeforgeError(f"no such file or folder: {source} (the data path does not exist; not tried as a Hugging Face "
+                            "data set); "
+                            "check the --data path")
     yield from _iter_hf(source, text_field, split, streaming)

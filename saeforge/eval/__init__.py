@@ -170,8 +170,19 @@ def evaluate_many(
         raise SaeforgeError("no eval data: pass --data with a held-out text file or data set")
     cfg = config or EvalConfig.from_dict({"n_tokens": int(n_tokens), "context_len": int(context_len),
                                           "batch_contexts": int(batch_contexts), **options})
+    from saeforge.paths import require_exists, warn_model_mismatch
+
+    if isinstance(data, (str, Path)):
+        require_exists(data, "data", "--data")
+    if run_all and cfg.probe_task_file is not None and (cfg.extras is None or "probes" in cfg.extras):
+        from saeforge.eval.probe_tasks import read_jsonl_tasks
+
+        read_jsonl_tasks(cfg.probe_task_file)  # a missing or malformed task file fails now, not after the passes
     named, sources = _named_saes(saes, "cpu")
     lm = _model(model, named, tokenizer, device, dtype)
+    if model is not None:
+        warn_model_mismatch({n: s.cfg.model for n, s in named.items()}, getattr(lm, "spec", None), "eval",
+                            "--model")
     runner = EvalRunner(named, lm, data, cfg, out)
     if out is None:
         return _evaluate(runner, sources, None, resume, progress, run_all, report, on_chunk)
@@ -183,13 +194,20 @@ def evaluate_many(
 
 def _evaluate(runner: EvalRunner, sources: dict[str, str], out_p: Path | None, resume: bool, progress: bool,
               run_all: bool, report: bool, on_chunk: Callable | None) -> dict[str, Any]:
+    import time
+
+    t0 = time.perf_counter()
     results = runner.run(resume=resume, progress=progress, on_chunk=on_chunk)
+    seconds: dict[str, float] = {"core": round(time.perf_counter() - t0, 3)}  # recon + downstream, all SAEs
     for name, src in sources.items():
         results[name]["sae"]["source"] = src
     extras = run_extras(runner, progress=progress) if run_all else {}
     for name, by_key in extras.items():
         results[name]["extras"] = by_key
-    combined: dict[str, Any] = {"saes": results, "frontier": frontier_points(results)}
+        for key, res in by_key.items():
+            if isinstance(res, dict) and isinstance(res.get("seconds"), (int, float)):
+                seconds[key] = round(seconds.get(key, 0.0) + res["seconds"], 3)
+    combined: dict[str, Any] = {"saes": results, "frontier": frontier_points(results), "seconds": seconds}
     if run_all:
         fig = out_p / "figures" / "scaling.png" if out_p is not None else None
         combined["scaling"] = run_scaling(combined["frontier"], fig)
@@ -201,7 +219,7 @@ def _evaluate(runner: EvalRunner, sources: dict[str, str], out_p: Path | None, r
             write_json_atomic(out_p / "eval.json", jsonable(combined))
         if run_all or report:
             build_report(out_p, results, runner.arrays, runner.per_token, extras,
-                         {"scaling": combined.get("scaling")})
+                         {"scaling": combined.get("scaling")}, seconds=seconds)
     bad = {name: r["nonfinite"] for name, r in results.items() if r.get("nonfinite")}
     if bad:
         name, keys = next(iter(bad.items()))
@@ -260,39 +278,76 @@ def call_flexible(fn: Callable, args: tuple, options: Mapping[str, Any]) -> Any:
     return fn(*args, **{k: v for k, v in options.items() if k in params})
 
 
+def extra_options(cfg: EvalConfig, key: str) -> dict[str, Any]:
+    """The section-specific options ``--all`` passes to optional section ``key`` (from the EvalConfig knobs)."""
+    if key == "probes":
+        tasks = cfg.probe_tasks
+        return {"n_tokens": cfg.probe_tokens or cfg.n_tokens, "tasks": tasks, "builtin_tasks": tasks != [],
+                "tasks_jsonl": cfg.probe_task_file}
+    if key == "n2g":
+        held = cfg.n2g_contexts // 3
+        return {"n_latents": cfg.n2g_latents, "n_train_contexts": cfg.n2g_contexts - held,
+                "n_heldout_contexts": held}
+    if key == "ablation":
+        return {"n_positions": cfg.ablation_positions}
+    return {"n_tokens": cfg.n_tokens, "batch_size": cfg.batch_contexts}
+
+
 def run_extras(runner: EvalRunner, progress: bool = True, device: Any = None) -> dict[str, dict[str, Any]]:
-    """Run every available extra module on every SAE; results are cached in the state (resume skips them).
+    """Run the optional sections (``cfg.extras``, default all installed) on every SAE; each result records its
+    wall time (``seconds``) and the options it ran with (``options``). Results are cached in the state: a
+    resumed run skips those whose options are unchanged.
 
     A failing extra is recorded as ``{"error": ...}`` and reported, so one broken optional section never
-    loses a finished evaluation.
+    loses a finished evaluation. Model activations that do not depend on the SAE (the probe texts' hook
+    activations, N2G's contexts) are computed once per hook and shared by every SAE (``saeforge.eval.shared``).
     """
     import sys
+    import time
+
+    from saeforge.eval import shared
 
     state = runner.state
     done = state.setdefault("extras", {})
     c = runner.cfg
-    for key, (mod_name, fn_name) in EXTRAS.items():
-        mod = _module(mod_name)
-        fn = getattr(mod, fn_name, None) if mod is not None else None
-        if fn is None:
-            continue
-        for name, sae in runner.saes.items():
-            if key in done.get(name, {}):
+    wanted = c.extras if c.extras is not None else list(EXTRAS)
+    with shared.activation_memo():
+        for key, (mod_name, fn_name) in EXTRAS.items():
+            if key not in wanted:
                 continue
-            opts = {"n_tokens": c.n_tokens, "context_len": c.context_len, "batch_contexts": c.batch_contexts,
-                    "batch_size": c.batch_contexts, "seed": c.seed, "text_field": c.text_field, "split": c.split,
-                    "progress": progress, "device": device or runner.lm.device,
-                    "out": runner.sae_dir(name) / key if runner.out else None}
-            try:
-                res = jsonable(call_flexible(fn, (sae, runner.lm, runner.data), opts))
-            except (KeyboardInterrupt, MemoryError):
-                raise
-            except Exception as e:  # noqa: BLE001 - an optional section must not sink the evaluation
-                print(f"saeforge eval: warning: {key} failed on {name}: {type(e).__name__}: {e}", file=sys.stderr)
-                res = {"error": f"{type(e).__name__}: {e}"}
-            done.setdefault(name, {})[key] = res
-            runner.save_state(state)
-    return done
+            mod = _module(mod_name)
+            fn = getattr(mod, fn_name, None) if mod is not None else None
+            if fn is None:
+                continue
+            section = extra_options(c, key)
+            for name, sae in runner.saes.items():
+                prev = done.get(name, {}).get(key)
+                if isinstance(prev, dict) and prev.get("options", section) == jsonable(section) and \
+                        "error" not in prev:
+                    continue
+                opts = {"n_tokens": c.n_tokens, "context_len": c.context_len, "seed": c.seed,
+                        "text_field": c.text_field, "split": c.split, "progress": progress,
+                        "device": device or runner.lm.device,
+                        "out": runner.sae_dir(name) / key if runner.out else None, **section}
+                t0 = time.perf_counter()
+                try:
+                    res = jsonable(call_flexible(fn, (sae, runner.lm, runner.data), opts))
+                except (KeyboardInterrupt, MemoryError):
+                    raise
+                except SaeforgeError as e:  # bad input to a section (e.g. a broken task file): one line
+                    print(f"saeforge eval: warning: {key} skipped on {name}: {e}", file=sys.stderr)
+                    res = {"error": str(e)}
+                except Exception as e:  # noqa: BLE001 - an optional section must not sink the evaluation
+                    print(f"saeforge eval: warning: {key} failed on {name}: {type(e).__name__}: {e}",
+                          file=sys.stderr)
+                    res = {"error": f"{type(e).__name__}: {e}"}
+                if not isinstance(res, dict):
+                    res = {"value": res}
+                res["seconds"] = round(time.perf_counter() - t0, 3)
+                res["options"] = jsonable(section)
+                done.setdefault(name, {})[key] = res
+                runner.save_state(state)
+    return {n: {k: v for k, v in by.items() if k in wanted} for n, by in done.items()}
 
 
 def run_scaling(points: list[dict[str, Any]], fig_path: Path | None) -> dict[str, Any] | None:

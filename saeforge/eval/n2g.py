@@ -244,6 +244,14 @@ def _contexts(
     return torch.stack(toks), torch.stack(keep)
 
 
+@torch.no_grad()
+def _hook_acts(model, hook: str, tokens: Tensor, batch_size: int) -> Tensor:
+    """Activations at ``hook`` of every context ``[C, T, d]`` (float32, CPU; the forward stops at the hook)."""
+    hp = resolve_hook(model, hook)
+    return torch.cat([capture(model, [hp], tokens[s:s + batch_size], stop_early=True)[hp.name].float().cpu()
+                      for s in range(0, len(tokens), batch_size)])
+
+
 def sae_act_fn(sae, model, hook: str, latents: Sequence[int] | None = None) -> ActFn:
     """tokens -> the SAE's latent activations ``[B, T, L]`` at ``hook`` (forward stops at the hook)."""
     hp = resolve_hook(model, hook)
@@ -290,16 +298,31 @@ def run_n2g(
     """
     from saeforge.eval.probes import _sae_hook
 
+    from saeforge.eval.shared import memo
+
     hook = _sae_hook(sae, hook)
     tok = model.tokenizer
-    tokens, keep = _contexts(model, data, context_len, n_train_contexts + n_heldout_contexts, text_field, split)
+    n_ctx = n_train_contexts + n_heldout_contexts
+    data_key = data if isinstance(data, str) else id(data)
+    key = (id(model), hook, data_key, context_len, n_ctx, text_field, split, batch_size)
+    # the contexts and their activations at the hook do not depend on the SAE: with several SAEs in one
+    # ``saeforge eval --all`` they are computed once (saeforge.eval.shared) and only the encoder runs per SAE
+    tokens, keep = memo(("n2g-contexts",) + key,
+                        lambda: _contexts(model, data, context_len, n_ctx, text_field, split))
+    X = memo(("n2g-hook-acts",) + key, lambda: _hook_acts(model, hook, tokens, batch_size))
     tr_tok, tr_keep = tokens[:n_train_contexts], keep[:n_train_contexts]
     te_tok, te_keep = tokens[n_train_contexts:], keep[n_train_contexts:]
+    dev = next(sae.parameters()).device
+
+    @torch.no_grad()
+    def encoded(rows: slice, idx: Tensor | None = None) -> Tensor:
+        f = sae.encode(X[rows].to(dev).float())
+        return (f if idx is None else f.index_select(-1, idx)).float().cpu()
+
     if latents is None:
         counts = torch.zeros(sae.cfg.d_sae, dtype=torch.long)
-        full = sae_act_fn(sae, model, hook)
         for s in range(0, n_train_contexts, batch_size):
-            f = full(tr_tok[s:s + batch_size]).cpu()
+            f = encoded(slice(s, min(s + batch_size, n_train_contexts)))
             counts += ((f > fire_threshold) & tr_keep[s:s + batch_size, :, None]).sum((0, 1))
         alive = (counts >= min_fires).nonzero().flatten()
         g = torch.Generator().manual_seed(seed)
@@ -309,9 +332,9 @@ def run_n2g(
         raise SaeforgeError(f"no latent fires {min_fires}+ times on {n_train_contexts} contexts; "
                             "pass more contexts or a smaller min_fires")
     pad = tok.pad_id if tok.pad_id is not None else 0
-    everyone = sae_act_fn(sae, model, hook, latents)
-    tr_acts = _all_acts(everyone, tr_tok, batch_size)
-    te_acts = _all_acts(everyone, te_tok, batch_size)
+    idx = torch.as_tensor(latents, dtype=torch.long, device=dev)
+    acts = torch.cat([encoded(slice(s, min(s + batch_size, n_ctx)), idx) for s in range(0, n_ctx, batch_size)])
+    tr_acts, te_acts = acts[:n_train_contexts], acts[n_train_contexts:]
     tries, scores = [], []
     for s in tqdm(range(0, len(latents), 32), desc="n2g", disable=not progress):
         cols = slice(s, min(s + 32, len(latents)))

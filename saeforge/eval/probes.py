@@ -28,7 +28,8 @@ from __future__ import annotations
 import math
 import zlib
 from dataclasses import dataclass
-from typing import Any, Iterable
+from pathlib import Path
+from typing import Any, Iterable, Sequence
 
 import numpy as np
 import torch
@@ -238,7 +239,11 @@ def _balanced(idx: np.ndarray, y: np.ndarray, cap: int, rng: np.random.Generator
     return np.sort(np.concatenate([rng.choice(pos, n, replace=False), rng.choice(neg, n, replace=False)]))
 
 
-def _probe_task(name, y, feats, doc, opts) -> dict[str, Any]:
+def _probe_task(name, y, feats, doc, opts, shared_key: Any = None) -> dict[str, Any]:
+    """One task's row. With ``shared_key`` (the features' identity) the SAE-independent ``baseline`` probe is
+    remembered across SAEs inside ``saeforge.eval.shared.activation_memo``."""
+    from saeforge.eval.shared import memo
+
     held = (doc.numpy() % opts["heldout_every"]) == 0
     tr_all, te_all = np.flatnonzero(~held), np.flatnonzero(held)
     n_pos_tr, n_pos_te = int(y[tr_all].sum()), int(y[te_all].sum())
@@ -258,9 +263,12 @@ def _probe_task(name, y, feats, doc, opts) -> dict[str, Any]:
     p = float(ytr.mean())
     row["prior_loss"] = float(-(yte * math.log(p) + (1 - yte) * math.log(1 - p)).mean())
     for key, f in feats.items():
-        r = best_probe(f(tr), ytr, f(te), yte, chunk=opts["chunk"], select_on=opts["select_on"],
-                       max_iter=opts["max_iter"], ridge=opts["ridge"])
-        row[key] = r
+        def fit(f=f) -> dict[str, Any]:
+            return best_probe(f(tr), ytr, f(te), yte, chunk=opts["chunk"], select_on=opts["select_on"],
+                              max_iter=opts["max_iter"], ridge=opts["ridge"])
+
+        row[key] = memo(("probe-fit", shared_key, name, tuple(sorted(opts.items()))), fit) \
+            if key == "baseline" and shared_key is not None else fit()
     return row
 
 
@@ -273,6 +281,7 @@ def run_probe_suite(
     *,
     hook: str | None = None,
     builtin_tasks: bool = True,
+    tasks: Sequence[str] | None = None,
     context_len: int = 128,
     batch_size: int = 16,
     min_positives: int = 20,
@@ -291,12 +300,22 @@ def run_probe_suite(
     ``tasks_jsonl``. Returns ``{"summary": {...}, "tasks": [per-task rows]}``; each row holds the best SAE latent
     (``"sae"``: index, train/held-out loss, w, b) and the best raw model dimension (``"baseline"``).
 
+    ``tasks`` picks built-in tasks by name (None: all of ``BUILTIN_TASKS``; an empty list: none).
+
     Summary: ``probe_loss`` (mean held-out CE of the best latent over tasks), ``baseline_probe_loss`` (same on
     raw dimensions), ``prior_loss`` (intercept only; ln 2 for balanced tasks), task counts.
     """
     hook = _sae_hook(sae, hook)
     if select_on not in ("train", "heldout"):
         raise SaeforgeError(f"select_on={select_on!r}; use 'train' or 'heldout'")
+    chosen = list(BUILTIN_TASKS)
+    if tasks is not None:
+        by_name = {t.name: t for t in BUILTIN_TASKS}
+        bad = [t for t in tasks if t not in by_name]
+        if bad:
+            raise SaeforgeError(f"unknown probe task(s) {bad}; choose among: {', '.join(by_name)}")
+        chosen = [by_name[t] for t in tasks]
+        builtin_tasks = builtin_tasks and bool(chosen)
     if not builtin_tasks and tasks_jsonl is None:
         raise SaeforgeError("no probe tasks: keep builtin_tasks=True or pass tasks_jsonl=FILE")
     if heldout_every < 2:
@@ -305,19 +324,27 @@ def run_probe_suite(
                 chunk=chunk, select_on=select_on, max_iter=max_iter, ridge=ridge, seed=seed)
     rows: list[dict[str, Any]] = []
     jobs: list[tuple[str, dict[str, Any], Any]] = []  # (source, features, [(task name, spans_of)])
+    from saeforge.eval.shared import memo
+
     if builtin_tasks:
-        texts, got = [], 0
-        for text in _docs(data, text_field, split):
-            texts.append(text)
-            got += len(model.tokenizer.encode(text, add_bos=True)[:context_len]) - 1
-            if got >= n_tokens:
-                break
-        f = collect_features(model, texts, hook, context_len, batch_size)
-        jobs.append(("builtin", f, [(t.name, (lambda d, s, t=t: t.spans(s))) for t in BUILTIN_TASKS]))
+        def texts_of() -> list[str]:
+            texts, got = [], 0
+            for text in _docs(data, text_field, split):
+                texts.append(text)
+                got += len(model.tokenizer.encode(text, add_bos=True)[:context_len]) - 1
+                if got >= n_tokens:
+                    break
+            return texts
+
+        data_key = str(data) if isinstance(data, (str, Path)) else id(data)
+        f = memo(("probes", id(model), hook, data_key, n_tokens, context_len, batch_size, text_field, split),
+                 lambda: collect_features(model, texts_of(), hook, context_len, batch_size))
+        jobs.append(("builtin", f, [(t.name, (lambda d, s, t=t: t.spans(s))) for t in chosen]))
     if tasks_jsonl is not None:
         for name, examples in read_jsonl_tasks(tasks_jsonl).items():
-            f = collect_features(model, [e.text for e in examples], hook, context_len, batch_size,
-                                 require_prefix=True)
+            f = memo(("probes-file", id(model), hook, str(tasks_jsonl), name, context_len, batch_size),
+                     lambda ex=examples: collect_features(model, [e.text for e in ex], hook, context_len,
+                                                          batch_size, require_prefix=True))
             jobs.append(("jsonl", f, [(name, (lambda d, s, ex=examples: ex[d].spans))]))
     n_jobs = sum(len(j[2]) for j in jobs)
     bar = tqdm(total=n_jobs, desc="probe tasks", disable=not progress)
@@ -325,9 +352,9 @@ def run_probe_suite(
         x = f["x"]
         feats = {"sae": lambda i, x=x: sae_pre_acts(sae, x[torch.from_numpy(i)]),
                  "baseline": lambda i, x=x: x[torch.from_numpy(i)]}
-        for name, spans_of in tasks:
-            y = _labels(f["meta"], spans_of, x.shape[0])
-            row = _probe_task(name, y, feats, f["doc"], opts)
+        for name, spans_of in tasks:  # labels and the baseline probe do not depend on the SAE: shared
+            y = memo(("probe-labels", id(f), name), lambda: _labels(f["meta"], spans_of, x.shape[0]))
+            row = _probe_task(name, y, feats, f["doc"], opts, shared_key=id(f))
             row["source"] = source
             if f["n_dropped"]:
                 row["dropped_documents"] = f["n_dropped"]

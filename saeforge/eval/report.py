@@ -320,6 +320,17 @@ def frontier_points(results: Mapping[str, Mapping[str, Any]]) -> list[dict[str, 
     return pts
 
 
+def cost_rows(seconds: Mapping[str, float] | None,
+              extras: Mapping[str, Mapping[str, Any]] | None) -> list[dict[str, Any]]:
+    """Rows ``{section, sae, seconds}``: each section's total (``sae`` = all), then per SAE for the extras."""
+    rows = [{"section": k, "sae": "all", "seconds": round(float(v), 2)} for k, v in (seconds or {}).items()]
+    for name, by_key in (extras or {}).items():
+        for key, res in by_key.items():
+            if isinstance(res, Mapping) and isinstance(res.get("seconds"), (int, float)):
+                rows.append({"section": key, "sae": name, "seconds": round(float(res["seconds"]), 2)})
+    return rows
+
+
 def build_report(
     out: str | Path,
     results: Mapping[str, Mapping[str, Any]],
@@ -327,8 +338,10 @@ def build_report(
     per_token: Mapping[str, Mapping[str, np.ndarray]],
     extras: Mapping[str, Mapping[str, Any]] | None = None,
     global_extras: Mapping[str, Any] | None = None,
+    seconds: Mapping[str, float] | None = None,
 ) -> Path:
-    """Write ``out/report.md`` and its PNGs under ``out/figures``; every section is optional."""
+    """Write ``out/report.md`` and its PNGs under ``out/figures``; every section is optional. ``seconds``
+    (section -> wall seconds over all SAEs, ``core`` = reconstruction + downstream) adds a "Cost" section."""
     out = Path(out)
     figs = out / "figures"
     first = next(iter(results.values()))
@@ -380,6 +393,12 @@ def build_report(
     if long_rows:
         write_csv_atomic(out / "latents.csv", long_rows)
         summary.text += " Per-latent data: [latents.csv](latents.csv)."
+    cost = cost_rows(seconds, extras)
+    if cost:
+        total = sum(r["seconds"] for r in cost if r["sae"] == "all")
+        sections.append(Section("Cost", text=f"Wall time per section ({total:.1f} s in all; `core` = the "
+                                "reconstruction and downstream passes of every SAE together). Knobs: docs/eval.md.",
+                                rows=cost, columns=["section", "sae", "seconds"]))
     return write_report(out / "report.md", "saeforge evaluation", sections)
 
 

@@ -53,6 +53,9 @@ _FINGERPRINT_KEYS = ("n_tokens", "context_len", "batch_contexts", "chunk_batches
 _MUST_BE_FINITE = ("mse", "fvu", "l0", "ce_clean", "ce_spliced", "kl")
 
 
+EXTRA_SECTIONS = ("probes", "n2g", "ablation")  # the optional sections ``--all`` runs (docs/eval.md)
+
+
 @dataclass
 class EvalConfig(JsonConfig):
     n_tokens: int = 100_000  # kept (non-special) eval tokens
@@ -68,9 +71,40 @@ class EvalConfig(JsonConfig):
     text_field: str = "text"
     split: str = "train"
     seed: int = 0
+    # optional sections (``--all``; docs/eval.md "Optional sections"): which run, and their sizes
+    extras: list[str] | None = None  # sections to run among probes, n2g, ablation (None: all installed)
+    n2g_latents: int = 64  # latents explained per SAE
+    n2g_contexts: int = 384  # contexts read for N2G: the first 2/3 build patterns, the last 1/3 score them
+    probe_tasks: list[str] | None = None  # built-in probe tasks by name (None: all; []: none, only the file's)
+    probe_task_file: str | None = None  # a JSONL file of user probe tasks (format in docs/eval.md)
+    probe_tokens: int | None = None  # text tokens for the built-in probe tasks (None: n_tokens)
+    ablation_positions: int = 64  # positions sampled for ablation sparsity
+
+    FLAGS = {"extras": "--extras", "n2g_latents": "--n2g-latents", "n2g_contexts": "--n2g-contexts",
+             "probe_tasks": "--probe-tasks", "probe_task_file": "--probe-task-file",
+             "probe_tokens": "--probe-tokens", "ablation_positions": "--ablation-positions"}
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        self.require_ints(1, "n2g_latents", "probe_tokens", "ablation_positions")
+        self.require(self.n2g_contexts >= 3, "n2g_contexts", ">= 3 (2/3 build the patterns, 1/3 score them)")
+        if self.extras is not None:
+            bad = sorted(set(self.extras) - set(EXTRA_SECTIONS))
+            if bad:
+                raise SaeforgeError(f"unknown optional section(s) {bad}; pass --extras as a comma-separated "
+                                    f"subset of {', '.join(EXTRA_SECTIONS)}")
+        if self.probe_tasks is not None:
+            from saeforge.eval.probe_tasks import BUILTIN_TASKS
+
+            names = [t.name for t in BUILTIN_TASKS]
+            bad = [t for t in self.probe_tasks if t not in names]
+            if bad:
+                raise SaeforgeError(f"unknown probe task(s) {bad}; pass --probe-tasks as a comma-separated "
+                                    f"subset of: {', '.join(names)}")
+            if not self.probe_tasks and self.probe_task_file is None and (self.extras is None
+                                                                           or "probes" in self.extras):
+                raise SaeforgeError("--probe-tasks is empty and no --probe-task-file is given; name built-in "
+                                    "tasks, pass a task file, or leave probes out with --extras")
         for name in ("n_tokens", "context_len", "batch_contexts", "chunk_batches"):
             if int(getattr(self, name)) < 1:
                 raise SaeforgeError(f"eval {name} must be a positive integer, got {getattr(self, name)}")

@@ -87,6 +87,9 @@ def detect_format(path: str | Path) -> str:
 
 
 def _local_path(src: str | Path, subfolder: str | None, revision: str | None) -> Path:
+    from saeforge.paths import require_exists
+
+    require_exists(src, "SAE", "--sae")
     if hub.is_hub_id(src):
         return hub.download(str(src), subfolder=subfolder, revision=revision)
     path = Path(src).expanduser()

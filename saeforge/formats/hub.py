@@ -16,8 +16,10 @@ _ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(/[\w.\-/]+)?$")
 
 
 def is_hub_id(text: str | Path) -> bool:
+    from saeforge.paths import looks_local
+
     s = str(text)
-    return not Path(s).exists() and not s.startswith((".", "/", "~")) and bool(_ID.match(s))
+    return not Path(s).exists() and not looks_local(text) and bool(_ID.match(s))
 
 
 def split_id(hub_id: str, subfolder: str | None = None) -> tuple[str, str | None]:

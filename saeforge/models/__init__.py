@@ -76,7 +76,12 @@ def load_model(
     ``tokenizer`` overrides the tokenizer (a llama2.c ``.bin`` or anything ``AutoTokenizer`` takes). For llama2.c
     it defaults to ``tokenizer.bin``/``tok*.bin`` next to the checkpoint; for HF to the model's own tokenizer.
     """
+    from saeforge.paths import require_exists
+
     spec = str(spec)
+    require_exists(spec[len("llama2c:"):] if spec.startswith("llama2c:") else spec, "model", "--model")
+    if tokenizer is not None:
+        require_exists(tokenizer, "tokenizer", "--tokenizer")
     l2c = _llama2c_path(spec)
     if l2c is not None:
         from saeforge.models.llama2c import find_tokenizer, load_llama2c
