@@ -61,7 +61,7 @@ def model_mismatch(saes: dict[str, str | None], used: str | Path | None, command
     models = sorted({str(m) for m in other.values()})
     return (f"saeforge {command}: warning: SAE{shown} names model {' / '.join(models)} but runs on {used}; "
             f"its numbers describe activations it was not trained on (to use the SAE's own model pass --model "
-            f"{models[0]}; {fix} choose the model on purpose)")
+            f"{models[0]}; to run it here on purpose, keep {fix})")
 
 
 def warn_model_mismatch(saes: dict[str, str | None], used: str | Path | None, command: str, fix: str) -> None:
