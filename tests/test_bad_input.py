@@ -266,9 +266,9 @@ CASES: list[tuple[str, A, str] | tuple[str, A, str, int]] = [
     ("harvest-context-len-beyond-model", lambda w, t: _harvest_argv(w, t / "o", "--context-len", "100000"),
      "exceeds the 512 positions"),
     ("harvest-batch-contexts-0", lambda w, t: _harvest_argv(w, t / "o", "--batch-contexts", "0"), "batch_contexts must be positive"),
-    ("harvest-shard-tokens-negative", lambda w, t: _harvest_argv(w, t / "o", "--shard-tokens", "-5"), "shard_tokens must be positive"),
-    ("harvest-max-tokens-0", lambda w, t: _harvest_argv(w, t / "o", "--max-tokens", "0"), "max_tokens must be positive"),
-    ("harvest-max-tokens-word", lambda w, t: _harvest_argv(w, t / "o", "--max-tokens", "lots"), "invalid int value"),
+    ("harvest-shard-tokens-negative", lambda w, t: _harvest_argv(w, t / "o", "--shard-tokens", "-5"), "'-5' is not a positive whole count"),
+    ("harvest-max-tokens-0", lambda w, t: _harvest_argv(w, t / "o", "--max-tokens", "0"), "'0' is not a positive whole count"),
+    ("harvest-max-tokens-word", lambda w, t: _harvest_argv(w, t / "o", "--max-tokens", "lots"), "cannot read 'lots' as a count"),
     ("harvest-context-len-float", lambda w, t: _harvest_argv(w, t / "o", "--context-len", "3.5"), "invalid int value"),
     ("harvest-dtype", lambda w, t: _harvest_argv(w, t / "o", "--dtype", "int8"), "invalid choice: 'int8'"),
     ("harvest-on-nonfinite", lambda w, t: _harvest_argv(w, t / "o", "--on-nonfinite", "ignore"), "invalid choice: 'ignore'"),
@@ -288,7 +288,7 @@ CASES: list[tuple[str, A, str] | tuple[str, A, str, int]] = [
     ("harvest-data-no-text-field", lambda w, t: _harvest_argv(w, t / "o", data=w.nofield_jsonl), "no field 'text'"),
     # ---- harvest: model
     ("harvest-model-missing", lambda w, t: [a if a != str(w.model) else str(t / "none.bin") for a in _harvest_argv(w, t / "o")],
-     "not found"),
+     "no such file or folder"),
     ("harvest-model-garbage", lambda w, t: [a if a != str(w.model) else str(w.garbage_bin) for a in _harvest_argv(w, t / "o")],
      "not a llama2.c checkpoint"),
     # ---- harvest: output folder
@@ -301,8 +301,8 @@ CASES: list[tuple[str, A, str] | tuple[str, A, str, int]] = [
     ("harvest-read-only", lambda w, t: (_harvest_argv(w, t / "o"), _os_error(errno.EROFS)), "read-only"),
     ("harvest-permission", lambda w, t: (_harvest_argv(w, t / "o"), _os_error(errno.EACCES)), "permission denied"),
     # ---- train: flags (refused before any data is read)
-    ("train-width-0", lambda w, t: _train_argv(w, t / "o", "--width", "0"), "--width 0 must be a positive"),
-    ("train-width-negative", lambda w, t: _train_argv(w, t / "o", "--width", "-3"), "--width -3 must be a positive"),
+    ("train-width-0", lambda w, t: _train_argv(w, t / "o", "--width", "0"), "argument --width: '0' is not a positive whole count"),
+    ("train-width-negative", lambda w, t: _train_argv(w, t / "o", "--width", "-3"), "argument --width: '-3' is not a positive whole count"),
     ("train-expansion-0", lambda w, t: _train_argv(w, t / "o", "--expansion", "0"), "--expansion 0"),
     ("train-k-0", lambda w, t: _train_argv(w, t / "o", "--k", "0"), "--k 0 must be a positive"),
     ("train-k-above-width", lambda w, t: _train_argv(w, t / "o", "--k", "500"), "k=500 must be between 1 and d_sae=128"),
@@ -313,7 +313,7 @@ CASES: list[tuple[str, A, str] | tuple[str, A, str, int]] = [
     ("train-checkpoint-every-negative", lambda w, t: _train_argv(w, t / "o", "--checkpoint-every", "-1"),
      "checkpoint_every must be >= 0"),
     ("train-log-every-0", lambda w, t: _train_argv(w, t / "o", "--log-every", "0"), "log_every must be >= 1"),
-    ("train-batch-size-0", lambda w, t: _train_argv(w, t / "o", "--batch-size", "0"), "batch_size must be >= 1"),
+    ("train-batch-size-0", lambda w, t: _train_argv(w, t / "o", "--batch-size", "0"), "argument --batch-size: '0' is not a positive whole count"),
     ("train-lr-nan", lambda w, t: _train_argv(w, t / "o", "--lr", "nan"), "'nan' is not a finite number"),
     ("train-lr-inf", lambda w, t: _train_argv(w, t / "o", "--lr", "inf"), "'inf' is not a finite number"),
     ("train-lr-negative", lambda w, t: _train_argv(w, t / "o", "--lr=-1e-3"), "lr must be a finite number > 0"),
@@ -375,7 +375,7 @@ CASES: list[tuple[str, A, str] | tuple[str, A, str, int]] = [
     ("train-no-data", lambda w, t: ["train", "--out", str(t / "o")], "--data is required"),
     # ---- sweep
     ("sweep-width-word", lambda w, t: ["sweep", "--data", str(w.cache), "--arch", "topk", "--width", "128,big", "--k", "8",
-                                       "--out", str(t / "o")], "comma-separated list of int"),
+                                       "--out", str(t / "o")], "cannot read 'big' as a count"),
     ("sweep-lam-nan", lambda w, t: ["sweep", "--data", str(w.cache), "--arch", "relu", "--width", "128", "--lam", "nan",
                                     "--out", str(t / "o")], "positive finite number"),
     ("sweep-lr-0", lambda w, t: ["sweep", "--data", str(w.cache), "--arch", "topk", "--width", "128", "--k", "8",
@@ -500,8 +500,8 @@ def test_foreign_checkpoint_missing_a_tensor(fixtures_dir, tmp_path, capsys):
 
 
 def test_debug_flag_shows_the_traceback(w, tmp_path):
-    with pytest.raises(Exception, match="--width 0"):
-        main(["--debug"] + _train_argv(w, tmp_path / "o", "--width", "0"))
+    with pytest.raises(Exception, match="--expansion 0"):
+        main(["--debug"] + _train_argv(w, tmp_path / "o", "--expansion", "0"))
 
 
 # ------------------------------------------------------------------------------------------------ the Python API

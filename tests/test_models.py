@@ -264,9 +264,9 @@ def test_llama2c_spec_forms_and_errors(tmp_path, stories):
     shutil.copy(MODEL_BIN, alone)
     with pytest.raises(SaeforgeError, match="--tokenizer"):
         load_model(str(alone))
-    with pytest.raises(SaeforgeError, match="not found"):
+    with pytest.raises(SaeforgeError, match="not found|no such file or folder"):
         load_model(str(tmp_path / "nope" / "model.bin"))
-    with pytest.raises(SaeforgeError, match="not found"):
+    with pytest.raises(SaeforgeError, match="not found|no such file or folder"):
         load_model(f"llama2c:{tmp_path / 'nope.bin'}")
     junk = tmp_path / "junk.bin"
     junk.write_bytes(b"\x00" * 100)
@@ -312,7 +312,7 @@ def test_save_hf_roundtrip(tmp_path, stories):
 
 
 def test_missing_hf_folder_errors(tmp_path):
-    with pytest.raises(SaeforgeError, match="not found"):
+    with pytest.raises(SaeforgeError, match="not found|no such file or folder"):
         load_model(str(tmp_path / "a" / "b" / "c"))
     empty = tmp_path / "empty"
     empty.mkdir()
