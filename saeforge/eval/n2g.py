@@ -174,19 +174,21 @@ def build_patterns(
         for flat in torch.cat([top, rnd]).tolist():
             examples.append((col, flat // T, flat % T, float(a[flat])))
     prefix = [] if bos_id is None else [int(bos_id)]
-    # 1. the shortest suffix that keeps keep_frac of the activation
-    seqs, cols, owner = [], [], []
-    for e, (col, c, t, _) in enumerate(examples):
-        start = 1 if bos_id is not None and int(tokens[c, 0]) == bos_id else 0
-        for n in range(1, min(max_suffix, t - start + 1) + 1):
-            seqs.append(prefix + tokens[c, t - n + 1:t + 1].tolist())
-            cols.append(col)
-            owner.append((e, n))
-    got = _last_acts(act_fn, seqs, cols, batch_size) if seqs else np.zeros(0)
+    # 1. the shortest suffix that keeps keep_frac of the activation: suffix lengths n = 1, 2, ... in rounds, each
+    # round running only the examples no shorter suffix satisfied (the same answer as trying every n at once)
     suffix: dict[int, tuple[list[int], float]] = {}
-    for (e, n), v, s in zip(owner, got, seqs):
-        if e not in suffix and v >= keep_frac * examples[e][3]:
-            suffix[e] = (s[len(prefix):], float(v))
+    longest = {e: min(max_suffix, t - (1 if bos_id is not None and int(tokens[c, 0]) == bos_id else 0) + 1)
+               for e, (col, c, t, _) in enumerate(examples)}
+    for n in range(1, max(longest.values(), default=0) + 1):
+        todo = [e for e in range(len(examples)) if e not in suffix and n <= longest[e]]
+        if not todo:
+            break
+        seqs = [prefix + tokens[examples[e][1], examples[e][2] - n + 1:examples[e][2] + 1].tolist() for e in todo]
+        got = _last_acts(act_fn, seqs, [examples[e][0] for e in todo], batch_size)
+        for e, v, s in zip(todo, got, seqs):
+            if v >= keep_frac * examples[e][3]:
+                suffix[e] = (s[len(prefix):], float(v))
+    suffix = dict(sorted(suffix.items()))  # example order, as the tries are built
     # 2. pad-token replacement decides the wildcards
     seqs, cols, owner = [], [], []
     for e, (toks, _) in suffix.items():
