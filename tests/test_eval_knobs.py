@@ -75,13 +75,13 @@ def test_all_with_knobs_records_cost_and_shares_work(lm, tmp_path, tinystories_v
     assert md.splitlines()[2] == "## Summary" and "## Cost" in md and "| probes | all |" in md
     # the shared activations give the numbers a separate run of SAE b gives
     alone_p = run_probe_suite(saes["b"], lm, str(tinystories_valid), n_tokens=1000, tasks=["comma", "pronoun"],
-                              tasks_jsonl=str(tasks), context_len=32, progress=False)
+                              tasks_jsonl=str(tasks), context_len=32, batch_size=8, progress=False)
     got_p = combined["saes"]["b"]["extras"]["probes"]
     assert got_p["summary"]["probe_loss"] == pytest.approx(alone_p["summary"]["probe_loss"], rel=1e-6)
     assert got_p["summary"]["baseline_probe_loss"] == pytest.approx(alone_p["summary"]["baseline_probe_loss"],
                                                                     rel=1e-6)
     alone_n = run_n2g(saes["b"], lm, str(tinystories_valid), n_latents=3, n_train_contexts=12,
-                      n_heldout_contexts=6, context_len=32, progress=False)
+                      n_heldout_contexts=6, context_len=32, batch_size=8, progress=False)
     got_n = combined["saes"]["b"]["extras"]["n2g"]
     assert got_n["explanations"] == json.loads(json.dumps(alone_n["explanations"]))
 
@@ -122,3 +122,22 @@ def test_cli_flags_reach_the_sections(lm, tmp_path, tinystories_valid, stories_m
     assert [t["task"] for t in r["extras"]["probes"]["tasks"]] == ["comma", "digit"]
     assert r["extras"]["ablation"]["summary"]["n_positions"] == 3
     assert "## Cost" in (tmp_path / "e2" / "report.md").read_text()
+
+
+def test_report_tables_latent_keyed_dicts_and_cost(tmp_path):
+    """N2G and ablation return per-latent data keyed by latent id: it goes to latents.csv, not 1000s of rows."""
+    import csv
+
+    from saeforge.eval.report import build_report
+
+    r = {"model": "m", "data": "d", "config": {"context_len": 8, "dense_threshold": 0.1},
+         "reconstruction": {"n_tokens": 100, "l0": 8.0, "fvu": 0.1},
+         "features": {"d_sae": 64, "dead": 0, "dead_frac": 0.0, "dense": 0, "dense_frac": 0.0},
+         "downstream": {"skipped": "no model"}}
+    extras = {"s": {"n2g": {"summary": {"precision": 0.7, "recall": 0.3}, "seconds": 1.5, "options": {"n_latents": 300},
+                            "latents": {str(j): {"precision": 0.5, "recall": 0.2} for j in range(300)},
+                            "explanations": {str(j): {"pattern": "[ the]"} for j in range(300)}}}}
+    md = build_report(tmp_path, {"s": r}, {}, {}, extras, seconds={"core": 2.0, "n2g": 1.5}).read_text()
+    assert len(md.splitlines()) < 120 and "## Cost" in md and "took 3.5 s" in md
+    rows = list(csv.DictReader(open(tmp_path / "latents.csv")))
+    assert len(rows) == 600 and rows[0]["latent"] == "0"

@@ -283,11 +283,12 @@ def extra_options(cfg: EvalConfig, key: str) -> dict[str, Any]:
     if key == "probes":
         tasks = cfg.probe_tasks
         return {"n_tokens": cfg.probe_tokens or cfg.n_tokens, "tasks": tasks, "builtin_tasks": tasks != [],
-                "tasks_jsonl": cfg.probe_task_file}
+                "tasks_jsonl": cfg.probe_task_file, "batch_size": cfg.batch_contexts}
     if key == "n2g":
         held = cfg.n2g_contexts // 3
+        # contexts go --batch-size at a time (memory); the short re-run sequences 64+ at a time (speed)
         return {"n_latents": cfg.n2g_latents, "n_train_contexts": cfg.n2g_contexts - held,
-                "n_heldout_contexts": held}
+                "n_heldout_contexts": held, "batch_size": cfg.batch_contexts}
     if key == "ablation":
         return {"n_positions": cfg.ablation_positions}
     return {"n_tokens": cfg.n_tokens, "batch_size": cfg.batch_contexts}

@@ -287,6 +287,7 @@ def run_n2g(
     fire_threshold: float = 0.0,
     min_fires: int = 5,
     batch_size: int = 64,
+    rerun_batch: int | None = None,
     text_field: str = "text",
     split: str = "train",
     seed: int = 0,
@@ -294,6 +295,9 @@ def run_n2g(
 ) -> dict[str, Any]:
     """N2G explanations of ``n_latents`` latents (a seeded sample of those firing >= ``min_fires`` times on the
     training contexts; or exactly ``latents``) scored on held-out contexts that follow them in ``data``.
+
+    ``batch_size`` contexts go through the model per pass; the short truncated/edited sequences (at most
+    ``max_suffix + 1`` tokens) go ``rerun_batch`` at a time (default ``max(64, batch_size)``).
 
     Returns ``{"summary": {precision, recall, f1 (means over latents), ...}, "latents": {...},
     "explanations": {latent: {"pattern", "precision", "recall", "f1"}}}``.
@@ -343,7 +347,8 @@ def run_n2g(
         sub = sae_act_fn(sae, model, hook, latents[cols])
         t = build_patterns(sub, tr_tok, tr_acts[..., cols], tr_keep, bos_id=tok.bos_id, pad_id=pad, n_top=n_top,
                            n_random=n_random, max_suffix=max_suffix, keep_frac=keep_frac,
-                           fire_threshold=fire_threshold, batch_size=batch_size, seed=seed + s)
+                           fire_threshold=fire_threshold, batch_size=rerun_batch or max(64, batch_size),
+                           seed=seed + s)
         tries += t
         scores += score_patterns(t, te_tok, te_acts[..., cols], te_keep, fire_threshold)
     per, expl = {}, {}

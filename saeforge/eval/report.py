@@ -155,6 +155,20 @@ def _table_rows(items: Sequence[Any], max_rows: int = 200) -> list[dict[str, Any
     return [flatten(x) for x in items[:max_rows] if isinstance(x, Mapping)]
 
 
+def _keyed_tables(result: Mapping[str, Any]) -> dict[str, Any]:
+    """Per-item data keyed by id (``{"latents": {"17": {...}, ...}}``, as N2G and ablation return it) becomes a
+    list of rows with the id as first column (``latent``), so it is tabled, and sent to latents.csv when long,
+    instead of being flattened into thousands of metric/value rows."""
+    out: dict[str, Any] = {}
+    for k, v in result.items():
+        if isinstance(v, Mapping) and len(v) > 1 and all(isinstance(x, Mapping) for x in v.values()) and \
+                all(str(key).lstrip("-").isdigit() for key in v):
+            out[k] = [{"latent": int(key), **flatten(x)} for key, x in v.items()]
+        else:
+            out[k] = v
+    return out
+
+
 def sections_from_result(title: str, result: Mapping[str, Any],
                          long_rows: list[dict[str, Any]] | None = None) -> list[Section]:
     """Sections for any JSON-able result dict (see the module docstring for the ``"report"`` contract).
@@ -173,6 +187,7 @@ def sections_from_result(title: str, result: Mapping[str, Any],
         )]
     if "error" in result and len(result) <= 2:
         return [Section(title=title, text=f"Failed: {result['error']}")]
+    result = _keyed_tables(result)
     flat = flatten({k: v for k, v in result.items() if k != "figures"})
     figs = [str(f) for f in result.get("figures", [])]
     out = [Section(title=title, rows=[{"metric": k, "value": v} for k, v in flat.items()], figures=figs)]
@@ -396,6 +411,7 @@ def build_report(
     cost = cost_rows(seconds, extras)
     if cost:
         total = sum(r["seconds"] for r in cost if r["sae"] == "all")
+        summary.text += f" The evaluation took {total:.1f} s (per section: Cost, at the end)."
         sections.append(Section("Cost", text=f"Wall time per section ({total:.1f} s in all; `core` = the "
                                 "reconstruction and downstream passes of every SAE together). Knobs: docs/eval.md.",
                                 rows=cost, columns=["section", "sae", "seconds"]))
