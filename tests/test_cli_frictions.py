@@ -156,3 +156,25 @@ def test_eval_warns_once_on_other_model(stories_model_path, tinystories_valid, c
     evaluate(sae, f"llama2c:{stories_model_path}", str(tinystories_valid), n_tokens=256, context_len=32,
              progress=False, downstream=False)
     assert "warning" not in capsys.readouterr().err
+
+
+def test_dashboard_and_adapt_warn_once_on_other_model(stories_model_path, tinystories_valid, tmp_path, capsys):
+    from saeforge.adapt import AdaptConfig
+    from saeforge.adapt.trainer import build
+    from saeforge.dashboard.build import DashboardConfig, open_source
+    from saeforge.sae import create_sae, make_config
+
+    torch.manual_seed(0)
+    sae = create_sae(make_config("topk", d_in=64, d_sae=32, k=4, hook="resid_post.1"))
+    sae.cfg.model = "openai-community/gpt2"
+    sae.save(tmp_path / "sae")
+    capsys.readouterr()
+    cfg = DashboardConfig(sae=str(tmp_path / "sae"), data=str(tinystories_valid), out=str(tmp_path / "d"),
+                          model=str(stories_model_path), context_len=32)
+    open_source(cfg, sae, "resid_post.1", torch.device("cpu"))
+    warn = [ln for ln in capsys.readouterr().err.splitlines() if "warning" in ln]
+    assert len(warn) == 1 and "dashboard" in warn[0] and "--model/--hook" in warn[0], warn
+    build(AdaptConfig(model=str(stories_model_path), saes=[str(tmp_path / "sae")], data=str(tinystories_valid),
+                      rank=2, tokens=64, batch_contexts=1, context_len=32, device="cpu"))
+    warn = [ln for ln in capsys.readouterr().err.splitlines() if "warning" in ln]
+    assert len(warn) == 1 and "adapt" in warn[0] and "openai-community/gpt2" in warn[0], warn
