@@ -34,7 +34,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     t = s.add_parser("train", help="train an adapter around one or more SAEs, then report",
                      formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    t.add_argument("--model", help="model spec (default: the first SAE's cfg.model; one the SAEs do not name runs with a warning)")
+    t.add_argument("--model", help="model spec (default: the first SAE's cfg.model; one the SAEs do not name "
+                                   "runs with a warning)")
     t.add_argument("--tokenizer", help="tokenizer override (llama2.c .bin or HF)")
     t.add_argument("--sae", action="append", required=True, help="SAE folder, any format (repeatable)")
     t.add_argument("--data", required=True, help="training text (.txt/.jsonl/.parquet/HF dataset)")

@@ -26,7 +26,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="activation cache folder (saeforge harvest) or text (.txt/.jsonl/.parquet/HF dataset) "
                         "to run through the model")
     b.add_argument("--out", required=True, help="output folder for the site")
-    b.add_argument("--model", help="model (default: the SAE's cfg.model or the cache's model; one the SAE does not name runs with a warning)")
+    b.add_argument("--model", help="model (default: the SAE's cfg.model or the cache's model; one the SAE "
+                                   "does not name runs with a warning)")
     b.add_argument("--tokenizer", help="tokenizer (llama2.c .bin) if not beside the model")
     b.add_argument("--hook", help="input hook (default: the SAE's; override to read another hook point)")
     b.add_argument("--format", dest="sae_format", help="SAE format (default: detected)")

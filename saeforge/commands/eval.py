@@ -28,7 +28,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--sae", action="append", required=True, metavar="PATH",
                    help="SAE folder or checkpoint in any supported format, or a sweep folder with sweep.json "
                         "(repeat for several: they share the model passes and get a frontier plot)")
-    p.add_argument("--model", help="model spec (default: the model named in the SAE's cfg; a different one runs with a one-line warning)")
+    p.add_argument("--model", help="model spec (default: the model named in the SAE's cfg; a different one runs "
+                                   "with a one-line warning)")
     p.add_argument("--tokenizer", help="tokenizer for llama2.c models (default: tok*.bin beside the model)")
     p.add_argument("--data", required=True, help="held-out text: .txt/.jsonl/.parquet, a folder or a data set")
     p.add_argument("--text-field", default="text", help="text field of .jsonl/.parquet/data sets")
@@ -59,7 +60,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="built-in probe tasks to run, comma-separated (`none` for only --probe-task-file); "
                         "default: all (names: docs/eval.md)")
     g.add_argument("--probe-task-file", metavar="FILE.jsonl",
-                   help="user probe tasks: one JSON object per line, {\"task\", \"text\", \"spans\": [[start, end], ...]}")
+                   help="user probe tasks: one JSON object per line, "
+                        "{\"task\", \"text\", \"spans\": [[start, end], ...]}")
     g.add_argument("--probe-tokens", type=parse_size,
                    help="text tokens for the built-in probe tasks (default: --tokens)")
     g.add_argument("--ablation-positions", type=parse_size, default=64,
