@@ -151,7 +151,7 @@ def test_eval_warns_once_on_other_model(stories_model_path, tinystories_valid, c
     evaluate(sae, str(stories_model_path), str(tinystories_valid), n_tokens=256, context_len=32, progress=False,
              downstream=False)
     warn = [ln for ln in capsys.readouterr().err.splitlines() if "warning" in ln]
-    assert len(warn) == 1 and "openai-community/gpt2" in warn[0] and "--model" in warn[0], warn
+    assert len(warn) == 1 and "openai-community/gpt2" in warn[0] and "--model/--hook" in warn[0], warn
     sae.cfg.model = str(stories_model_path)
     evaluate(sae, f"llama2c:{stories_model_path}", str(tinystories_valid), n_tokens=256, context_len=32,
              progress=False, downstream=False)
@@ -178,3 +178,20 @@ def test_dashboard_and_adapt_warn_once_on_other_model(stories_model_path, tinyst
                       rank=2, tokens=64, batch_contexts=1, context_len=32, device="cpu"))
     warn = [ln for ln in capsys.readouterr().err.splitlines() if "warning" in ln]
     assert len(warn) == 1 and "adapt" in warn[0] and "openai-community/gpt2" in warn[0], warn
+
+
+def test_eval_hook_override(stories_model_path, tinystories_valid, tmp_path):
+    from saeforge.cli import main
+    from saeforge.eval import evaluate
+    from saeforge.sae import create_sae, make_config
+
+    torch.manual_seed(0)
+    sae = create_sae(make_config("topk", d_in=64, d_sae=32, k=4, hook="resid_post.1"))
+    r = evaluate(sae, str(stories_model_path), str(tinystories_valid), n_tokens=256, context_len=32,
+                 progress=False, downstream=False, hook="resid_post.0")
+    assert r["sae"]["hook"] == "resid_post.0"
+    sae.cfg.model = str(stories_model_path)
+    sae.save(tmp_path / "sae")
+    assert main(["eval", "--sae", str(tmp_path / "sae"), "--data", str(tinystories_valid), "--tokens", "256",
+                 "--context-len", "32", "--no-downstream", "--no-progress", "--hook", "resid_post.0",
+                 "--out", str(tmp_path / "e")]) == 0

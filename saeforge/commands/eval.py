@@ -30,6 +30,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "(repeat for several: they share the model passes and get a frontier plot)")
     p.add_argument("--model", help="model spec (default: the model named in the SAE's cfg; a different one runs "
                                    "with a one-line warning)")
+    p.add_argument("--hook", help="hook point to read every SAE at (default: each SAE's own cfg.hook; "
+                                  "with --model, to run an SAE on another model on purpose)")
     p.add_argument("--tokenizer", help="tokenizer for llama2.c models (default: tok*.bin beside the model)")
     p.add_argument("--data", required=True, help="held-out text: .txt/.jsonl/.parquet, a folder or a data set")
     p.add_argument("--text-field", default="text", help="text field of .jsonl/.parquet/data sets")
@@ -90,7 +92,7 @@ def run(args: argparse.Namespace) -> int:
         run_all=args.run_all, report=args.report, tokenizer=args.tokenizer, device=args.device, dtype=args.dtype,
         chunk_batches=args.chunk_batches, dense_threshold=args.dense_threshold, sample_tokens=args.sample_tokens,
         downstream=not args.no_downstream, splice_all=args.splice_all, text_field=args.text_field,
-        split=args.split, seed=args.seed, extras=args.extras, n2g_latents=args.n2g_latents,
+        split=args.split, seed=args.seed, hook=args.hook, extras=args.extras, n2g_latents=args.n2g_latents,
         n2g_contexts=args.n2g_contexts, probe_tasks=args.probe_tasks, probe_task_file=args.probe_task_file,
         probe_tokens=args.probe_tokens, ablation_positions=args.ablation_positions,
     )

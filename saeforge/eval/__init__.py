@@ -155,6 +155,7 @@ def evaluate_many(
     tokenizer: str | None = None,
     device: Any = None,
     dtype: Any = None,
+    hook: str | None = None,
     config: EvalConfig | None = None,
     on_chunk: Callable[[str, int], None] | None = None,
     **options: Any,
@@ -165,6 +166,7 @@ def evaluate_many(
     :class:`~saeforge.models.LoadedModel`, a spec, or None for the SAEs' ``cfg.model``. Other keyword options
     are :class:`EvalConfig` fields (``dense_threshold``, ``downstream``, ``splice_all``, ``sample_tokens`` ...).
     ``run_all`` adds the optional modules (probes, N2G, ablation, scaling) and the report; ``report`` the report.
+    ``hook`` reads every SAE at that hook point instead of its ``cfg.hook`` (plain SAEs, not transcoders).
     """
     if not data:
         raise SaeforgeError("no eval data: pass --data with a held-out text file or data set")
@@ -179,10 +181,18 @@ def evaluate_many(
 
         read_jsonl_tasks(cfg.probe_task_file)  # a missing or malformed task file fails now, not after the passes
     named, sources = _named_saes(saes, "cpu")
+    if hook:
+        for name, sae in named.items():
+            if sae.cfg.target_hook and sae.cfg.target_hook != sae.cfg.hook:
+                raise SaeforgeError(f"--hook overrides the hook of plain SAEs; {name!r} is a transcoder "
+                                    f"({sae.cfg.hook} -> {sae.cfg.target_hook}): evaluate it without --hook")
+            sae.cfg.hook = str(hook)
+            if sae.cfg.target_hook:
+                sae.cfg.target_hook = str(hook)
     lm = _model(model, named, tokenizer, device, dtype)
     if model is not None:
         warn_model_mismatch({n: s.cfg.model for n, s in named.items()}, getattr(lm, "spec", None), "eval",
-                            "--model")
+                            "--model/--hook")
     runner = EvalRunner(named, lm, data, cfg, out)
     if out is None:
         return _evaluate(runner, sources, None, resume, progress, run_all, report, on_chunk)

@@ -257,6 +257,7 @@ class EvalRunner:
             "model": str(self.lm.spec),
             "data": self.data,
             "saes": {n: sae_fingerprint(s) for n, s in self.saes.items()},
+            "hooks": {n: [s.cfg.hook, s.cfg.target_hook] for n, s in self.saes.items()},  # --hook overrides
             **{k: getattr(self.cfg, k) for k in _FINGERPRINT_KEYS},
         }
 
