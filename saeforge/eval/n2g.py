@@ -242,7 +242,7 @@ def _contexts(
             break
     if len(toks) < n:
         raise SaeforgeError(f"the data holds only {len(toks)} contexts of {context_len} tokens, {n} needed; "
-                            "pass more text or smaller n_contexts")
+                            "pass more text, or fewer contexts (eval --n2g-contexts / --ablation-positions)")
     return torch.stack(toks), torch.stack(keep)
 
 
