@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from saeforge.distributed.ops import total_variance
 from saeforge.kernels.topk_autograd import TopKCodes, sparse_decode, topk_encode
 
 
@@ -55,7 +56,7 @@ def topk_training_forward(sae: Any, inp: Any, chunk_rows: int | None = None) -> 
     y2 = y.reshape(-1, y.shape[-1])
     y_hat = sparse_decode(vals, idx, sae.W_dec, sae.b_dec)
     e = y2 - y_hat
-    total_var = (y2 - y2.mean(0)).pow(2).sum().clamp_min(1e-12)
+    total_var = total_variance(y2).clamp_min(1e-12)  # of the global batch under data parallelism
     mse = e.pow(2).sum() / total_var
     losses = {"mse": mse}
     loss = mse

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from saeforge.distributed.ops import total_variance
 from saeforge.errors import SaeforgeError
 from saeforge.kernels.topk_step import fired_latents, topk_training_forward
 from saeforge.sae.base import SAE, SAEConfig, TrainStepInput, TrainStepOutput, register
@@ -94,7 +95,7 @@ class TopKSAE(SAE):
         vals, idx = topk_relu(h, cfg.k)
         y_hat = sparse_decode(vals, idx, self.W_dec, self.b_dec)
         e = y - y_hat
-        total_var = (y - y.mean(0)).pow(2).sum().clamp_min(1e-12)
+        total_var = total_variance(y).clamp_min(1e-12)  # of the global batch under data parallelism
         mse = e.pow(2).sum() / total_var
         losses = {"mse": mse}
         loss = mse

@@ -25,3 +25,6 @@ class TrainConfig(JsonConfig):
     dtype: str = "auto"  # autocast dtype: auto | float32 | bfloat16 | float16
     kernels: str = "sparse"  # sparse: saeforge/kernels where an architecture has them; dense: plain autograd
     fused_adam: bool = True  # torch's fused Adam (one kernel per step) where the device supports it
+    # under torchrun (docs/distributed.md): latent shards per replica (1: pure data parallel; 0: all processes)
+    shard_latents: int = 1
+    spread: bool = False  # place whole SAEs on processes instead of splitting rows (sweeps, one SAE per layer)
