@@ -33,10 +33,10 @@ def total_variance(y: Tensor, group: dist.Group | None = None) -> Tensor:
     with torch.no_grad():
         yd = y.detach()
         n_local = yd.shape[0]
-        stats = torch.cat([yd.double().sum(0), yd.new_tensor([n_local], dtype=torch.float64)])
+        stats = torch.cat([yd.double().sum(0).reshape(-1), yd.new_tensor([n_local], dtype=torch.float64)])
         dist.all_reduce(stats, group=g)
         n_global = stats[-1]
-        mean = (stats[:-1] / n_global).to(yd.dtype)
+        mean = (stats[:-1] / n_global).to(yd.dtype).reshape(yd.shape[1:])
         part = (yd - mean).double().pow(2).sum().reshape(1)
         dist.all_reduce(part, group=g)
         return (part[0] * (n_local / n_global)).to(y.dtype)

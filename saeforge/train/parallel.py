@@ -57,7 +57,8 @@ class Parallel:
         self.spread = spread and dist.world_size() > 1
         if self.spread and shards not in (0, 1):
             raise SaeforgeError("spreading SAEs over processes and --shard-latents do not combine; pick one")
-        self.mesh = dist.Mesh.build(1 if self.spread else shards)
+        # spreading: every process trains its own SAEs on whole batches, so no rows or latents are split
+        self.mesh = dist.Mesh() if self.spread else dist.Mesh.build(shards)
         dist.use_mesh(self.mesh)
         self.replicas, self.shards = self.mesh.replicas, self.mesh.shards
         self.world = dist.world_size()
@@ -79,7 +80,7 @@ class Parallel:
         return place(sizes, self.world)
 
     def stream(self, stream: Any) -> Any:
-        if self.replicas == 1 or self.spread:
+        if self.replicas == 1:
             return stream
         from saeforge.activations.stream import RankSlice
 
@@ -107,7 +108,7 @@ class Parallel:
     @torch.no_grad()
     def sync_grads(self, sae: Any, n_local: int, n_global: int) -> None:
         """Row-weighted mean of the gradients over the replicas (one flat all-reduce)."""
-        if self.replicas == 1 or self.spread:
+        if self.replicas == 1:
             return
         params = [p for p in sae.parameters() if p.grad is not None]
         if not params:
@@ -142,7 +143,7 @@ class Parallel:
     @torch.no_grad()
     def after_resample(self, sae: Any, opt: torch.optim.Optimizer, since_fired: torch.Tensor) -> None:
         """Resampling read this replica's rows only: make every replica take global rank 0's result."""
-        if self.replicas == 1 or self.spread:
+        if self.replicas == 1:
             return
         for t in list(sae.parameters()) + [since_fired]:
             dist.broadcast(t.data, group=self.mesh.data)
@@ -160,9 +161,9 @@ class Parallel:
 
     def mean_metrics(self, acc: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Metric sums averaged over the replicas (each replica saw its share of the rows)."""
-        if self.replicas == 1 or self.spread:
+        if self.replicas == 1:
             return acc
-        keys = sorted(acc)
+        keys = list(acc)  # the same order on every process
         flat = torch.stack([acc[k].float().reshape(()) for k in keys])
         dist.all_reduce(flat, group=self.mesh.data)
         flat /= self.replicas

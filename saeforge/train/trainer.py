@@ -33,8 +33,9 @@ import torch
 from tqdm.auto import tqdm
 
 from saeforge.device import resolve_device, resolve_dtype
+from saeforge.distributed.ops import total_variance
 from saeforge.errors import SaeforgeError
-from saeforge.sae.base import SAE, SAEConfig, TrainStepInput, create_sae, fvu
+from saeforge.sae.base import SAE, SAEConfig, TrainStepInput, create_sae
 from saeforge.train.checkpoint import load_checkpoint, save_checkpoint
 from saeforge.train.config import TrainConfig
 from saeforge.train.parallel import Parallel
@@ -77,6 +78,12 @@ class _Lookahead:
             self.buf.append(b)
             got += len(next(iter(b.acts.values())))
         return list(self.buf)
+
+
+def _fvu(y: torch.Tensor, y_hat: torch.Tensor) -> torch.Tensor:
+    """:func:`~saeforge.sae.base.fvu` with the variance of the global batch (this process's share of it), so
+    that the replicas' mean is the global batch's FVU; with one process exactly ``fvu``."""
+    return (y - y_hat).pow(2).sum() / total_variance(y).clamp_min(1e-12)
 
 
 def _seeded(seed: int) -> None:
@@ -234,7 +241,7 @@ class Trainer:
         run.since_fired += n_rows
         run.since_fired.masked_fill_(self.par.fired(out.fired), 0)
         with torch.no_grad():
-            parts = {"loss": out.loss.float(), "fvu": fvu(out.y.float(), out.y_hat.float()), "l0": out.l0.float()}
+            parts = {"loss": out.loss.float(), "fvu": _fvu(out.y.float(), out.y_hat.float()), "l0": out.l0.float()}
             parts.update({k: v.float() for k, v in out.losses.items()})
             for k, v in parts.items():
                 run.acc[k] = run.acc[k] + v.detach() if k in run.acc else v.detach().clone()
