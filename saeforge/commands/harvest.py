@@ -10,7 +10,9 @@ HELP = "run a model over text and save activations at hook points to a resumable
 EPILOG = """\
 The cache folder holds manifest.json and shard_NNNNN.safetensors files (see docs/cache.md). If a run
 is interrupted, run the same command again: finished shards are checked and kept, and the harvest
-continues where it stopped; the result is byte-identical to an uninterrupted run. Running it on a
+continues where it stopped; the result is byte-identical to an uninterrupted run. Under torchrun
+(`torchrun --nproc-per-node N -m saeforge harvest ...`) each process runs the forward passes of every
+N-th shard and the result is the same cache, byte for byte (docs/distributed.md). Running it on a
 finished cache does nothing. A different configuration for an existing folder is refused.
 
 example:
@@ -71,7 +73,11 @@ def run(args: argparse.Namespace) -> int:
         batch_contexts=args.batch_contexts, shard_tokens=args.shard_tokens, max_tokens=args.max_tokens,
         dtype=args.dtype, device=args.device, keep_special=args.keep_special,
     )
+    from saeforge import distributed as dist
+
     out = harvest(cfg, progress=not args.quiet)
+    if not dist.is_main():  # under torchrun: one cache, one summary line
+        return 0
     cache = ActivationCache(out)
     widths = ", ".join(f"{h} (d={n})" for h, n in cache.d.items())
     print(f"harvested {cache.n_tokens} tokens x {widths} into {out} ({cache.n_shards} shards)")

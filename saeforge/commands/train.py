@@ -65,7 +65,8 @@ def open_training_stream(args: argparse.Namespace, hooks: list[str], batch_size:
 def add_train_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("optimisation")
     g.add_argument("--tokens", type=parse_size, default=5_000_000, help="training tokens (default 5M; loops the data)")
-    g.add_argument("--batch-size", type=int, default=4096, help="rows per step (default 4096)")
+    g.add_argument("--batch-size", type=int, default=4096,
+                   help="rows per step (default 4096); under torchrun the GLOBAL batch, split over the replicas")
     g.add_argument("--lr", type=float, help="learning rate (default: the recipe's, e.g. 2e-4/sqrt(n/2^14) for topk)")
     g.add_argument("--warmup-steps", type=int, help="LR warm-up steps (default min(1000, 5%% of steps))")
     g.add_argument("--decay-frac", type=float, default=0.2, help="linear LR decay over the last fraction (default 0.2)")
@@ -82,6 +83,10 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--kernels", choices=["sparse", "dense"], default="sparse",
                    help="sparse: the sparse training kernels where the architecture has them (TopK, BatchTopK, "
                         "JumpReLU's decoder; docs/performance.md); dense: plain autograd (same numbers, slower)")
+    g.add_argument("--shard-latents", type=int, nargs="?", const=0, default=1, metavar="S",
+                   help="under torchrun: split each SAE's latents over S processes (tensor parallel over d_sae; "
+                        "topk only); the processes form replicas x S (data parallel x latent shards); bare flag: "
+                        "all processes (docs/distributed.md). Without torchrun: ignored")
     g.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
 
@@ -93,7 +98,8 @@ def train_config_from_args(args: argparse.Namespace):
         total_tokens=args.tokens, batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup_steps,
         decay_frac=args.decay_frac, grad_clip=args.grad_clip, dead_tokens=args.dead_tokens,
         log_every=args.log_every, checkpoint_every=args.checkpoint_every, seed=args.seed, device=args.device,
-        dtype=args.dtype, kernels=args.kernels,
+        dtype=args.dtype, kernels=args.kernels, shard_latents=args.shard_latents,
+        spread=bool(getattr(args, "spread", False)),
     )
 
 
@@ -166,7 +172,7 @@ def run(args: argparse.Namespace) -> int:
     trainer = Trainer({"": cfg}, stream, train_config_from_args(args), args.out)
     trainer.fit(resume=args.resume, progress=not args.no_progress)
     last = trainer.out / "metrics.jsonl"
-    if last.exists():
+    if last.exists() and trainer.par.writer:
         rec = json.loads(last.read_text().splitlines()[-1])
         print(f"saved {args.out}: fvu {rec['fvu']:.4f}  l0 {rec['l0']:.1f}  dead {rec['dead_frac']:.1%}")
     return 0
@@ -233,7 +239,8 @@ def run_crosscoder(args: argparse.Namespace) -> int:
         opts["recipe"] = args.recipe
     cfg = make_config("crosscoder", d_in=d_in, d_sae=args.width or args.expansion * d_in, hooks=hooks,
                       model=getattr(stream, "model_spec", None) or args.model, **opts)
-    Trainer({"": cfg}, stream, train_config_from_args(args), args.out).fit(resume=args.resume,
-                                                                            progress=not args.no_progress)
-    print(f"saved crosscoder over {len(hooks)} hooks to {args.out}")
+    trainer = Trainer({"": cfg}, stream, train_config_from_args(args), args.out)
+    trainer.fit(resume=args.resume, progress=not args.no_progress)
+    if trainer.par.writer:
+        print(f"saved crosscoder over {len(hooks)} hooks to {args.out}")
     return 0
