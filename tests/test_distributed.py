@@ -145,3 +145,106 @@ def test_data_parallel_times_latent_shards(single, tmp_path):
     """4 processes: 2 replicas x 2 latent shards."""
     _run_ranks(4, tmp_path, "shard2_dp")
     _close(single / "topk", tmp_path / "w4" / "shard2_dp")
+
+
+# ---- the CLI under a real torchrun -------------------------------------------------------------------------
+HARVEST = ["--hooks", "resid_post.2", "--max-tokens", "6000", "--context-len", "32", "--batch-contexts", "8",
+           "--shard-tokens", "512", "--quiet"]
+
+
+def _cli(argv: list[str], timeout: float = 240) -> subprocess.CompletedProcess:
+    res = subprocess.run(argv, env=loopback_env(_env()), capture_output=True, text=True, timeout=timeout)
+    assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
+    return res
+
+
+def _files(folder: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+def _in_process(argv: list[str]) -> None:
+    """``saeforge ARGV`` in this process, on one thread like the launched ranks (same forward numerics)."""
+    from saeforge.cli import main
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert main(argv) == 0
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _ranks(n: int, args: list[str]) -> list[subprocess.CompletedProcess]:
+    """``python -m saeforge ARGS`` as n ranks, started directly (no torchrun agent: quicker)."""
+    results = launch(n, [sys.executable, "-m", *args], timeout=240, env=_env())
+    for r in results:
+        assert r.returncode == 0, r.stdout[-3000:]
+    return results
+
+
+@pytest.fixture(scope="module")
+def cache_one(tmp_path_factory, stories_model_path, tinystories_train):
+    out = tmp_path_factory.mktemp("harvest") / "one"
+    _in_process(["harvest", "--model", str(stories_model_path), "--data", str(tinystories_train), "--out", str(out),
+                 *HARVEST])
+    return out
+
+
+def test_distributed_harvest_is_byte_identical_and_resumes(cache_one, stories_model_path, tinystories_train,
+                                                           tmp_path):
+    args = ["saeforge", "harvest", "--model", str(stories_model_path), "--data", str(tinystories_train), *HARVEST]
+    res = _cli(torchrun_argv(2, [*args, "--out", str(tmp_path / "two")]))
+    assert res.stdout.count("harvested") == 1  # one summary line: rank 0's
+    assert _files(tmp_path / "two") == _files(cache_one)
+    # a harvest killed mid-way: the manifest lists a prefix of shards; a later shard and a temp file exist
+    cut = tmp_path / "cut"
+    shutil.copytree(cache_one, cut)
+    m = json.loads((cut / "manifest.json").read_text())
+    assert len(m["shards"]) >= 6
+    m["shards"], m["complete"] = m["shards"][:3], False
+    m["n_tokens"] = sum(s["rows"] for s in m["shards"])
+    m["n_contexts"] = sum(s["n_contexts"] for s in m["shards"])
+    (cut / "manifest.json").write_text(json.dumps(m))
+    (cut / "shard_00004.safetensors").write_bytes(b"half a shard")
+    (cut / ".shard_00003.safetensors.x.tmp").write_bytes(b"")
+    _ranks(2, [*args, "--out", str(cut)])
+    assert _files(cut) == _files(cache_one)
+
+
+def test_torchrun_train_matches_one_process(cache_one, tmp_path):
+    args = ["saeforge", "train", "--data", str(cache_one), "--arch", "topk", "--width", "128", "--k", "4",
+            "--tokens", str(12 * 256), "--batch-size", "256", "--lr", "1e-3", "--dtype", "float32", "--device", "cpu",
+            "--log-every", "4", "--dead-tokens", "256", "--no-progress"]
+    _in_process([*args[1:], "--out", str(tmp_path / "one")])
+    res = _cli(torchrun_argv(2, [*args, "--out", str(tmp_path / "two")]))
+    assert res.stdout.count("saved") == 1  # rank 0 alone reports and writes
+    _close(tmp_path / "one", tmp_path / "two")
+    lines = (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(l)["step"] for l in lines] == [4, 8, 12]  # one line per log step, not one per rank
+    # latent-sharded over both processes: the same SAE again
+    _ranks(2, [*args, "--shard-latents", "--out", str(tmp_path / "shard")])
+    _close(tmp_path / "one", tmp_path / "shard")
+
+
+def test_two_nodes_on_localhost_train(cache_one, tmp_path):
+    """``torchrun --nnodes 2`` twice on this machine, meeting at a c10d rendezvous, trains one SAE."""
+    from saeforge.distributed.launch import free_port, wait_all
+
+    endpoint = f"127.0.0.1:{free_port()}"
+    args = ["saeforge", "train", "--data", str(cache_one), "--arch", "topk", "--width", "64", "--k", "4",
+            "--tokens", str(6 * 256), "--batch-size", "256", "--lr", "1e-3", "--dtype", "float32", "--device", "cpu",
+            "--log-every", "3", "--no-progress", "--out", str(tmp_path / "run")]
+    procs = []
+    for node in range(2):
+        argv = torchrun_argv(1, args, nnodes=2, rdzv_endpoint=endpoint, rdzv_id=f"t{os.getpid()}")
+        log = open(tmp_path / f"node{node}.log", "w+")
+        p = subprocess.Popen(argv, env=loopback_env(_env()), stdout=log, stderr=subprocess.STDOUT, text=True)
+        p.log = log
+        procs.append(p)
+    results = wait_all(procs, timeout=240)
+    for r in results:
+        assert r.returncode == 0, r.stdout[-3000:]
+    assert sum(r.stdout.count("saved") for r in results) == 1
+    assert (tmp_path / "run" / "sae.safetensors").exists()
+    lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    assert [json.loads(l)["tokens"] for l in lines] == [3 * 256, 6 * 256]
