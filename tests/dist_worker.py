@@ -65,6 +65,31 @@ def shard_topk(out):
     _train("topk", out, shard_latents=0)
 
 
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+MODEL = SHARED / "models" / "stories260K" / "stories260K.bin"
+TEXT = SHARED / "data" / "tinystories" / "train.txt"
+
+
+def live_stream():
+    from saeforge.activations.stream import LiveStream
+
+    return LiveStream(str(MODEL), ["resid_post.2"], str(TEXT), batch_size=B, context_len=32, batch_contexts=4,
+                      shuffle_buffer=1024, max_tokens=3000, seed=1)
+
+
+def train_live(out, **kw):
+    from saeforge.sae import make_config
+    from saeforge.train import Trainer
+
+    cfg = make_config("topk", d_in=64, d_sae=128, k=4, hook="resid_post.2")
+    Trainer({"": cfg}, live_stream(), train_cfg(10, init_tokens=256, **kw), out).fit(progress=False)
+
+
+def live_dp(out):
+    """Data parallel from a LiveStream: the forward passes are split over the ranks."""
+    train_live(out)
+
+
 def shard2_dp(out):
     _train("topk", out, shard_latents=2)
 

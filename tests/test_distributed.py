@@ -65,8 +65,9 @@ def two(single, tmp_path_factory):
     """One launch of 2 ranks running every 2-rank scenario in turn (one process start for all)."""
     root = tmp_path_factory.mktemp("two")
     shutil.copytree(single / "one_cut", root / "one_cut")
+    live = ("live_dp",) if w.MODEL.exists() and w.TEXT.exists() else ()
     _run_ranks(2, root, "dp_topk", "dp_jumprelu", "shard_forward", "shard_topk", "resume_cut", "resume_from_one",
-               "spread")
+               "spread", *live)
     return root / "w2"
 
 
@@ -139,6 +140,12 @@ def test_saes_spread_over_ranks_match_one_process(two, tmp_path):
 
     meta, states, _ = load_checkpoint(ckpt)
     assert sorted(meta["names"]) == sorted(grid)  # one checkpoint with every SAE
+
+
+def test_data_parallel_from_a_live_stream_matches_one_process(two, tmp_path, stories_model_path):
+    """The model's forward passes are split over the ranks; the global batches stay those of one process."""
+    w.train_live(tmp_path)
+    _close(tmp_path, two / "live_dp")
 
 
 def test_data_parallel_times_latent_shards(single, tmp_path):

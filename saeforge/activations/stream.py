@@ -307,6 +307,14 @@ class LiveStream(_BufferedStream):
         self.data, self.context_len, self.batch_contexts = data, context_len, batch_contexts
         self.text_field, self.split, self.keep_special, self.max_tokens = text_field, split, keep_special, max_tokens
         self.d = self._probe_widths()
+        self._forward_group: Any = None
+
+    def split_forward(self, group: Any) -> None:
+        """Share the model's work with the processes of ``group`` (a :class:`saeforge.distributed.Group`):
+        each runs every ``size``-th forward batch and the rows are exchanged, so every process still sees
+        the whole, identical stream (the one a single process would produce) for a ``1/size`` of the forward
+        passes. Every process of the group must iterate the stream in step (the trainer does)."""
+        self._forward_group = group if group is not None and group.size > 1 else None
 
     def _model_device(self) -> torch.device:
         p = next(self.loaded.model.parameters(), None)
@@ -324,8 +332,26 @@ class LiveStream(_BufferedStream):
                                   batch_size=self.batch_contexts, text_field=self.text_field, split=self.split,
                                   keep_special=self.keep_special, max_tokens=self.max_tokens)
         dev = self._model_device()
-        for batch in batches:
-            yield forward_rows(self.loaded.model, self.hook_points, batch, dev)
+        g = self._forward_group
+        if g is None:
+            for batch in batches:
+                yield forward_rows(self.loaded.model, self.hook_points, batch, dev)
+            return
+        from saeforge import distributed as dist
+
+        done = False
+        while not done:  # rounds of g.size forward batches; process r runs the r-th of each round
+            mine = None
+            for j in range(g.size):
+                batch = next(batches, None)
+                if batch is None:
+                    done = True
+                    break
+                if j == g.rank:
+                    mine = forward_rows(self.loaded.model, self.hook_points, batch, dev)
+            for rows in dist.all_gather_object(mine, g):
+                if rows is not None:
+                    yield rows
 
 
 class RankSlice:

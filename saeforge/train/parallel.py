@@ -80,6 +80,8 @@ class Parallel:
         return place(sizes, self.world)
 
     def stream(self, stream: Any) -> Any:
+        if self.world > 1 and hasattr(stream, "split_forward"):  # a LiveStream: share the model's forward passes
+            stream.split_forward(dist.Group(list(range(self.world))))
         if self.replicas == 1:
             return stream
         from saeforge.activations.stream import RankSlice
