@@ -60,6 +60,16 @@ class HarvestConfig(JsonConfig):
     dtype: str = "float32"
     device: str = "cpu"
     keep_special: bool = False
+    model_dtype: str = "float32"  # the model's weights (bfloat16/float16 for big models); changes the numbers
+    device_map: str | None = None  # HF models: spread layers over the node's GPUs (e.g. "auto"); like device
+
+    @property
+    def torch_model_dtype(self) -> torch.dtype:
+        from saeforge.device import DTYPES
+
+        if self.model_dtype not in DTYPES:
+            raise SaeforgeError(f"unknown --model-dtype {self.model_dtype!r}; use float32, bfloat16 or float16")
+        return DTYPES[self.model_dtype]
 
     def validate(self) -> None:
         if not self.hooks:
@@ -84,6 +94,9 @@ class HarvestConfig(JsonConfig):
         d = self.to_dict()
         d.pop("out")
         d.pop("device")
+        d.pop("device_map")
+        if d["model_dtype"] == "float32":  # the default: caches from before the option keep their identity
+            d.pop("model_dtype")
         return d
 
 
@@ -283,7 +296,8 @@ def harvest(cfg: HarvestConfig, progress: bool = True) -> Path:
         return out  # already finished: nothing to do
 
     device = resolve_device(cfg.device)
-    loaded = load_model(cfg.model, tokenizer=cfg.tokenizer, device=device)
+    loaded = load_model(cfg.model, tokenizer=cfg.tokenizer, device=device, dtype=cfg.torch_model_dtype,
+                        device_map=cfg.device_map)
     hook_points = [resolve_hook(loaded, h) for h in cfg.hooks]
     names = [hp.name for hp in hook_points]  # canonical spellings (e.g. "mod:input" -> "mod:in")
     if len(set(names)) != len(names):

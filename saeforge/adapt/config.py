@@ -34,3 +34,4 @@ class AdaptConfig(JsonConfig):
     log_every: int = 20
     checkpoint_every: int = 200
     device: str = "auto"
+    model_dtype: str = "float32"  # the frozen model's weights (bfloat16/float16 for big models); LoRA stays fp32

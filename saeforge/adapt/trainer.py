@@ -61,7 +61,11 @@ class Adapted:
 
 def build(cfg: AdaptConfig) -> Adapted:
     device = resolve_device(cfg.device)
-    loaded = load_model(cfg.model, tokenizer=cfg.tokenizer, device=device)
+    from saeforge.device import DTYPES
+
+    if cfg.model_dtype not in DTYPES:
+        raise SaeforgeError(f"unknown --model-dtype {cfg.model_dtype!r}; use float32, bfloat16 or float16")
+    loaded = load_model(cfg.model, tokenizer=cfg.tokenizer, device=device, dtype=DTYPES[cfg.model_dtype])
     if not loaded.is_causal:
         raise SaeforgeError(f"{cfg.model} is not a causal LM; adaptation needs next-token distributions")
     if not cfg.saes:
@@ -225,7 +229,10 @@ def load(path: str | Path, device: str = "auto") -> Adapted:
         raise SaeforgeError(f"{path} has no adapt.json; point at a folder written by `saeforge adapt train`")
     manifest = json.loads(mf.read_text())
     dev = resolve_device(device)
-    loaded = load_model(manifest["model"], tokenizer=manifest.get("tokenizer"), device=dev)
+    from saeforge.device import DTYPES
+
+    mdt = DTYPES.get((manifest.get("config") or {}).get("model_dtype", "float32"), torch.float32)
+    loaded = load_model(manifest["model"], tokenizer=manifest.get("tokenizer"), device=dev, dtype=mdt)
     saes = [SAE.load(path / s["path"], device=dev).eval() for s in manifest["saes"]]
     hooks = resolve_sae_hooks(loaded.model, saes, loaded.family)
     ad = Adapted(loaded, saes, hooks, ranks=manifest.get("lora_ranks") or {})

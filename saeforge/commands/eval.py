@@ -43,7 +43,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="everything: also probe loss, N2G, ablation sparsity, scaling fit (when installed) + report")
     p.add_argument("--resume", action="store_true", help="continue an interrupted evaluation in --out")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
-    p.add_argument("--dtype", default="float32", help="model weights dtype: float32, bfloat16, float16")
+    p.add_argument("--dtype", "--model-dtype", dest="dtype", default="float32",
+                   help="model weights dtype: float32, bfloat16, float16")
     p.add_argument("--seed", type=int, default=0, help="seed of the quantile token sample")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=run)

@@ -52,6 +52,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="stop after this many stored rows (default: the whole data set)")
     p.add_argument("--dtype", choices=list(STORE_DTYPES), default=d["dtype"].default,
                    help="storage dtype of the activations; the model itself runs in float32 (default: %(default)s)")
+    p.add_argument("--model-dtype", choices=["float32", "bfloat16", "float16"], default="float32",
+                   help="dtype of the model's weights for the forward passes (bf16/fp16 for big models; changes "
+                        "the activations, so it is part of the cache's identity) (default: %(default)s)")
+    p.add_argument("--device-map", default=None,
+                   help="Hugging Face models too big for one GPU: place the layers over the node's GPUs with "
+                        "accelerate, e.g. --device-map auto (replaces --device)")
     p.add_argument("--device", default=d["device"].default,
                    help="device for the model's forward passes: cpu, cuda, cuda:1, mps, auto (default: %(default)s)")
     p.add_argument("--text-field", default=d["text_field"].default,
@@ -71,7 +77,8 @@ def run(args: argparse.Namespace) -> int:
         model=args.model, data=args.data, hooks=_hooks(args.hooks), out=args.out, tokenizer=args.tokenizer,
         text_field=args.text_field, split=args.split, context_len=args.context_len,
         batch_contexts=args.batch_contexts, shard_tokens=args.shard_tokens, max_tokens=args.max_tokens,
-        dtype=args.dtype, device=args.device, keep_special=args.keep_special,
+        dtype=args.dtype, device=args.device, keep_special=args.keep_special, model_dtype=args.model_dtype,
+        device_map=args.device_map,
     )
     from saeforge import distributed as dist
 
