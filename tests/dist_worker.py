@@ -13,7 +13,10 @@ from pathlib import Path
 
 import torch
 
+import os
+
 D, B = 16, 128  # input width, GLOBAL batch size
+DEVICE = os.environ.get("SAEFORGE_TEST_DEVICE", "cpu")  # tests/test_cuda.py runs the same scenarios on GPUs
 STEPS = 20
 
 
@@ -27,7 +30,7 @@ def train_cfg(steps=STEPS, **kw):
     from saeforge.train import TrainConfig
 
     # dead_tokens = one batch: latents that miss a batch are dead, so AuxK is live from the first steps
-    base = dict(total_tokens=steps * B, batch_size=B, lr=3e-3, log_every=5, checkpoint_every=0, device="cpu",
+    base = dict(total_tokens=steps * B, batch_size=B, lr=3e-3, log_every=5, checkpoint_every=0, device=DEVICE,
                 dtype="float32", dead_tokens=B, init_tokens=512, warmup_steps=2)
     return TrainConfig(**{**base, **kw})
 
@@ -169,7 +172,7 @@ def main(argv: list[str]) -> int:
     from saeforge import distributed as dist
 
     root = Path(argv[0])
-    dist.init("cpu")
+    dist.init(DEVICE)
     for name in argv[1:]:
         out = root / f"w{dist.world_size()}" / name
         out.mkdir(parents=True, exist_ok=True)
