@@ -255,3 +255,43 @@ def test_two_nodes_on_localhost_train(cache_one, tmp_path):
     assert (tmp_path / "run" / "sae.safetensors").exists()
     lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
     assert [json.loads(l)["tokens"] for l in lines] == [3 * 256, 6 * 256]
+
+
+def test_distributed_eval_reduces_the_metrics_exactly(tmp_path, stories_model_path, tinystories_valid):
+    """``eval`` under 2 processes: chunks split over the ranks, sums merged; the same results as one process."""
+    import numpy as np
+
+    from saeforge.sae import create_sae, make_config
+
+    torch.manual_seed(0)
+    create_sae(make_config("topk", d_in=64, d_sae=256, k=8, hook="resid_post.2", model=str(stories_model_path))
+               ).save(tmp_path / "sae")
+    args = ["eval", "--sae", str(tmp_path / "sae"), "--data", str(tinystories_valid), "--tokens", "4000",
+            "--context-len", "64", "--batch-size", "8", "--chunk-batches", "2", "--device", "cpu", "--no-progress"]
+    _in_process([*args, "--out", str(tmp_path / "one")])
+    res = _ranks(2, ["saeforge", *args, "--out", str(tmp_path / "two")])
+    assert sum(r.stdout.count("wrote") for r in res) == 1
+    one = json.loads((tmp_path / "one" / "eval.json").read_text())
+    two = json.loads((tmp_path / "two" / "eval.json").read_text())
+
+    def same(x, y, where):
+        if isinstance(x, dict):
+            assert set(x) == set(y), where
+            for k in x:
+                same(x[k], y[k], f"{where}.{k}")
+        elif isinstance(x, list):
+            assert len(x) == len(y), where
+            for i, (u, v) in enumerate(zip(x, y)):
+                same(u, v, f"{where}[{i}]")
+        elif isinstance(x, float) and isinstance(y, float):
+            assert y == pytest.approx(x, rel=1e-9, abs=1e-12), where
+        else:
+            assert x == y, where
+
+    for section in ("reconstruction", "downstream", "features"):
+        same(one[section], two[section], section)
+    for f in ("features.npz", "per_token.npz"):
+        a, b = np.load(tmp_path / "one" / f), np.load(tmp_path / "two" / f)
+        for k in a.files:
+            np.testing.assert_allclose(a[k], b[k], rtol=1e-9, err_msg=k)
+    assert not (tmp_path / "two" / "eval_chunks").exists()

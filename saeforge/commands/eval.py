@@ -63,6 +63,10 @@ def run(args: argparse.Namespace) -> int:
         downstream=not args.no_downstream, splice_all=args.splice_all, text_field=args.text_field,
         split=args.split, seed=args.seed,
     )
+    from saeforge import distributed as dist
+
+    if not dist.is_main():  # under torchrun: rank 0 reports
+        return 0
     print(format_table(combined["saes"]))
     for name, r in combined["saes"].items():
         skipped = r.get("downstream", {}).get("skipped")

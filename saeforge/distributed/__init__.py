@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import datetime
 import os
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -143,12 +144,25 @@ def barrier(group: Group | None = None) -> None:
 # ---- collectives --------------------------------------------------------------------------------------
 _OPS = {"sum": "SUM", "max": "MAX", "min": "MIN", "prod": "PRODUCT"}
 
+# Wall-clock seconds spent inside collectives by this process (gloo collectives are synchronous, so on CPU
+# this is the communication time including waiting for peers; CUDA collectives are asynchronous and are
+# not timed). The trainer reports it per metrics line as ``comm_s``.
+COMM_SECONDS = 0.0
+
+
+def _timed(fn: Any, *args: Any, **kw: Any) -> Any:
+    global COMM_SECONDS
+    t0 = time.perf_counter()
+    out = fn(*args, **kw)
+    COMM_SECONDS += time.perf_counter() - t0
+    return out
+
 
 def all_reduce(t: torch.Tensor, op: str = "sum", group: Group | None = None) -> torch.Tensor:
     """In-place all-reduce of ``t`` over ``group`` (``op``: sum, max, min, prod); returns ``t``."""
     g = _resolve(group)
     if active() and g.size > 1:
-        _td.all_reduce(t, op=getattr(_td.ReduceOp, _OPS[op]), group=g._pg())
+        _timed(_td.all_reduce, t, op=getattr(_td.ReduceOp, _OPS[op]), group=g._pg())
     return t
 
 
@@ -159,7 +173,7 @@ def all_gather(t: torch.Tensor, group: Group | None = None) -> list[torch.Tensor
         return [t]
     t = t.contiguous()
     out = [torch.empty_like(t) for _ in range(g.size)]
-    _td.all_gather(out, t, group=g._pg())
+    _timed(_td.all_gather, out, t, group=g._pg())
     return out
 
 
@@ -169,7 +183,7 @@ def all_gather_object(obj: Any, group: Group | None = None) -> list[Any]:
     if not (active() and g.size > 1):
         return [obj]
     out: list[Any] = [None] * g.size
-    _td.all_gather_object(out, obj, group=g._pg())
+    _timed(_td.all_gather_object, out, obj, group=g._pg())
     return out
 
 
@@ -177,7 +191,7 @@ def broadcast(t: torch.Tensor, src: int = 0, group: Group | None = None) -> torc
     """In place: every process of ``group`` gets the ``t`` of the group's process ``src``; returns ``t``."""
     g = _resolve(group)
     if active() and g.size > 1:
-        _td.broadcast(t, src=g.ranks[src], group=g._pg())
+        _timed(_td.broadcast, t, src=g.ranks[src], group=g._pg())
     return t
 
 

@@ -172,6 +172,10 @@ def evaluate_many(
     results = runner.run(resume=resume, progress=progress, on_chunk=on_chunk)
     for name, src in sources.items():
         results[name]["sae"]["source"] = src
+    from saeforge import distributed as dist
+
+    if not dist.is_main():  # under torchrun the passes are split; rank 0 alone runs the extras and writes
+        return {"saes": results, "frontier": frontier_points(results)}
     extras = run_extras(runner, progress=progress) if run_all else {}
     for name, by_key in extras.items():
         results[name]["extras"] = by_key

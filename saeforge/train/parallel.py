@@ -190,6 +190,10 @@ class Parallel:
         """The ordinary SAE to save and return (collective when sharded)."""
         return sae.gathered() if hasattr(sae, "gathered") else sae
 
+    def comm_seconds(self) -> float | None:
+        """Seconds this process has spent in collectives so far (None with one process: nothing to report)."""
+        return dist.COMM_SECONDS if self.world > 1 else None
+
     def gather_object(self, obj: Any) -> list[Any]:
         return dist.all_gather_object(obj)
 

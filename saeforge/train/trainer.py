@@ -288,6 +288,9 @@ class Trainer:
             rec.update({k: (v / run.n_acc).item() for k, v in self.par.mean_metrics(run.acc).items()})
             rec["dead_frac"] = (run.since_fired >= self.cfg.dead_tokens).float().mean().item()
             rec["elapsed_s"] = round(time.perf_counter() - t0, 3)
+            comm = self.par.comm_seconds()
+            if comm is not None:  # under torchrun: time in collectives since the start (this process)
+                rec["comm_s"] = round(comm - self._comm0, 3)
             if run.resampled:
                 rec["resampled"], run.resampled = run.resampled, 0
             run.acc, run.n_acc = {}, 0
@@ -319,6 +322,7 @@ class Trainer:
         pbar = tqdm(total=self.total_steps, initial=self.step, unit="step", disable=not (progress and self.par.writer),
                     desc="train", dynamic_ncols=True)
         t0 = time.perf_counter()
+        self._comm0 = self.par.comm_seconds() or 0.0
         it = _Lookahead(iter(self.stream.iterate(self.step)))
         while self.step < self.total_steps:
             try:
