@@ -47,8 +47,10 @@ def add_stream_args(p: argparse.ArgumentParser) -> None:
 
 
 def open_training_stream(args: argparse.Namespace, hooks: list[str], batch_size: int, seed: int):
+    from saeforge import distributed as dist
     from saeforge.activations.stream import CachedStream, LiveStream
 
+    dist.init(getattr(args, "device", None))  # under torchrun: before the model lands on this rank's GPU
     data = Path(args.data)
     if data.is_dir() and (data / "manifest.json").exists():
         return CachedStream(str(data), batch_size=batch_size, hooks=hooks, shuffle_buffer=args.shuffle_buffer,

@@ -167,6 +167,9 @@ def evaluate_many(
     cfg = config or EvalConfig.from_dict({"n_tokens": int(n_tokens), "context_len": int(context_len),
                                           "batch_contexts": int(batch_contexts), **options})
     named, sources = _named_saes(saes, "cpu")
+    from saeforge import distributed as dist
+
+    dist.init(device)  # under torchrun: before the model lands on this rank's GPU
     lm = _model(model, named, tokenizer, device, dtype)
     runner = EvalRunner(named, lm, data, cfg, out)
     results = runner.run(resume=resume, progress=progress, on_chunk=on_chunk)
