@@ -150,7 +150,8 @@ def forward_rows(
     mask = None if bool(real.all()) else real.long().to(device)
     with torch.no_grad():
         acts = capture(model, hook_points, tokens.to(device), attention_mask=mask, stop_early=True)
-    out = {f"acts.{h.name}": acts[h.name][keep.to(device)].cpu() for h in hook_points}
+    # with a device_map each hook's activations live on its layer's GPU
+    out = {f"acts.{h.name}": acts[h.name][keep.to(acts[h.name].device)].cpu() for h in hook_points}
     out["token_id"] = tokens[keep].to(torch.int32)
     out["doc"] = doc[keep].to(torch.int64)
     out["pos"] = pos[keep].to(torch.int32)
@@ -298,6 +299,8 @@ def harvest(cfg: HarvestConfig, progress: bool = True) -> Path:
     device = resolve_device(cfg.device)
     loaded = load_model(cfg.model, tokenizer=cfg.tokenizer, device=device, dtype=cfg.torch_model_dtype,
                         device_map=cfg.device_map)
+    if cfg.device_map is not None:
+        device = loaded.device  # inputs go where the embedding is
     hook_points = [resolve_hook(loaded, h) for h in cfg.hooks]
     names = [hp.name for hp in hook_points]  # canonical spellings (e.g. "mod:input" -> "mod:in")
     if len(set(names)) != len(names):
