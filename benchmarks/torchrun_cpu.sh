@@ -18,7 +18,9 @@ fi
 ARGS=(train --data "$OUT/cache" --arch topk --width 1024 --k 16 --tokens "$TOKENS" --batch-size 4096 --lr 1e-3
       --dtype float32 --device cpu --dead-tokens 1M --log-every 25 --checkpoint-every 0 --no-progress)
 rm -rf "$OUT/one" "$OUT/two"
-OMP_NUM_THREADS=2 "$PY" -m saeforge "${ARGS[@]}" --out "$OUT/one" > /dev/null
+# PASSIVE: on a machine shared with other jobs, spinning OpenMP workers of a 2-thread process lose their time
+# slices to the busy cores (docs/performance.md); the 1-thread ranks below do not spin at all
+OMP_NUM_THREADS=2 OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE} "$PY" -m saeforge "${ARGS[@]}" --out "$OUT/one" > /dev/null
 OMP_NUM_THREADS=1 "$PY" -m torch.distributed.run --nproc-per-node 2 --master-addr 127.0.0.1 \
   --master-port "$("$PY" -c 'from saeforge.distributed.launch import free_port; print(free_port())')" \
   -m saeforge "${ARGS[@]}" --out "$OUT/two" > /dev/null 2>&1
