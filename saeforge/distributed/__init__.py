@@ -224,12 +224,12 @@ class Mesh:
     def build(cls, shards: int = 1) -> "Mesh":
         """Every process must call this (it creates process groups), with the same ``shards``."""
         W = world_size()
+        if W == 1:  # one process: nothing to split (--shard-latents is ignored without torchrun)
+            return cls()
         shards = W if shards == 0 else shards
         if shards < 1 or W % shards:
             raise SaeforgeError(f"--shard-latents {shards} does not divide the {W} processes; use a divisor of {W}")
         replicas = W // shards
-        if W == 1:
-            return cls()
         me = rank()
         data = shard = None
         # new_group must be called by every process for every group, in the same order
