@@ -301,3 +301,36 @@ def test_distributed_eval_reduces_the_metrics_exactly(tmp_path, stories_model_pa
         for k in a.files:
             np.testing.assert_allclose(a[k], b[k], rtol=1e-9, err_msg=k)
     assert not (tmp_path / "two" / "eval_chunks").exists()
+
+
+# ---- pieces that need no process group ---------------------------------------------------------------------
+def test_without_a_process_group_every_helper_is_a_no_op():
+    from saeforge import distributed as dist
+
+    assert not dist.active() and dist.rank() == 0 and dist.world_size() == 1 and dist.is_main()
+    t = torch.arange(4.0)
+    assert dist.all_reduce(t) is t and torch.equal(t, torch.arange(4.0))
+    assert dist.all_gather(t)[0] is t and dist.all_gather_object({"a": 1}) == [{"a": 1}]
+    assert dist.broadcast(t) is t and dist.broadcast_object(3) == 3
+    m = dist.Mesh.build(0)
+    assert (m.replicas, m.shards, m.data.size, m.shard.size) == (1, 1, 1, 1)
+
+
+def test_row_split_and_sae_placement():
+    from saeforge.activations.stream import RankSlice
+    from saeforge.distributed import split_bounds
+    from saeforge.train.parallel import place
+
+    parts = [split_bounds(10, i, 3) for i in range(3)]
+    assert parts == [(0, 4), (4, 7), (7, 10)]
+    s = w.stream()
+    full = next(iter(s))
+    got = [next(iter(RankSlice(s, i, 3))) for i in range(3)]
+    assert torch.equal(torch.cat([g.acts["synthetic"] for g in got]), full.acts["synthetic"])
+    assert all(g.global_rows == w.B for g in got)
+    # sparsify's distribute_modules needs len(modules) % world == 0; here any count goes, largest first
+    owner = place({"a": 4, "b": 2, "c": 2, "d": 1, "e": 1}, 3)
+    assert sorted(owner) == ["a", "b", "c", "d", "e"] and set(owner.values()) == {0, 1, 2}
+    load = [sum(v for n, v in {"a": 4, "b": 2, "c": 2, "d": 1, "e": 1}.items() if owner[n] == p) for p in range(3)]
+    assert max(load) == 4 and min(load) >= 2
+    assert set(place({"x": 1}, 4).values()) == {0}
