@@ -197,13 +197,11 @@ def cache_one(tmp_path_factory, stories_model_path, tinystories_train):
     return out
 
 
-def test_distributed_harvest_is_byte_identical_and_resumes_after_a_rank_is_killed(cache_one, stories_model_path, tinystories_train,
-                                                           tmp_path):
+def test_distributed_harvest_is_byte_identical_and_resumes_after_a_rank_is_killed(
+        cache_one, stories_model_path, tinystories_train, tmp_path):
+    """2 ranks harvest; rank 1 is SIGKILLed as it finishes shard 5 (its third) and rank 0 is stopped (as torchrun
+    would); rerunning under torchrun finishes the cache, which is byte-identical to the one-process harvest."""
     args = ["saeforge", "harvest", "--model", str(stories_model_path), "--data", str(tinystories_train), *HARVEST]
-    res = _cli(torchrun_argv(2, [*args, "--out", str(tmp_path / "two")]))
-    assert res.stdout.count("harvested") == 1  # one summary line: rank 0's
-    assert _files(tmp_path / "two") == _files(cache_one)
-    # SIGKILL rank 1 as it finishes shard 5 (its third); rank 0 is stopped too (torchrun would do the same)
     cut = tmp_path / "cut"
     script = (
         "import os, signal, sys\n"
@@ -220,33 +218,36 @@ def test_distributed_harvest_is_byte_identical_and_resumes_after_a_rank_is_kille
     assert res[1].returncode == -9, res[1].stdout[-2000:]
     m = json.loads((cut / "manifest.json").read_text())
     assert not m["complete"] and 0 < len(m["shards"]) <= 5  # a prefix of whole rounds is listed
-    _ranks(2, [*args, "--out", str(cut)])  # rerun: finishes the cache
+    assert m["shards"] == json.loads((cache_one / "manifest.json").read_text())["shards"][:len(m["shards"])]
+    res = _cli(torchrun_argv(2, [*args, "--out", str(cut)]))  # rerun: finishes the cache
+    assert res.stdout.count("harvested") == 1  # one summary line: rank 0's
     assert _files(cut) == _files(cache_one)
 
 
-def test_torchrun_train_matches_one_process(cache_one, tmp_path):
-    args = ["saeforge", "train", "--data", str(cache_one), "--arch", "topk", "--width", "128", "--k", "4",
-            "--tokens", str(12 * 256), "--batch-size", "256", "--lr", "1e-3", "--dtype", "float32", "--device", "cpu",
-            "--log-every", "4", "--dead-tokens", "256", "--no-progress"]
-    _in_process([*args[1:], "--out", str(tmp_path / "one")])
-    res = _cli(torchrun_argv(2, [*args, "--out", str(tmp_path / "two")]))
-    assert res.stdout.count("saved") == 1  # rank 0 alone reports and writes
-    _close(tmp_path / "one", tmp_path / "two")
-    lines = (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()
-    assert [json.loads(l)["step"] for l in lines] == [4, 8, 12]  # one line per log step, not one per rank
-    # latent-sharded over both processes: the same SAE again
-    _ranks(2, [*args, "--shard-latents", "--out", str(tmp_path / "shard")])
-    _close(tmp_path / "one", tmp_path / "shard")
+TRAIN = ["saeforge", "train", "--arch", "topk", "--width", "128", "--k", "4", "--tokens", str(12 * 256),
+         "--batch-size", "256", "--lr", "1e-3", "--dtype", "float32", "--device", "cpu", "--log-every", "4",
+         "--dead-tokens", "256", "--no-progress"]
 
 
-def test_two_nodes_on_localhost_train(cache_one, tmp_path):
-    """``torchrun --nnodes 2`` twice on this machine, meeting at a c10d rendezvous, trains one SAE."""
+@pytest.fixture(scope="module")
+def train_one(cache_one, tmp_path_factory):
+    out = tmp_path_factory.mktemp("train") / "one"
+    _in_process([*TRAIN[1:], "--data", str(cache_one), "--out", str(out)])
+    return out
+
+
+def test_cli_train_latent_sharded_matches_one_process(cache_one, train_one, tmp_path):
+    _ranks(2, [*TRAIN, "--data", str(cache_one), "--shard-latents", "--out", str(tmp_path / "shard")])
+    _close(train_one, tmp_path / "shard")
+
+
+def test_two_nodes_on_localhost_train_the_one_process_sae(cache_one, train_one, tmp_path):
+    """``torchrun --nnodes 2`` twice on this machine, meeting at a c10d rendezvous: data parallel over the two
+    "nodes" trains the SAE one process trains; rank 0 alone reports and writes."""
     from saeforge.distributed.launch import free_port, wait_all
 
     endpoint = f"127.0.0.1:{free_port()}"
-    args = ["saeforge", "train", "--data", str(cache_one), "--arch", "topk", "--width", "64", "--k", "4",
-            "--tokens", str(6 * 256), "--batch-size", "256", "--lr", "1e-3", "--dtype", "float32", "--device", "cpu",
-            "--log-every", "3", "--no-progress", "--out", str(tmp_path / "run")]
+    args = [*TRAIN, "--data", str(cache_one), "--out", str(tmp_path / "run")]
     procs = []
     for node in range(2):
         argv = torchrun_argv(1, args, nnodes=2, rdzv_endpoint=endpoint, rdzv_id=f"t{os.getpid()}")
@@ -258,9 +259,10 @@ def test_two_nodes_on_localhost_train(cache_one, tmp_path):
     for r in results:
         assert r.returncode == 0, r.stdout[-3000:]
     assert sum(r.stdout.count("saved") for r in results) == 1
-    assert (tmp_path / "run" / "sae.safetensors").exists()
+    _close(train_one, tmp_path / "run")
     lines = (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
-    assert [json.loads(l)["tokens"] for l in lines] == [3 * 256, 6 * 256]
+    assert [json.loads(l)["step"] for l in lines] == [4, 8, 12]  # one line per log step, not one per rank
+    assert all("comm_s" in json.loads(l) for l in lines)
 
 
 def test_distributed_eval_reduces_the_metrics_exactly(tmp_path, stories_model_path, tinystories_valid):
