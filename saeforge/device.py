@@ -39,13 +39,20 @@ def cpu_has_fast_bf16() -> bool:
     return any(f in flags for f in ("amx_bf16", "avx512_bf16"))
 
 
-def resolve_dtype(name: str | None, device: torch.device) -> torch.dtype:
-    """Autocast dtype for the SAE's matrix products. "auto": bf16 on CUDA with bf16 support and on
-    CPUs with AMX / AVX512-BF16, else fp32. Master weights, optimizer state and losses stay fp32."""
+# On CPUs that multiply bf16 natively, bf16 autocast only pays where the encoder product dominates the step:
+# measured (benchmarks/train_step.py, one run per width) it was as fast as fp32 at d = 64 and 1.4-1.6x faster
+# at d = 768, with the same FVU (docs/performance.md). Below this input width, "auto" stays fp32 on CPUs.
+CPU_BF16_MIN_D_IN = 512
+
+
+def resolve_dtype(name: str | None, device: torch.device, d_in: int | None = None) -> torch.dtype:
+    """Autocast dtype for the SAE's matrix products. "auto": bf16 on CUDA with bf16 support, and on CPUs with
+    AMX / AVX512-BF16 when the SAE's input width ``d_in`` is at least ``CPU_BF16_MIN_D_IN``; else fp32.
+    Master weights, optimizer state and losses stay fp32."""
     if name in (None, "auto"):
         if device.type == "cuda" and torch.cuda.is_bf16_supported():
             return torch.bfloat16
-        if device.type == "cpu" and cpu_has_fast_bf16():
+        if device.type == "cpu" and cpu_has_fast_bf16() and d_in is not None and d_in >= CPU_BF16_MIN_D_IN:
             return torch.bfloat16
         return torch.float32
     if name not in DTYPES:

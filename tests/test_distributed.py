@@ -88,7 +88,6 @@ def test_data_parallel_jumprelu_matches_one_process(single, two):
 
 
 def test_latent_sharded_step_selects_the_same_latents(two):
-    from saeforge.kernels.topk_step import topk_training_forward
     from saeforge.sae import create_sae
     from saeforge.sae.base import TrainStepInput
 
@@ -96,7 +95,7 @@ def test_latent_sharded_step_selects_the_same_latents(two):
     sae = create_sae(w.sae_cfg("topk"))
     sae.load_state_dict(got["state"])
     x = got["x"]
-    ref = topk_training_forward(sae, TrainStepInput(x, x, 0, 10, got["dead"]))
+    ref = sae.sparse_training_forward(TrainStepInput(x, x, 0, 10, got["dead"]))
     ref.loss.backward()
     with torch.no_grad():
         dense = sae.activate(sae.pre_acts(x))

@@ -92,7 +92,7 @@ def test_relu_anthropic2024_loss_and_lambda_warmup():
 def test_relu_recipes_resolve_named_options():
     mono = make_config("relu", d_in=4, d_sae=8, recipe="monosemanticity")
     assert mono.apply_b_dec_to_input is True and mono.l1_warmup_frac == 0 and mono.scale_inputs is False
-    assert create_sae(mono).recommended_lr() == 2e-4
+    assert create_sae(mono).published_lr() == 2e-4
     with pytest.raises(SaeforgeError, match="recipe"):
         make_config("relu", d_in=4, d_sae=8, recipe="nope")
     sae = create_sae(make_config("relu", d_in=4, d_sae=8))
@@ -168,7 +168,7 @@ def test_jumprelu_anthropic2025_loss_hand_worked_and_gradients_reach_everything(
 
 def test_jumprelu_gemmascope_l0_trains_only_the_threshold():
     sae = create_sae(make_config("jumprelu", d_in=3, d_sae=5, recipe="gemmascope", bandwidth=10.0))
-    assert sae.adam_defaults() == {"betas": (0.0, 0.999), "eps": 1e-8} and sae.recommended_lr() == 7e-5
+    assert sae.adam_defaults() == {"betas": (0.0, 0.999), "eps": 1e-8} and sae.published_lr() == 7e-5
     assert torch.allclose(sae.threshold, torch.full((5,), 0.001))
     out = sae.training_forward(_inp(torch.randn(16, 3), 5000, 20000))
     out.losses["l0_loss"].backward()
@@ -341,7 +341,7 @@ def test_bricken_resampling_resets_rows_and_adam_state():
     cos = (sae.W_dec[[1, 4]] @ (x / x.norm(dim=1, keepdim=True)).T).max(dim=1).values
     assert torch.allclose(cos, torch.ones(2), atol=1e-5)
     # the schedule: every 100 tokens, at most 2 times
-    sae.cfg.resample_every_tokens, sae.cfg.resample_max = 100, 2
+    sae.cfg.resample_every_tokens, sae.cfg.resample_max, sae.cfg.resample_rows = 100, 2, 819_200
     assert [sae.resample_request(a, a + 50) for a in (0, 50, 100, 150, 200)] == [0, 819_200, 0, 819_200, 0]
 
 

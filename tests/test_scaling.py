@@ -66,3 +66,40 @@ def test_eval_frontier_names_are_accepted():
     pts.append({"d_sae": 4096, "k": None, "fvu": 0.5})
     fit = fit_scaling_law(pts)
     assert fit["n_points"] == 42 and fit["params"]["beta_n"] == pytest.approx(PLANTED["beta_n"], rel=0.05)
+
+
+def _grid(ns, ks, noise=0.0, seed=0, arch=None):
+    rng = np.random.default_rng(seed)
+    theta = [PLANTED[p] for p in PARAMS]
+    return [{"n": n, "k": k, "arch": arch,
+             "loss": float(scaling_law(theta, np.array(n, float), np.array(k, float))) * float(np.exp(noise * rng.normal()))}
+            for n in ns for k in ks]
+
+
+def test_grids_that_cannot_identify_the_law_are_refused():
+    # the case: a 2x2 grid of TopK and BatchTopK SAEs (8 points, 4 distinct cells)
+    mixed = _grid((512, 1024), (8, 16), arch="topk") + _grid((512, 1024), (8, 16), arch="batchtopk")
+    with pytest.raises(SaeforgeError, match="mixes architectures"):
+        fit_scaling_law(mixed)
+    twice = _grid((512, 1024), (8, 16), arch="topk") + _grid((512, 1024), (8, 16), noise=0.01, arch="topk")
+    with pytest.raises(SaeforgeError, match="4 distinct"):
+        fit_scaling_law(twice)  # 8 SAEs of one architecture (two seeds), still only 4 cells for 6 constants
+    with pytest.raises(SaeforgeError, match="at least 7"):
+        fit_scaling_law(mixed, arch="topk")
+
+
+def test_few_points_get_bootstrap_intervals_that_cover_the_truth():
+    for seed in (1, 2, 3):  # three noisy 3 x 3 grids (9 SAEs each) of a law with known exponents
+        fit = fit_scaling_law(_grid((2**9, 2**11, 2**13), (8, 32, 128), noise=0.003, seed=seed), seed=2,
+                              bootstrap=60)
+        assert fit["ci_method"].startswith("bootstrap") and fit["n_points"] == 9
+        for p in ("beta_n", "beta_k", "gamma"):
+            lo, hi = fit["ci95"][p]
+            assert lo <= PLANTED[p] <= hi, (seed, p, lo, hi)
+        assert all(fit["ci95"][p][1] - fit["ci95"][p][0] > 0 for p in PARAMS)  # never zero-width
+
+
+def test_thin_grid_is_fitted_with_a_warning(capsys):
+    fit = fit_scaling_law(_grid((2**9, 2**12), (4, 8, 16, 32), noise=0.002), bootstrap=20)
+    assert any("2 widths" in w for w in fit["warnings"])
+    assert "warning" in capsys.readouterr().err

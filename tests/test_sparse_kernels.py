@@ -27,7 +27,6 @@ from saeforge.kernels import (
     topk_rows,
     triton_ops,
 )
-from saeforge.kernels.topk_step import topk_training_forward
 from saeforge.sae import TrainStepInput, create_sae, make_config
 from saeforge.sae.sparse import sparse_decode as sae_sparse_decode
 
@@ -239,7 +238,7 @@ def test_topk_training_forward_matches_dense_and_the_sae(multi_topk, any_dead):
     dead = torch.zeros(512, dtype=torch.bool)
     dead[::3] = bool(any_dead)
     inp = TrainStepInput(x, x, 0, 10, None if any_dead is None else dead)  # None: the trainer skips AuxK
-    outs = [topk_training_forward(saes[0], inp, chunk_rows=9), saes[1].dense_training_forward(inp)]
+    outs = [saes[0].sparse_training_forward(inp, chunk_rows=9), saes[1].dense_training_forward(inp)]
     if not multi_topk:
         outs.append(type("O", (), {"loss": _dense_training_loss(saes[2], x, dead)})())
     for o in outs[1:]:
@@ -264,7 +263,7 @@ def test_twenty_adam_steps_give_the_same_weights_as_the_dense_step():
     dead[200:] = True
     for step in range(20):
         x = torch.randn(48, 12, generator=gen)
-        for s, opt, fwd in ((a, opts[0], lambda s, i: topk_training_forward(s, i, chunk_rows=16)),
+        for s, opt, fwd in ((a, opts[0], lambda s, i: s.sparse_training_forward(i, chunk_rows=16)),
                             (b, opts[1], lambda s, i: _dense_training_loss(s, i.x, i.dead_mask))):
             out = fwd(s, TrainStepInput(x, x, step, 20, dead))
             (out.loss if hasattr(out, "loss") else out).backward()

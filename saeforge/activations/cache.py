@@ -33,13 +33,22 @@ from saeforge.config import JsonConfig
 from saeforge.data.packing import batch_contexts, pack
 from saeforge.data.text import iter_documents
 from saeforge.device import resolve_device
-from saeforge.errors import SaeforgeError
+from saeforge import faults
+from saeforge.errors import CorruptFileError, NonFiniteError, SaeforgeError
 from saeforge.io import save_safetensors_atomic, sha256_bytes, sha256_file, write_json_atomic
+from saeforge.lock import LOCK_FILE, folder_lock
 
 FORMAT = "saeforge-activation-cache/1"
 STORE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 MANIFEST = "manifest.json"
 INCOMPLETE_HINT = "rerun `saeforge harvest` with the same arguments to finish it"
+REPAIR_HINT = "rerun `saeforge harvest` with the same arguments to repair it (it redoes bad shards)"
+NONFINITE_POLICIES = ("error", "skip")
+_ST_DTYPES = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16, "I32": torch.int32,
+              "I64": torch.int64, "F64": torch.float64, "I16": torch.int16, "U8": torch.uint8, "I8": torch.int8}
+# Read-time verification of shards (sha256 + finiteness). On by default; SAEFORGE_VERIFY_CACHE=0 turns it off
+# (benchmarks/cache_verify.py measures what it costs).
+VERIFY_READS = os.environ.get("SAEFORGE_VERIFY_CACHE", "1") not in ("0", "false", "no")
 
 
 @dataclass
@@ -60,6 +69,7 @@ class HarvestConfig(JsonConfig):
     dtype: str = "float32"
     device: str = "cpu"
     keep_special: bool = False
+    on_nonfinite: str = "error"  # "error": refuse NaN/Inf rows, naming them; "skip": leave those rows out
     model_dtype: str = "float32"  # the model's weights (bfloat16/float16 for big models); changes the numbers
     device_map: str | None = None  # HF models: spread layers over the node's GPUs (e.g. "auto"); like device
 
@@ -71,7 +81,13 @@ class HarvestConfig(JsonConfig):
             raise SaeforgeError(f"unknown --model-dtype {self.model_dtype!r}; use float32, bfloat16 or float16")
         return DTYPES[self.model_dtype]
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.validate()
+
     def validate(self) -> None:
+        if self.on_nonfinite not in NONFINITE_POLICIES:
+            raise SaeforgeError(f"--on-nonfinite {self.on_nonfinite!r}: use one of {', '.join(NONFINITE_POLICIES)}")
         if not self.hooks:
             raise SaeforgeError("no hooks given; pass --hooks, e.g. --hooks resid_post.2")
         if self.dtype not in STORE_DTYPES:
@@ -94,7 +110,9 @@ class HarvestConfig(JsonConfig):
         d = self.to_dict()
         d.pop("out")
         d.pop("device")
-        d.pop("device_map")
+        if d["on_nonfinite"] == "error":  # the default leaves the bytes of every earlier cache unchanged
+            d.pop("on_nonfinite")
+        d.pop("device_map")  # where the layers run, like device
         if d["model_dtype"] == "float32":  # the default: caches from before the option keep their identity
             d.pop("model_dtype")
         return d
@@ -158,6 +176,31 @@ def forward_rows(
     return out
 
 
+def nonfinite_rows(rows: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Bool [N]: rows where any hook's activation is NaN or infinite."""
+    bad = torch.zeros(rows["token_id"].shape[0], dtype=torch.bool)
+    for k, v in rows.items():
+        if k.startswith("acts."):
+            bad |= ~torch.isfinite(v).all(dim=-1)
+    return bad
+
+
+def refuse_or_skip_nonfinite(rows: dict[str, torch.Tensor], policy: str, data: str) -> dict[str, torch.Tensor]:
+    """Refuse rows with NaN/Inf activations (naming their documents and positions), or drop them (``skip``)."""
+    bad = nonfinite_rows(rows)
+    if not bool(bad.any()):
+        return rows
+    if policy == "skip":
+        return {k: v[~bad] for k, v in rows.items()}
+    idx = torch.nonzero(bad).flatten()
+    where = ", ".join(f"doc {int(rows['doc'][i])} pos {int(rows['pos'][i])}" for i in idx[:3])
+    more = f" and {len(idx) - 3} more" if len(idx) > 3 else ""
+    raise NonFiniteError(
+        f"the model gave NaN/Inf activations on {len(idx)} rows of {data} ({where}{more}); nothing was stored "
+        "for them; check the model and data, or pass --on-nonfinite skip to leave such rows out"
+    )
+
+
 def _concat(parts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
     return {k: torch.cat([p[k] for p in parts]) for k in parts[0]}
 
@@ -211,7 +254,8 @@ def _check_folder(out: Path, cfg: HarvestConfig) -> dict[str, Any] | None:
     if out.exists():
         if not out.is_dir():
             raise SaeforgeError(f"--out {out} is a file; pass a folder path")
-        if any(not (p.name.startswith("shard_") or p.name.endswith(".tmp")) for p in out.iterdir()):
+        if any(not (p.name.startswith("shard_") or p.name.endswith(".tmp") or p.name == LOCK_FILE)
+               for p in out.iterdir()):
             raise SaeforgeError(f"--out {out} is not empty and not an activation cache; pick a new --out or empty it")
     return None
 
@@ -256,10 +300,11 @@ def _agree(fn: Any) -> Any:
         try:
             box = ("ok", fn())
         except SaeforgeError as err:
-            box = ("error", str(err))
+            box = ("error", (type(err), str(err)))
     box = dist.broadcast_object(box)
     if box[0] == "error":
-        raise SaeforgeError(box[1])
+        cls, msg = box[1]
+        raise cls(msg)
     return box[1]
 
 
@@ -274,25 +319,48 @@ def harvest(cfg: HarvestConfig, progress: bool = True) -> Path:
     the manifest. The shards depend only on the config, so the cache is byte-identical to a one-process
     harvest (given the same forward numerics: same device kind and thread count), and the manifest only
     ever lists a prefix of finished shards, so a harvest killed on any rank resumes with any number of
-    processes.
+    processes. Rank 0 alone checks the folder, holds the lock and writes the manifest.
     """
-    from tqdm.auto import tqdm
-
     from saeforge import distributed as dist
-    from saeforge.hooks import resolve_hook
-    from saeforge.models import load_model
 
     cfg.validate()
     out = Path(cfg.out)
     dist.init(cfg.device)
+    # refuse a foreign folder before the lock puts its file into it
+    _agree(lambda: None if (out / MANIFEST).exists() else _check_folder(out, cfg))
+    with folder_lock(out, "harvest"):
+        return _harvest_locked(cfg, out, progress)
+
+
+def _check_data(out: Path, old: dict[str, Any] | None, fingerprint: dict[str, Any]) -> None:
+    """Refuse to continue a cache whose input data changed since it was started."""
+    if old is None or old.get("data_fingerprint") in (None, fingerprint):
+        return
+    raise SaeforgeError(
+        f"--data changed since {out} was harvested from it (fingerprint {old['data_fingerprint'].get('sha256', '?')[:12]}"
+        f" -> {fingerprint.get('sha256', '?')[:12]}); resuming would stitch old and new text into one cache: "
+        "restore the original data, or harvest into a new --out"
+    )
+
+
+def _harvest_locked(cfg: HarvestConfig, out: Path, progress: bool) -> Path:
+    from tqdm.auto import tqdm
+
+    from saeforge import distributed as dist
+    from saeforge.data.fingerprint import data_fingerprint
+    from saeforge.hooks import resolve_hook
+    from saeforge.models import check_context_len, load_model
+
     W, me = dist.world_size(), dist.rank()
 
-    def check() -> tuple[dict[str, Any] | None, list[dict[str, Any]], bool]:
+    def check() -> tuple[dict[str, Any] | None, list[dict[str, Any]], bool, dict[str, Any]]:
         old = _check_folder(out, cfg)
+        fingerprint = data_fingerprint(cfg.data)
+        _check_data(out, old, fingerprint)
         shards = _verified_prefix(out, old["shards"]) if old else []
-        return old, shards, bool(old and old.get("complete") and len(shards) == len(old["shards"]))
+        return old, shards, bool(old and old.get("complete") and len(shards) == len(old["shards"])), fingerprint
 
-    old, shards, done = _agree(check)
+    old, shards, done, fingerprint = _agree(check)
     if done:
         return out  # already finished: nothing to do
 
@@ -301,6 +369,7 @@ def harvest(cfg: HarvestConfig, progress: bool = True) -> Path:
                         device_map=cfg.device_map)
     if cfg.device_map is not None:
         device = loaded.device  # inputs go where the embedding is
+    check_context_len(loaded, cfg.context_len)
     hook_points = [resolve_hook(loaded, h) for h in cfg.hooks]
     names = [hp.name for hp in hook_points]  # canonical spellings (e.g. "mod:input" -> "mod:in")
     if len(set(names)) != len(names):
@@ -329,6 +398,7 @@ def harvest(cfg: HarvestConfig, progress: bool = True) -> Path:
         "batch_contexts": cfg.batch_contexts,
         "shard_batches": cfg.shard_batches,
         "data": cfg.data,
+        "data_fingerprint": fingerprint,
         "n_tokens": 0,
         "n_contexts": 0,
         "shards": shards,
@@ -380,6 +450,7 @@ def harvest(cfg: HarvestConfig, progress: bool = True) -> Path:
                            "first_context": first_context, "n_contexts": e["n_contexts"]})
             bar.update(e["rows"])
             write_manifest()
+            faults.point("harvest:shard")
 
     try:
         for b, (batch, last) in enumerate(_with_last(itertools.chain([first], batches))):
@@ -387,7 +458,8 @@ def harvest(cfg: HarvestConfig, progress: bool = True) -> Path:
                 continue
             i = b // sb
             if i % W == me:
-                rows = forward_rows(loaded.model, hook_points, batch, device)
+                rows = refuse_or_skip_nonfinite(forward_rows(loaded.model, hook_points, batch, device),
+                                                cfg.on_nonfinite, cfg.data)
                 for h in names:
                     d_seen.setdefault(h, int(rows[f"acts.{h}"].shape[-1]))
                 pending.append(rows)
@@ -420,9 +492,11 @@ class ActivationCache:
                 f"{self.path} is not an activation cache (no {MANIFEST}); create one with `saeforge harvest`"
             )
         try:
-            self.manifest: dict[str, Any] = json.loads(mpath.read_text())
-        except json.JSONDecodeError:
-            raise SaeforgeError(f"{mpath} is not valid JSON; {INCOMPLETE_HINT}") from None
+            self.manifest: dict[str, Any] = json.loads(mpath.read_text(encoding="utf-8"))
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise CorruptFileError(f"{mpath} is not valid JSON; {INCOMPLETE_HINT}") from None
+        if not isinstance(self.manifest, dict):
+            raise CorruptFileError(f"{mpath} is not a cache manifest; {INCOMPLETE_HINT}")
         if self.manifest.get("format") != FORMAT:
             raise SaeforgeError(
                 f"{mpath} has format {self.manifest.get('format')!r}, expected {FORMAT!r}; harvest it again"
@@ -432,11 +506,30 @@ class ActivationCache:
                 f"activation cache {self.path} is incomplete ({len(self.manifest['shards'])} shards so far); "
                 + INCOMPLETE_HINT
             )
-        self.hooks: list[str] = list(self.manifest["hooks"])
-        self.d: dict[str, int] = {h: int(self.manifest["d"][h]) for h in self.hooks}
-        self.n_tokens: int = int(self.manifest["n_tokens"])
-        self.n_shards: int = len(self.manifest["shards"])
-        self.dtype: torch.dtype = STORE_DTYPES[self.manifest["dtype"]]
+        try:
+            self.hooks: list[str] = list(self.manifest["hooks"])
+            self.d: dict[str, int] = {h: int(self.manifest["d"][h]) for h in self.hooks}
+            self.n_tokens: int = int(self.manifest["n_tokens"])
+            self.n_shards: int = len(self.manifest["shards"])
+            self.dtype: torch.dtype = STORE_DTYPES[self.manifest["dtype"]]
+            for entry in self.manifest["shards"]:
+                entry["file"], entry["sha256"], entry["rows"]  # noqa: B018 - every shard entry is complete
+        except (KeyError, TypeError, ValueError) as e:
+            raise CorruptFileError(f"{mpath} is damaged (bad or missing {e}); {REPAIR_HINT}") from None
+        self.verify_reads = VERIFY_READS
+
+    @property
+    def model_spec(self) -> str | None:
+        """The model the cache was harvested from; a local path is made absolute (valid from any folder)."""
+        spec = self.manifest.get("config", {}).get("model")
+        if isinstance(spec, str) and Path(spec).expanduser().exists():
+            return str(Path(spec).expanduser().resolve())
+        return spec
+
+    def content_id(self) -> str:
+        """A digest of what the cache holds: its config and the checksums of its shards."""
+        body = json.dumps([self.manifest.get("config"), [s["sha256"] for s in self.manifest["shards"]]])
+        return sha256_bytes(body.encode())
 
     def __len__(self) -> int:
         return self.n_tokens
@@ -462,12 +555,46 @@ class ActivationCache:
         if not f.exists():
             raise SaeforgeError(f"{f} is missing; {INCOMPLETE_HINT} (it re-creates missing shards)")
         keys = [f"acts.{h}" for h in hooks] + ["token_id", "doc", "pos"]
-        with safe_open(f, framework="pt") as fh:
-            out = {k: fh.get_tensor(k) for k in keys}
+        if self.verify_reads:
+            out = self._verified_shard(f, entry, keys)
+        else:
+            with safe_open(f, framework="pt") as fh:
+                out = {k: fh.get_tensor(k) for k in keys}
         if out["token_id"].shape[0] != entry["rows"]:
             raise SaeforgeError(
                 f"{f} has {out['token_id'].shape[0]} rows, manifest says {entry['rows']}; {INCOMPLETE_HINT}"
             )
+        return out
+
+    def _verified_shard(self, f: Path, entry: dict[str, Any], keys: list[str]) -> dict[str, torch.Tensor]:
+        """Read a shard once into memory, check its sha256 against the manifest, hand out zero-copy views of
+        the wanted tensors, and check the activations for NaN/Inf (benchmarks/cache_verify.py: the cost)."""
+        import hashlib
+
+        buf = bytearray(f.stat().st_size)
+        with open(f, "rb") as fh:
+            got = fh.readinto(buf)
+        if got != len(buf) or hashlib.sha256(buf).hexdigest() != entry["sha256"]:
+            raise CorruptFileError(f"{f} fails its checksum (damaged on disk); {REPAIR_HINT}")
+        try:
+            n = int.from_bytes(buf[:8], "little")
+            header = json.loads(bytes(buf[8:8 + n]))
+            out = {}
+            for k in keys:
+                spec = header[k]
+                dtype = _ST_DTYPES[spec["dtype"]]
+                lo, hi = spec["data_offsets"]
+                count = (hi - lo) // dtype.itemsize
+                flat = torch.frombuffer(buf, dtype=dtype, count=count, offset=8 + n + lo) if count else \
+                    torch.empty(0, dtype=dtype)
+                out[k] = flat.view(spec["shape"])
+        except (KeyError, ValueError, TypeError, RuntimeError) as e:
+            raise CorruptFileError(f"{f} is not a readable cache shard ({e}); {REPAIR_HINT}") from None
+        for k in keys:
+            # a float sum is non-finite when any element is (or, in theory, on overflow): exact check only then
+            if k.startswith("acts.") and not bool(torch.isfinite(out[k].sum())) and not bool(torch.isfinite(out[k]).all()):
+                raise NonFiniteError(f"{f} holds NaN/Inf activations in {k}; harvest again (harvest refuses them, "
+                                     "or drops them with --on-nonfinite skip)")
         return out
 
     def verify(self) -> None:

@@ -253,6 +253,12 @@ class CachedStream(_BufferedStream):
         self.hooks = self.cache.check_hooks(hooks)
         self.d = {h: self.cache.d[h] for h in self.hooks}
         self.prefetch = prefetch
+        self.model_spec = self.cache.model_spec
+
+    def identity(self) -> dict[str, Any]:
+        """What decides the batches: the cache's contents (its shard checksums) and the shuffling settings."""
+        return {"cache": self.cache.content_id(), "hooks": self.hooks, "batch_size": self.batch_size,
+                "shuffle_buffer": self.shuffle_buffer, "epochs": self.epochs, "seed": self.seed}
 
     def _n_rows(self) -> int:
         return self.cache.n_tokens
@@ -300,12 +306,16 @@ class LiveStream(_BufferedStream):
         if isinstance(model, (str, Path)):
             model = load_model(str(model), tokenizer=tokenizer, device=self.device)
         self.loaded = model
+        from saeforge.models import check_context_len
+
+        check_context_len(self.loaded, context_len)
         if not hooks:
             raise SaeforgeError("no hooks given to LiveStream; name at least one, e.g. resid_post.2")
         self.hook_points = [resolve_hook(self.loaded, h) for h in hooks]
         self.hooks = [hp.name for hp in self.hook_points]  # canonical names, as a cache stores them
         self.data, self.context_len, self.batch_contexts = data, context_len, batch_contexts
         self.text_field, self.split, self.keep_special, self.max_tokens = text_field, split, keep_special, max_tokens
+        self.model_spec = str(self.loaded.spec)
         self.d = self._probe_widths()
         self._forward_group: Any = None
 
@@ -315,6 +325,14 @@ class LiveStream(_BufferedStream):
         the whole, identical stream (the one a single process would produce) for a ``1/size`` of the forward
         passes. Every process of the group must iterate the stream in step (the trainer does)."""
         self._forward_group = group if group is not None and group.size > 1 else None
+
+    def identity(self) -> dict[str, Any]:
+        from saeforge.data.fingerprint import data_fingerprint
+
+        return {"model": self.model_spec, "data": data_fingerprint(self.data), "hooks": self.hooks,
+                "context_len": self.context_len, "batch_contexts": self.batch_contexts, "batch_size": self.batch_size,
+                "shuffle_buffer": self.shuffle_buffer, "epochs": self.epochs, "seed": self.seed,
+                "keep_special": self.keep_special, "max_tokens": self.max_tokens, "text_field": self.text_field}
 
     def _model_device(self) -> torch.device:
         p = next(self.loaded.model.parameters(), None)

@@ -35,3 +35,17 @@ class AdaptConfig(JsonConfig):
     checkpoint_every: int = 200
     device: str = "auto"
     model_dtype: str = "float32"  # the frozen model's weights (bfloat16/float16 for big models); LoRA stays fp32
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.require_ints(1, "rank", "tokens", "batch_contexts", "log_every")
+        self.require_ints(2, "context_len")
+        self.require_ints(0, "checkpoint_every", "seed")
+        self.require_finite("lr", positive=True)
+        self.require_finite("alpha", positive=True)
+        self.require_finite("dropout", minimum=0.0, maximum=0.999)
+        self.require_finite("warmup_frac", minimum=0.0, maximum=1.0)
+        self.require_finite("weight_decay", "grad_clip", minimum=0.0)
+        self.require(self.trainable in ("lora", "sae"), "trainable", "lora or sae")
+        self.require(self.layers in ("all", "after"), "layers", "all or after")
+        self.require(self.model_dtype in ("float32", "bfloat16", "float16"), "model_dtype", "float32, bfloat16 or float16")

@@ -14,7 +14,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from tqdm.auto import tqdm
 
 from saeforge.adapt.config import AdaptConfig
@@ -23,9 +22,9 @@ from saeforge.adapt.lora import add_lora
 from saeforge.adapt.objective import next_token_kl
 from saeforge.adapt.splice import SpliceState, layer_index, resolve_sae_hooks, spliced
 from saeforge.device import resolve_device
-from saeforge.errors import SaeforgeError
-from saeforge.io import save_safetensors_atomic, write_json_atomic
-from saeforge.models import LoadedModel, load_model
+from saeforge.errors import CorruptFileError, NonFiniteError, SaeforgeError
+from saeforge.io import load_safetensors_verified, save_safetensors_atomic, write_json_atomic
+from saeforge.models import LoadedModel, check_context_len, load_model
 from saeforge.sae.base import SAE
 from saeforge.train.checkpoint import flatten_optimizer, unflatten_optimizer
 from saeforge.train.schedule import LR_SCHEDULES, schedule_factor
@@ -63,9 +62,10 @@ def build(cfg: AdaptConfig) -> Adapted:
     device = resolve_device(cfg.device)
     from saeforge.device import DTYPES
 
-    if cfg.model_dtype not in DTYPES:
-        raise SaeforgeError(f"unknown --model-dtype {cfg.model_dtype!r}; use float32, bfloat16 or float16")
+    if not cfg.model:
+        raise SaeforgeError("no model to adapt: the SAE names none; pass --model")
     loaded = load_model(cfg.model, tokenizer=cfg.tokenizer, device=device, dtype=DTYPES[cfg.model_dtype])
+    check_context_len(loaded, cfg.context_len)
     if not loaded.is_causal:
         raise SaeforgeError(f"{cfg.model} is not a causal LM; adaptation needs next-token distributions")
     if not cfg.saes:
@@ -105,31 +105,64 @@ def _named_trainables(ad: Adapted) -> dict[str, torch.nn.Parameter]:
     return named
 
 
-def _save_ckpt(path: Path, ad: Adapted, opt, step: int, elapsed: float) -> None:
-    tensors = {f"param.{n}": p.detach() for n, p in _named_trainables(ad).items()}
+RESUME_FIX = "delete it to start over, then rerun `saeforge adapt train`"
+# settings a resumed run may differ in without changing what it computes
+_RESUME_FREE = ("device", "checkpoint_every", "log_every")
+
+
+def _resume_identity(cfg: AdaptConfig) -> dict:
+    """The settings a resumed run must share; with the constant schedule the budget may grow or shrink."""
+    free = _RESUME_FREE + (("tokens",) if cfg.lr_schedule == "constant" else ())
+    return {k: v for k, v in cfg.to_dict().items() if k not in free}
+
+
+def _save_ckpt(path: Path, ad: Adapted, opt, step: int, elapsed: float, cfg: AdaptConfig) -> None:
+    named = _named_trainables(ad)
+    for n, p in named.items():
+        if not bool(torch.isfinite(p.detach()).all()):
+            raise NonFiniteError(f"adaptation diverged: {n} became non-finite by step {step}; the last checkpoint "
+                                 "is kept and nothing was saved; lower --lr, then rerun")
+    tensors = {f"param.{n}": p.detach() for n, p in named.items()}
     tensors["rng.cpu"] = torch.get_rng_state()
-    meta: dict = {"step": step, "elapsed_s": elapsed}
+    meta: dict = {"step": step, "elapsed_s": elapsed, "config": _resume_identity(cfg)}
     flatten_optimizer("opt.", opt.state_dict(), tensors, meta)
-    save_safetensors_atomic(path, tensors, metadata={"state": json.dumps(meta)})
+    save_safetensors_atomic(path, tensors, metadata={"state": json.dumps(meta)}, checksum=True)
 
 
-def _load_ckpt(path: Path, ad: Adapted, opt) -> tuple[int, float]:
-    with safe_open(str(path), framework="pt") as fh:
-        meta = json.loads(fh.metadata()["state"])
-        tensors = {k: fh.get_tensor(k) for k in fh.keys()}
+def _load_ckpt(path: Path, ad: Adapted, opt, cfg: AdaptConfig) -> tuple[int, float]:
+    from saeforge.train.guard import check_finite_state, compare_resume
+
+    tensors, metadata = load_safetensors_verified(path, RESUME_FIX)
+    try:
+        meta = json.loads(metadata["state"])
+        params = {n: tensors[f"param.{n}"] for n in _named_trainables(ad)}
+        rng = tensors["rng.cpu"]
+    except (KeyError, ValueError, TypeError) as e:
+        raise CorruptFileError(f"{path} is not a complete adapt checkpoint (missing {e}); {RESUME_FIX}") from None
+    compare_resume(path, {"train": meta.get("config")}, {"train": _resume_identity(cfg)}, (),
+                   hint="(--tokens may change with the constant schedule) ")
+    check_finite_state(path, params.items(), RESUME_FIX)
     with torch.no_grad():
         for n, p in _named_trainables(ad).items():
-            p.copy_(tensors[f"param.{n}"])
+            if p.shape != params[n].shape:
+                raise SaeforgeError(f"{path} holds {n} of shape {tuple(params[n].shape)}, not {tuple(p.shape)}; "
+                                    "resume with the original --rank/--sae or use a new --out")
+            p.copy_(params[n])
     opt.load_state_dict(unflatten_optimizer("opt.", tensors, meta))
-    torch.set_rng_state(tensors["rng.cpu"])
+    torch.set_rng_state(rng)
     return meta["step"], meta["elapsed_s"]
 
 
 def fit(ad: Adapted, cfg: AdaptConfig, out: str | Path, resume: bool = False, progress: bool = True,
         on_log=None) -> list[dict]:
-    """Train the trainable parameters on KL(clean ‖ spliced); returns the logged records."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
+    """Train the trainable parameters on KL(clean ‖ spliced); returns the logged records. Holds ``out``'s lock."""
+    from saeforge.lock import folder_lock
+
+    with folder_lock(out, "adapt"):
+        return _fit(ad, cfg, Path(out), resume, progress, on_log)
+
+
+def _fit(ad: Adapted, cfg: AdaptConfig, out: Path, resume: bool, progress: bool, on_log) -> list[dict]:
     torch.manual_seed(cfg.seed)
     params = trainable_params(ad)
     if cfg.lr_schedule not in LR_SCHEDULES:
@@ -140,7 +173,12 @@ def fit(ad: Adapted, cfg: AdaptConfig, out: str | Path, resume: bool = False, pr
     step, elapsed0 = 0, 0.0
     ckpt = out / CHECKPOINT
     if resume and ckpt.exists():
-        step, elapsed0 = _load_ckpt(ckpt, ad, opt)
+        from saeforge.train.guard import trim_metrics
+
+        step, elapsed0 = _load_ckpt(ckpt, ad, opt, cfg)
+        trim_metrics(out / "metrics.jsonl", step)
+    elif ckpt.exists() and not resume:
+        raise SaeforgeError(f"{out} already holds an adapt run; pass --resume or pick a new --out")
     elif (out / "metrics.jsonl").exists():
         (out / "metrics.jsonl").unlink()
     cfg.save(out / "adapt_cfg.json")
@@ -181,6 +219,9 @@ def fit(ad: Adapted, cfg: AdaptConfig, out: str | Path, resume: bool = False, pr
         if step % cfg.log_every == 0 or step == total:
             rec = {"step": step, "tokens": step * tok_per_step, "kl": (acc / n_acc).item(),
                    "elapsed_s": round(time.perf_counter() - t0, 3)}
+            if not math.isfinite(rec["kl"]):
+                raise NonFiniteError(f"adaptation diverged: the KL became {rec['kl']} by step {step}; the last "
+                                     "checkpoint is kept and nothing was saved; lower --lr, then rerun")
             acc, n_acc = torch.zeros((), device=device), 0
             records.append(rec)
             with open(out / "metrics.jsonl", "a") as fh:
@@ -189,9 +230,9 @@ def fit(ad: Adapted, cfg: AdaptConfig, out: str | Path, resume: bool = False, pr
             if on_log is not None:
                 on_log(rec)
         if cfg.checkpoint_every and step % cfg.checkpoint_every == 0:
-            _save_ckpt(ckpt, ad, opt, step, time.perf_counter() - t0)
+            _save_ckpt(ckpt, ad, opt, step, time.perf_counter() - t0, cfg)
     pbar.close()
-    _save_ckpt(ckpt, ad, opt, step, time.perf_counter() - t0)
+    _save_ckpt(ckpt, ad, opt, step, time.perf_counter() - t0, cfg)
     model.eval()
     for s in ad.saes:
         s.eval()
@@ -216,9 +257,28 @@ def save(ad: Adapted, cfg: AdaptConfig, out: str | Path, report: dict | None = N
         "kind": "saeforge-adapt", "config": cfg.to_dict(), "model": cfg.model, "tokenizer": cfg.tokenizer,
         "saes": [{"source": src, "path": d, "hook": h.name} for src, d, h in zip(cfg.saes, sae_dirs, ad.hooks)],
         "adapter": "adapter" if ad.peft_model is not None else None, "lora_ranks": ad.ranks, "report": report,
+        # the adapter's files are peft's own format (no checksum inside): their sha256 live here, checked by load()
+        "adapter_sha256": _folder_sha256(out / "adapter") if ad.peft_model is not None else None,
     }
     write_json_atomic(out / "adapt.json", manifest)
     return out
+
+
+def _folder_sha256(folder: Path) -> dict[str, str]:
+    from saeforge.io import sha256_file
+
+    return {str(p.relative_to(folder)): sha256_file(p) for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _check_adapter(path: Path, manifest: dict) -> None:
+    want = manifest.get("adapter_sha256")
+    if not want or not manifest.get("adapter"):
+        return
+    got = _folder_sha256(path / manifest["adapter"])
+    bad = sorted(k for k in want if got.get(k) != want[k])
+    if bad:
+        raise CorruptFileError(f"{path / manifest['adapter'] / bad[0]} is missing or fails its checksum (damaged on "
+                               "disk); rerun `saeforge adapt train` into a new --out")
 
 
 def load(path: str | Path, device: str = "auto") -> Adapted:
@@ -227,7 +287,11 @@ def load(path: str | Path, device: str = "auto") -> Adapted:
     mf = path / "adapt.json"
     if not mf.exists():
         raise SaeforgeError(f"{path} has no adapt.json; point at a folder written by `saeforge adapt train`")
-    manifest = json.loads(mf.read_text())
+    try:
+        manifest = json.loads(mf.read_text(encoding="utf-8"))
+        manifest["model"], manifest["saes"]  # noqa: B018 - both keys are needed below
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+        raise CorruptFileError(f"{mf} is damaged ({e}); rerun `saeforge adapt train` into a new --out") from None
     dev = resolve_device(device)
     from saeforge.device import DTYPES
 
@@ -239,6 +303,7 @@ def load(path: str | Path, device: str = "auto") -> Adapted:
     if manifest.get("adapter"):
         from peft import PeftModel
 
+        _check_adapter(path, manifest)
         ad.peft_model = PeftModel.from_pretrained(loaded.model, str(path / manifest["adapter"]))
         ad.peft_model.eval()
     for p in loaded.model.parameters():

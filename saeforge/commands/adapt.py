@@ -5,7 +5,8 @@ import argparse
 import json
 from pathlib import Path
 
-from saeforge.commands.train import parse_size
+from saeforge.commands.train import finite_float, parse_size
+from saeforge.errors import SaeforgeError
 
 
 def _report(ad, data: str, args, cfg_replace_special: bool) -> dict:
@@ -39,14 +40,14 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--data", required=True, help="training text (.txt/.jsonl/.parquet/HF dataset)")
     t.add_argument("--eval-data", help="held-out text for the report (default: --data)")
     t.add_argument("--rank", type=int, default=64, help="LoRA rank, capped at half the smaller side of each matrix")
-    t.add_argument("--alpha", type=float, default=32.0, help="LoRA alpha")
-    t.add_argument("--dropout", type=float, default=0.1, help="LoRA dropout")
+    t.add_argument("--alpha", type=finite_float, default=32.0, help="LoRA alpha")
+    t.add_argument("--dropout", type=finite_float, default=0.1, help="LoRA dropout")
     t.add_argument("--layers", choices=["all", "after"], default="all",
                    help="adapt all blocks, or only the blocks after the first SAE")
     t.add_argument("--target-modules", help="comma-separated projection names (default: the family's q,k,v,o,gate,up,down)")
     t.add_argument("--replace-special", action="store_true",
                    help="splice the SAE at BOS/special positions too (default: they keep the original activation)")
-    t.add_argument("--lr", type=float, default=5e-5, help="AdamW learning rate")
+    t.add_argument("--lr", type=finite_float, default=5e-5, help="AdamW learning rate")
     t.add_argument("--lr-schedule", choices=["constant", "cosine", "linear"], default="constant",
                    help="constant: the paper's; cosine/linear: 5%% warm-up, then decay to 0 over the run")
     t.add_argument("--tokens", default="500k", help="training token budget")
@@ -85,6 +86,8 @@ def run_train(args: argparse.Namespace) -> int:
     from saeforge.adapt.trainer import load_any_sae
 
     model = args.model or load_any_sae(args.sae[0], "cpu").cfg.model
+    if not model:
+        raise SaeforgeError(f"{args.sae[0]} does not record its model (the SAE names none); pass --model")
     cfg = AdaptConfig(
         model=model, saes=list(args.sae), data=args.data, tokenizer=args.tokenizer, rank=args.rank,
         alpha=args.alpha, dropout=args.dropout, layers=args.layers,

@@ -25,15 +25,38 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="with --to sparsify: write a run folder DST/<name>/ plus config.json instead of one coder")
     p.add_argument("--subfolder", help="folder inside SRC (or inside the Hub repo) that holds the checkpoint")
     p.add_argument("--revision", help="Hub revision (branch, tag or commit) when SRC is a Hub id")
+    p.add_argument("--overwrite", action="store_true",
+                   help="write into DST even when it already holds files (they may be replaced or left beside "
+                        "the converted SAE); without it a non-empty DST is refused")
     p.add_argument("--normalize-decoder", action="store_true",
                    help="dictionary_learning AutoEncoder: unit-normalise decoder columns as load_dictionary does")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from saeforge.formats import canonical_format, convert
+    from saeforge.formats import canonical_format
+
+    from pathlib import Path
+
+    from saeforge.errors import SaeforgeError
+    from saeforge.lock import LOCK_FILE, folder_lock
 
     to = canonical_format(args.to)
+    dst = Path(args.dst)
+    if dst.is_dir() and any(p.name != LOCK_FILE for p in dst.iterdir()) and not args.overwrite:
+        raise SaeforgeError(f"{dst} is not empty (it holds {', '.join(sorted(p.name for p in dst.iterdir())[:3])}"
+                            "...); pick an empty or new DST, or pass --overwrite")
+    if dst.is_file() and not args.overwrite:
+        raise SaeforgeError(f"{dst} already exists; pick a new DST or pass --overwrite")
+    if dst.suffix in (".npz", ".pt") or dst.is_file():  # a single-file format: nothing to lock
+        return _convert(args, to)
+    with folder_lock(dst, "convert", transient=True):
+        return _convert(args, to)
+
+
+def _convert(args: argparse.Namespace, to: str) -> int:
+    from saeforge.formats import convert
+
     sae, written = convert(
         args.src, args.dst, to, from_format=args.from_format, hookpoint=args.hookpoint,
         subfolder=args.subfolder, revision=args.revision, normalize_decoder=args.normalize_decoder,

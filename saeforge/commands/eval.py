@@ -8,7 +8,7 @@ from saeforge.errors import SaeforgeError
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from saeforge.commands.train import parse_size
+    from saeforge.commands.train import finite_float, parse_size
 
     p = sub.add_parser(
         "eval", help="evaluate SAEs: FVU, L0, dead/dense latents, spliced-in CE loss and KL",
@@ -30,7 +30,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--context-len", type=int, default=128, help="tokens per context")
     p.add_argument("--batch-size", type=int, default=8, help="contexts per forward pass")
     p.add_argument("--chunk-batches", type=int, default=16, help="batches between resume checkpoints")
-    p.add_argument("--dense-threshold", type=float, default=0.1,
+    p.add_argument("--dense-threshold", type=finite_float, default=0.1,
                    help="a latent firing on more than this fraction of tokens counts as dense")
     p.add_argument("--sample-tokens", type=parse_size, default=16384,
                    help="tokens sampled for per-latent activation quantiles")

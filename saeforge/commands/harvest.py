@@ -66,6 +66,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="data set split for Hugging Face data sets (default: %(default)s)")
     p.add_argument("--keep-special", action="store_true",
                    help="also store rows at BOS/EOS/special tokens (default: only ordinary text tokens)")
+    p.add_argument("--on-nonfinite", choices=["error", "skip"], default="error",
+                   help="rows where the model gives NaN/Inf activations: error (refuse, naming their documents "
+                        "and positions) or skip (leave them out of the cache) (default: %(default)s)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=run)
 
@@ -77,8 +80,8 @@ def run(args: argparse.Namespace) -> int:
         model=args.model, data=args.data, hooks=_hooks(args.hooks), out=args.out, tokenizer=args.tokenizer,
         text_field=args.text_field, split=args.split, context_len=args.context_len,
         batch_contexts=args.batch_contexts, shard_tokens=args.shard_tokens, max_tokens=args.max_tokens,
-        dtype=args.dtype, device=args.device, keep_special=args.keep_special, model_dtype=args.model_dtype,
-        device_map=args.device_map,
+        dtype=args.dtype, device=args.device, keep_special=args.keep_special,
+        on_nonfinite=args.on_nonfinite, model_dtype=args.model_dtype, device_map=args.device_map,
     )
     from saeforge import distributed as dist
 

@@ -15,11 +15,12 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 from pathlib import Path
 from typing import Any
 
 from saeforge.commands.train import (
-    add_stream_args, add_train_args, open_training_stream, parse_sets, train_config_from_args,
+    add_stream_args, add_train_args, allowed_changes, open_training_stream, parse_sets, train_config_from_args,
 )
 from saeforge.errors import SaeforgeError
 from saeforge.io import write_json_atomic
@@ -29,9 +30,12 @@ def _csv(text: str | None, kind: type = str) -> list[Any]:
     if not text:
         return []
     try:
-        return [kind(v.strip()) for v in str(text).split(",") if v.strip()]
+        values = [kind(v.strip()) for v in str(text).split(",") if v.strip()]
     except ValueError:
         raise SaeforgeError(f"cannot read {text!r} as a comma-separated list of {kind.__name__}") from None
+    if kind in (int, float) and any(not math.isfinite(v) or v <= 0 for v in values):
+        raise SaeforgeError(f"{text!r}: every value must be a positive finite number")
+    return values
 
 
 def _fmt(v: Any) -> str:
@@ -44,7 +48,7 @@ def sparsity_field(arch: str) -> str:
 
     cls = get_arch(arch).config_class
     names = {f.name for f in dataclasses.fields(cls)}
-    fld = getattr(cls, "SPARSITY_FIELD", "k" if "k" in names else None)
+    fld = cls.SPARSITY_FIELD
     if fld is None or fld not in names:
         raise SaeforgeError(f"architecture {arch!r} has no sparsity knob a sweep can vary")
     return fld
@@ -69,7 +73,7 @@ def build_grid(
         opts = {k: v for k, v in sets.items() if k in names}
         used |= set(opts)
         tag = arch
-        if recipe is not None and recipe in getattr(cls, "RECIPES", ()):
+        if recipe is not None and recipe in cls.RECIPES:
             opts["recipe"], recipe_used = recipe, True
             tag = f"{arch}-{recipe}"
         fld = sparsity_field(arch)
@@ -101,14 +105,14 @@ def build_grid(
 
 
 def run_sweep(grid: dict[str, Any], stream: Any, train_cfg: Any, out: str | Path, resume: bool = False,
-              progress: bool = True) -> dict[str, Any]:
+              progress: bool = True, allow_changes: tuple[str, ...] = ()) -> dict[str, Any]:
     """Train every SAE of ``grid`` from one pass over ``stream``; write and return the sweep.json index."""
     from saeforge.train import Trainer
 
     from saeforge import distributed as dist
 
     trainer = Trainer(grid, stream, train_cfg, out)
-    trainer.fit(resume=resume, progress=progress)
+    trainer.fit(resume=resume, progress=progress, allow_changes=allow_changes)
     entries = []
     for name, run in trainer.runs.items():
         cfg = run.sae.cfg
@@ -162,6 +166,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     if not args.data:
         raise SaeforgeError("--data is required: an activation cache folder or a text source")
+    train_cfg = train_config_from_args(args)  # validated before any data is opened
     hooks = _csv(args.hooks)
     wanted = sorted({h for h in [args.hook, args.target, *hooks] if h}) or None
     stream = open_training_stream(args, wanted, args.batch_size, args.seed)
@@ -171,8 +176,8 @@ def run(args: argparse.Namespace) -> int:
         hook=hook, target=args.target, hooks=hooks, sets=parse_sets(args.set), recipe=args.recipe,
         model=getattr(stream, "model_spec", None) or args.model,
     )
-    index = run_sweep(grid, stream, train_config_from_args(args), args.out, resume=args.resume,
-                      progress=not args.no_progress)
+    index = run_sweep(grid, stream, train_cfg, args.out, resume=args.resume, progress=not args.no_progress,
+                      allow_changes=allowed_changes(args))
     from saeforge import distributed as dist
 
     if not dist.is_main():

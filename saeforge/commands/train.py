@@ -3,20 +3,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 from pathlib import Path
 from typing import Any
 
+from saeforge.config import ArgError, finite_float, parse_size  # noqa: F401  (re-exported for the commands)
 from saeforge.errors import SaeforgeError
-
-
-def parse_size(text: str) -> int:
-    """'5M' -> 5_000_000, '64k' -> 64_000, '1e6' -> 1_000_000."""
-    t = str(text).strip().lower().replace("_", "")
-    mult = {"k": 10**3, "m": 10**6, "g": 10**9, "b": 10**9}.get(t[-1:], 1)
-    try:
-        return int(float(t[:-1] if mult > 1 else t) * mult)
-    except ValueError:
-        raise SaeforgeError(f"cannot read {text!r} as a count; write e.g. 5M, 250k or 100000") from None
 
 
 def parse_sets(items: list[str] | None) -> dict[str, Any]:
@@ -27,9 +19,12 @@ def parse_sets(items: list[str] | None) -> dict[str, Any]:
             raise SaeforgeError(f"--set {item!r} needs the form key=value")
         k, v = item.split("=", 1)
         try:
-            out[k.strip()] = json.loads(v)
+            value = json.loads(v)
         except json.JSONDecodeError:
-            out[k.strip()] = v
+            value = v
+        if isinstance(value, float) and not math.isfinite(value):
+            raise SaeforgeError(f"--set {item!r}: {k.strip()} must be a finite number")
+        out[k.strip()] = value
     return out
 
 
@@ -57,9 +52,10 @@ def open_training_stream(args: argparse.Namespace, hooks: list[str], batch_size:
                             seed=seed)
     if not args.model:
         raise SaeforgeError(f"{args.data} is not an activation cache; pass --model to stream from text")
+    from saeforge.device import resolve_device
     from saeforge.models import load_model
 
-    model = load_model(args.model, tokenizer=args.tokenizer, device=getattr(args, "device", "cpu") or "cpu")
+    model = load_model(args.model, tokenizer=args.tokenizer, device=resolve_device(getattr(args, "device", None)))
     return LiveStream(model, hooks, args.data, batch_size=batch_size, context_len=args.context_len,
                       shuffle_buffer=args.shuffle_buffer, seed=seed, text_field=args.text_field)
 
@@ -69,19 +65,23 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--tokens", type=parse_size, default=5_000_000, help="training tokens (default 5M; loops the data)")
     g.add_argument("--batch-size", type=int, default=4096,
                    help="rows per step (default 4096); under torchrun the GLOBAL batch, split over the replicas")
-    g.add_argument("--lr", type=float, help="learning rate (default: the recipe's, e.g. 2e-4/sqrt(n/2^14) for topk)")
+    g.add_argument("--lr", type=finite_float, help="learning rate (default: from --lr-rule)")
+    g.add_argument("--lr-rule", choices=["scaled", "published"], default="scaled",
+                   help="an unset --lr: scaled = Gao et al.'s 2e-4/sqrt(n/2^14) transferred to the input width "
+                        "(every architecture; docs/recipes/README.md); published = the recipe's own constant")
     g.add_argument("--warmup-steps", type=int, help="LR warm-up steps (default min(1000, 5%% of steps))")
-    g.add_argument("--decay-frac", type=float, default=0.2, help="linear LR decay over the last fraction (default 0.2)")
-    g.add_argument("--grad-clip", type=float, default=1.0, help="gradient-norm clip, 0 to disable (default 1)")
-    g.add_argument("--dead-tokens", type=parse_size, default=10_000_000,
-                   help="tokens without firing before a latent counts as dead (default 10M, Gao et al.)")
+    g.add_argument("--decay-frac", type=finite_float, default=0.2, help="linear LR decay over the last fraction (default 0.2)")
+    g.add_argument("--grad-clip", type=finite_float, default=1.0, help="gradient-norm clip, 0 to disable (default 1)")
+    g.add_argument("--dead-tokens", type=parse_size, default=None,
+                   help="tokens without firing before a latent counts as dead (default 10M as Gao et al., or a "
+                        "tenth of a shorter run)")
     g.add_argument("--log-every", type=int, default=25, help="steps between metric lines (default 25)")
     g.add_argument("--checkpoint-every", type=int, default=500, help="steps between checkpoints (default 500)")
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--device", default="auto", help="auto (cuda if present, else cpu), cpu, cuda, cuda:1, mps")
     g.add_argument("--dtype", default="auto",
-                   help="autocast dtype: auto (bf16 on CUDA and on CPUs with AMX/AVX512-BF16, else fp32), "
-                        "float32, bfloat16")
+                   help="autocast dtype: auto (bf16 on CUDA, and on CPUs with AMX/AVX512-BF16 for inputs at least "
+                        "512 wide, where it measured faster at the same FVU; else fp32), float32, bfloat16")
     g.add_argument("--kernels", choices=["sparse", "dense"], default="sparse",
                    help="sparse: the sparse training kernels where the architecture has them (TopK, BatchTopK, "
                         "JumpReLU's decoder; docs/performance.md); dense: plain autograd (same numbers, slower)")
@@ -89,15 +89,31 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
                    help="under torchrun: split each SAE's latents over S processes (tensor parallel over d_sae; "
                         "topk only); the processes form replicas x S (data parallel x latent shards); bare flag: "
                         "all processes (docs/distributed.md). Without torchrun: ignored")
-    g.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint")
+    g.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from its last checkpoint (every setting must match the run's)")
+    g.add_argument("--allow-change", action="append", metavar="FIELD[,FIELD]", default=[],
+                   help="with --resume: let these settings differ from the checkpoint's: total_tokens (a longer "
+                        "or shorter budget), log_every, checkpoint_every, device")
     g.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def allowed_changes(args: argparse.Namespace) -> tuple[str, ...]:
+    return tuple(f.strip().replace("-", "_") for v in getattr(args, "allow_change", None) or []
+                 for f in v.split(",") if f.strip())
+
+
+def check_width_args(args: argparse.Namespace) -> None:
+    for flag, value in (("--width", args.width), ("--expansion", args.expansion), ("--k", args.k)):
+        if value is not None and value < 1:
+            raise SaeforgeError(f"{flag} {value} must be a positive whole number")
 
 
 def train_config_from_args(args: argparse.Namespace):
     from saeforge.train import TrainConfig
 
     return TrainConfig(
-        total_tokens=args.tokens, batch_size=args.batch_size, lr=args.lr, warmup_steps=args.warmup_steps,
+        total_tokens=args.tokens, batch_size=args.batch_size, lr=args.lr, lr_rule=args.lr_rule,
+        warmup_steps=args.warmup_steps,
         decay_frac=args.decay_frac, grad_clip=args.grad_clip, dead_tokens=args.dead_tokens,
         log_every=args.log_every, checkpoint_every=args.checkpoint_every, seed=args.seed, device=args.device,
         dtype=args.dtype, kernels=args.kernels, shard_latents=args.shard_latents,
@@ -149,10 +165,12 @@ def run(args: argparse.Namespace) -> int:
         return 0
     if not args.data:
         raise SaeforgeError("--data is required: an activation cache folder or a text source")
+    tcfg = train_config_from_args(args)  # validated before any data or model is opened
     if args.objective == "kl":
         return run_kl(args)
     if args.hook and "," in args.hook:
         return run_crosscoder(args)
+    check_width_args(args)
     hooks = [h for h in (args.hook, args.target) if h]
     stream = open_training_stream(args, hooks or None, args.batch_size, args.seed)
     hook = args.hook or (stream.hooks[0] if len(stream.hooks) == 1 else None)
@@ -160,7 +178,7 @@ def run(args: argparse.Namespace) -> int:
         raise SaeforgeError(f"the data has several hooks {stream.hooks}; choose one with --hook")
     d_in = stream.d[hook]
     d_out = stream.d[args.target] if args.target else None
-    width = args.width or args.expansion * d_in
+    width = args.width if args.width is not None else args.expansion * d_in
     opts = parse_sets(args.set)
     if args.k is not None:
         opts["k"] = args.k
@@ -171,8 +189,8 @@ def run(args: argparse.Namespace) -> int:
     model_spec = getattr(stream, "model_spec", None) or args.model
     cfg = make_config(args.arch, d_in=d_in, d_sae=width, d_out=d_out, hook=hook, target_hook=args.target,
                       model=model_spec, **opts)
-    trainer = Trainer({"": cfg}, stream, train_config_from_args(args), args.out)
-    trainer.fit(resume=args.resume, progress=not args.no_progress)
+    trainer = Trainer({"": cfg}, stream, tcfg, args.out)
+    trainer.fit(resume=args.resume, progress=not args.no_progress, allow_changes=allowed_changes(args))
     last = trainer.out / "metrics.jsonl"
     if last.exists() and trainer.par.writer:
         rec = json.loads(last.read_text().splitlines()[-1])
@@ -233,16 +251,17 @@ def run_crosscoder(args: argparse.Namespace) -> int:
     widths = {stream.d[h] for h in hooks}
     if len(widths) != 1:
         raise SaeforgeError(f"crosscoder hooks must share a width, got {dict((h, stream.d[h]) for h in hooks)}")
-    d_in = widths.pop()
+    d_in = len(hooks) * widths.pop()  # a crosscoder's d_in is n_hooks × the hook width (CrosscoderConfig)
     opts = parse_sets(args.set)
     if args.k is not None:
         opts["k"] = args.k
     if args.recipe:
         opts["recipe"] = args.recipe
-    cfg = make_config("crosscoder", d_in=d_in, d_sae=args.width or args.expansion * d_in, hooks=hooks,
+    width = args.width if args.width is not None else args.expansion * d_in
+    cfg = make_config("crosscoder", d_in=d_in, d_sae=width, hooks=hooks,
                       model=getattr(stream, "model_spec", None) or args.model, **opts)
     trainer = Trainer({"": cfg}, stream, train_config_from_args(args), args.out)
-    trainer.fit(resume=args.resume, progress=not args.no_progress)
+    trainer.fit(resume=args.resume, progress=not args.no_progress, allow_changes=allowed_changes(args))
     if trainer.par.writer:
         print(f"saved crosscoder over {len(hooks)} hooks to {args.out}")
     return 0

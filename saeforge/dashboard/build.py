@@ -59,6 +59,10 @@ class DashboardConfig(JsonConfig):
     seed: int = 0
     device: str = "cpu"
 
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.validate()
+
     def validate(self) -> None:
         for name in ("top_k", "n_bands", "per_band", "hist_bins", "n_logits", "shard_size", "context_len",
                      "checkpoint_rows"):
@@ -126,8 +130,11 @@ def open_source(cfg: DashboardConfig, sae: Any, hook: str, device: torch.device)
         cache = ActivationCache(data)
         if hook not in cache.d:
             raise SaeforgeError(f"cache {data} has no hook {hook!r} (it has {cache.hooks}); pass --hook or harvest it")
+        if cache.d[hook] != sae.cfg.d_in:
+            raise SaeforgeError(f"cache {data} holds width {cache.d[hook]} at {hook}, but the SAE reads width "
+                                f"{sae.cfg.d_in}; use the cache of the model the SAE was trained on")
         mcfg = cache.manifest.get("config", {})
-        spec = cfg.model or mcfg.get("model") or sae.cfg.model
+        spec = cfg.model or cache.model_spec or sae.cfg.model
         loaded = load_model(spec, tokenizer=cfg.tokenizer or mcfg.get("tokenizer"), device=device)
         limit = cfg.max_tokens
 
@@ -153,6 +160,9 @@ def open_source(cfg: DashboardConfig, sae: Any, hook: str, device: torch.device)
     if not spec:
         raise SaeforgeError(f"the SAE names no model and {cfg.data} is text; pass --model (a .bin, folder or hub id)")
     loaded = load_model(spec, tokenizer=cfg.tokenizer, device=device)
+    from saeforge.models import check_context_len
+
+    check_context_len(loaded, cfg.context_len)
     hp = resolve_hook(loaded, hook)
     # Small models spend most of a forward pass in per-call overhead: stories260K costs 5x less CPU per
     # token with 256 contexts per pass than with 32. Aim at ~2M residual floats per pass, within [8, 256].
@@ -166,6 +176,14 @@ def open_source(cfg: DashboardConfig, sae: Any, hook: str, device: torch.device)
             if i < skip:
                 continue
             r = forward_rows(loaded.model, [hp], batch, device)
+            if not bool(torch.isfinite(r[f"acts.{hook}"]).all()):
+                from saeforge.errors import NonFiniteError
+
+                raise NonFiniteError(f"{spec} gives NaN/Inf activations at {hook} on {cfg.data} (batch {i}); the "
+                                     "dashboard would show garbage: check the model and the data")
+            if r[f"acts.{hook}"].shape[-1] != sae.cfg.d_in:
+                raise SaeforgeError(f"{spec} gives width {r[f'acts.{hook}'].shape[-1]} at {hook}, but the SAE reads "
+                                    f"width {sae.cfg.d_in}; pass the --model the SAE was trained on")
             yield {"x": r[f"acts.{hook}"].float(), "tok": r["token_id"].long(), "doc": r["doc"], "pos": r["pos"].long()}
 
     desc = {"text": cfg.data, "model": str(spec), "context_len": cfg.context_len}
@@ -211,7 +229,6 @@ def step_rows(d_sae: int) -> int:
 
 def run_pass(cfg: DashboardConfig, sae: Any, source: Source, state_dir: Path, progress: bool = True) -> LatentStats:
     """Stream every row once through the SAE into a :class:`LatentStats`, checkpointing as it goes."""
-    from safetensors.torch import load_file
     from tqdm.auto import tqdm
 
     device = next(sae.parameters()).device
@@ -229,16 +246,24 @@ def run_pass(cfg: DashboardConfig, sae: Any, source: Source, state_dir: Path, pr
     identity = {"config": cfg.identity(), "sae": _fingerprint(sae)}
     chunks_done = 0
     if state_path.exists():
-        from safetensors import safe_open
+        from saeforge.errors import CorruptFileError
+        from saeforge.io import load_safetensors_verified
 
-        with safe_open(str(state_path), framework="pt") as fh:
-            meta = json.loads(fh.metadata()["meta"])
+        fix = "rerun `saeforge dashboard build` with --overwrite to start the pass again"
+        sd, metadata = load_safetensors_verified(state_path, fix)
+        try:
+            meta = json.loads(metadata["meta"])
+            meta["identity"], meta["chunks_done"]  # noqa: B018 - both keys are needed
+        except (KeyError, ValueError, TypeError) as e:
+            raise CorruptFileError(f"{state_path} is not a complete dashboard state (missing {e}); {fix}") from None
         if meta["identity"] != identity:
             raise SaeforgeError(f"{state_dir} holds a build with other settings or another SAE; pass --overwrite "
                                 "or pick a new --out")
-        sd = load_file(str(state_path))
-        stats.load_state_dict(sd)
-        halo.load_state_dict(sd)
+        try:
+            stats.load_state_dict(sd)
+            halo.load_state_dict(sd)
+        except (KeyError, RuntimeError) as e:
+            raise CorruptFileError(f"{state_path} does not hold a complete dashboard state ({e}); {fix}") from None
         chunks_done = meta["chunks_done"]
         if meta.get("complete"):
             return stats
@@ -246,7 +271,7 @@ def run_pass(cfg: DashboardConfig, sae: Any, source: Source, state_dir: Path, pr
     def checkpoint(complete: bool) -> None:
         sd = {**stats.state_dict(), **halo.state_dict()}
         meta = {"identity": identity, "chunks_done": chunks_done, "complete": complete}
-        save_safetensors_atomic(state_path, sd, metadata={"meta": json.dumps(meta)})
+        save_safetensors_atomic(state_path, sd, metadata={"meta": json.dumps(meta)}, checksum=True)
 
     bar = tqdm(total=source.total_rows, initial=halo.rows_in, unit="tok", unit_scale=True, desc="dashboard",
                disable=not progress, dynamic_ncols=True)
@@ -279,6 +304,19 @@ def build_dashboard(cfg: DashboardConfig, progress: bool = True, overwrite: bool
     from saeforge.device import resolve_device
 
     cfg.validate()
+    from saeforge.lock import folder_lock
+
+    with folder_lock(cfg.out, "dashboard"):
+        return _build_locked(cfg, progress, overwrite)
+
+
+def _build_locked(cfg: DashboardConfig, progress: bool, overwrite: bool) -> Path:
+    import shutil
+
+    from saeforge.dashboard import logits as lg
+    from saeforge.dashboard.site import load_explanations, write_site
+    from saeforge.device import resolve_device
+
     device = resolve_device(cfg.device)
     out = Path(cfg.out)
     state_dir = out / ".build"

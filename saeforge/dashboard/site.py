@@ -35,8 +35,35 @@ INDEX_PREFIX, SHARD_PREFIX, SUFFIX = "SAEFORGE.setIndex(", "SAEFORGE.addShard(",
 
 
 # ---------------------------------------------------------------------------------------------- explanations
-def load_explanations(path: str | Path) -> dict[int, dict[str, Any]]:
-    """``{"explanations": {latent_id: {"pattern", "precision", "recall", "f1"}}}`` (an eval.json / N2G output)."""
+def _explanation_table(obj: Any, p: Path, sae_name: str | None) -> dict:
+    """Find N2G's ``explanations`` in what ``saeforge eval`` wrote: an N2G result itself, one SAE's
+    ``eval.json`` (under ``extras.n2g``), or a sweep's combined ``eval.json`` (under ``saes.<name>``)."""
+    if not isinstance(obj, dict):
+        raise SaeforgeError(f"{p} is not a JSON object; pass the eval.json that `saeforge eval --all` wrote")
+    if isinstance(obj.get("explanations"), dict):
+        return obj["explanations"]
+    n2g = obj.get("extras", {}).get("n2g") if isinstance(obj.get("extras"), dict) else None
+    if isinstance(n2g, dict) and isinstance(n2g.get("explanations"), dict):
+        return n2g["explanations"]
+    if isinstance(n2g, dict) and n2g.get("error"):
+        raise SaeforgeError(f"{p}: N2G failed in that evaluation ({n2g['error']}); rerun `saeforge eval --all`")
+    saes = obj.get("saes")
+    if isinstance(saes, dict) and saes:
+        names = sorted(saes)
+        if sae_name is None and len(names) == 1:
+            sae_name = names[0]
+        if sae_name not in saes:
+            raise SaeforgeError(f"{p} holds the evaluations of {len(names)} SAEs ({', '.join(names[:6])}); pass that "
+                                f"SAE's own file, {p.parent}/<name>/eval.json")
+        return _explanation_table(saes[sae_name], p, None)
+    raise SaeforgeError(f"{p} has no N2G explanations; run `saeforge eval --all` (it writes them under "
+                        "extras.n2g) or pass a JSON with {\"explanations\": {id: {\"pattern\": ...}}}")
+
+
+def load_explanations(path: str | Path, sae_name: str | None = None) -> dict[int, dict[str, Any]]:
+    """Latent explanations from ``saeforge eval``'s output as written (one SAE's ``eval.json``, a sweep's
+    combined ``eval.json`` with ``sae_name``, or a bare ``{"explanations": {latent_id: {"pattern", "precision",
+    "recall", "f1"}}}``)."""
     p = Path(path)
     if not p.is_file():
         raise SaeforgeError(f"explanations file {p} not found; pass the eval.json or n2g JSON the evaluation wrote")
@@ -44,9 +71,7 @@ def load_explanations(path: str | Path) -> dict[int, dict[str, Any]]:
         obj = json.loads(p.read_text())
     except json.JSONDecodeError as e:
         raise SaeforgeError(f"{p} is not valid JSON ({e.msg} at line {e.lineno}); pass the evaluation's JSON") from None
-    table = obj.get("explanations") if isinstance(obj, dict) else None
-    if not isinstance(table, dict):
-        raise SaeforgeError(f"{p} has no 'explanations' object; expected {{\"explanations\": {{id: {{\"pattern\": ...}}}}}}")
+    table = _explanation_table(obj, p, sae_name)
     out: dict[int, dict[str, Any]] = {}
     for key, val in table.items():
         try:

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import zlib
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
@@ -99,13 +100,27 @@ def _iter_parquet(path: Path, text_field: str, batch_rows: int = 1024) -> Iterat
 
 
 def _iter_file(path: Path, text_field: str) -> Iterator[str]:
+    """The documents of one file; a file that cannot be read ends as one SaeforgeError naming it."""
     kind = _suffix(path)
-    if kind == ".txt":
-        yield from _iter_txt(path)
-    elif kind == ".parquet":
-        yield from _iter_parquet(path, text_field)
-    else:
-        yield from _iter_jsonl(path, text_field)
+    try:
+        if kind == ".txt":
+            yield from _iter_txt(path)
+        elif kind == ".parquet":
+            yield from _iter_parquet(path, text_field)
+        else:
+            yield from _iter_jsonl(path, text_field)
+    except SaeforgeError:
+        raise
+    except UnicodeDecodeError as e:
+        raise SaeforgeError(f"{path} is not UTF-8 text ({e.reason} at byte {e.start}); convert it to UTF-8, "
+                            "e.g. `iconv -f latin1 -t utf-8`") from None
+    except (EOFError, gzip.BadGzipFile, zlib.error) as e:
+        raise SaeforgeError(f"{path} is cut short or not valid gzip ({e}); re-download or recreate it") from None
+    except Exception as e:  # noqa: BLE001 - pyarrow raises its own types for damaged parquet files
+        if kind == ".parquet" and type(e).__module__.startswith("pyarrow") or isinstance(e, OSError) and kind == ".parquet":
+            msg = (str(e).strip().splitlines() or [type(e).__name__])[0]
+            raise SaeforgeError(f"{path} is not a readable parquet file ({msg}); re-download or recreate it") from None
+        raise
 
 
 def _iter_rows(rows: Iterable[dict[str, Any]], text_field: str, where: str) -> Iterator[str]:

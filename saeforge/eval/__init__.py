@@ -15,7 +15,7 @@ import json
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
 
-from saeforge.errors import SaeforgeError
+from saeforge.errors import NonFiniteError, SaeforgeError
 from saeforge.eval.downstream import DownstreamStats, downstream_batch
 from saeforge.eval.features import FeatureStats, decoder_max_cos, feature_summary, latent_quantiles
 from saeforge.eval.recon import ReconStats, encode_decode, reconstruction_metrics
@@ -124,8 +124,12 @@ def _model(model: Any, saes: Mapping[str, SAE], tokenizer: str | None, device: A
 
     if model is None:
         specs = {s.cfg.model for s in saes.values()}
-        if len(specs) != 1 or None in specs:
-            raise SaeforgeError(f"the SAEs name models {sorted(map(str, specs))} in their configs; pass --model")
+        if None in specs or "" in specs:
+            unnamed = sorted(n for n, s in saes.items() if not s.cfg.model)
+            raise SaeforgeError(f"SAE(s) {unnamed} do not record the model they were trained on; pass --model")
+        if len(specs) != 1:
+            raise SaeforgeError(f"the SAEs name different models {sorted(map(str, specs))}; evaluate them "
+                                "separately or pass --model")
         model = specs.pop()
     if isinstance(dtype, str) and dtype not in DTYPES:
         raise SaeforgeError(f"unknown dtype {dtype!r}; use one of float32, bfloat16, float16")
@@ -172,6 +176,16 @@ def evaluate_many(
     dist.init(device)  # under torchrun: before the model lands on this rank's GPU
     lm = _model(model, named, tokenizer, device, dtype)
     runner = EvalRunner(named, lm, data, cfg, out)
+    if out is None:
+        return _evaluate(runner, sources, None, resume, progress, run_all, report, on_chunk)
+    from saeforge.lock import folder_lock
+
+    with folder_lock(out, "eval"):
+        return _evaluate(runner, sources, Path(out), resume, progress, run_all, report, on_chunk)
+
+
+def _evaluate(runner: EvalRunner, sources: dict[str, str], out_p: Path | None, resume: bool, progress: bool,
+              run_all: bool, report: bool, on_chunk: Callable | None) -> dict[str, Any]:
     results = runner.run(resume=resume, progress=progress, on_chunk=on_chunk)
     for name, src in sources.items():
         results[name]["sae"]["source"] = src
@@ -183,7 +197,6 @@ def evaluate_many(
     for name, by_key in extras.items():
         results[name]["extras"] = by_key
     combined: dict[str, Any] = {"saes": results, "frontier": frontier_points(results)}
-    out_p = Path(out) if out is not None else None
     if run_all:
         fig = out_p / "figures" / "scaling.png" if out_p is not None else None
         combined["scaling"] = run_scaling(combined["frontier"], fig)
@@ -196,6 +209,12 @@ def evaluate_many(
         if run_all or report:
             build_report(out_p, results, runner.arrays, runner.per_token, extras,
                          {"scaling": combined.get("scaling")})
+    bad = {name: r["nonfinite"] for name, r in results.items() if r.get("nonfinite")}
+    if bad:
+        name, keys = next(iter(bad.items()))
+        written = f" (written as null to {out_p})" if out_p is not None else ""
+        raise NonFiniteError(f"eval of {name!r}: metrics {', '.join(keys)} are NaN/Inf{written}; the model or the "
+                             "data gives non-finite activations: check them (`saeforge harvest` names such rows)")
     return combined
 
 

@@ -77,9 +77,20 @@ def get_path(d: Mapping[str, Any], path: str) -> Any:
     return d
 
 
-def summary_row(name: str, result: Mapping[str, Any]) -> dict[str, Any]:
+# the headline number of each optional (--all) section, shown in the report's summary table
+EXTRA_SUMMARY_COLUMNS: list[tuple[str, str]] = [
+    ("kl_rec", "downstream.kl_recovered"),
+    ("probe_loss", "extras.probes.summary.probe_loss"),
+    ("n2g_prec", "extras.n2g.summary.precision"),
+    ("n2g_rec", "extras.n2g.summary.recall"),
+    ("abl_sparsity", "extras.ablation.summary.ablation_sparsity"),
+]
+LONG_TABLE_ROWS = 20  # a per-item table longer than this goes to latents.csv instead of the report
+
+
+def summary_row(name: str, result: Mapping[str, Any], extra: bool = False) -> dict[str, Any]:
     row: dict[str, Any] = {"sae": name}
-    for col, path in SUMMARY_COLUMNS:
+    for col, path in SUMMARY_COLUMNS + (EXTRA_SUMMARY_COLUMNS if extra else []):
         row[col] = get_path(result, path)
     return row
 
@@ -144,11 +155,13 @@ def _table_rows(items: Sequence[Any], max_rows: int = 200) -> list[dict[str, Any
     return [flatten(x) for x in items[:max_rows] if isinstance(x, Mapping)]
 
 
-def sections_from_result(title: str, result: Mapping[str, Any]) -> list[Section]:
+def sections_from_result(title: str, result: Mapping[str, Any],
+                         long_rows: list[dict[str, Any]] | None = None) -> list[Section]:
     """Sections for any JSON-able result dict (see the module docstring for the ``"report"`` contract).
 
     Without a ``"report"`` key: one metric/value table of the scalar leaves, plus one table per list of
-    dicts (e.g. per-task rows), plus the paths under ``"figures"``.
+    dicts (e.g. per-task rows), plus the paths under ``"figures"``. With ``long_rows`` given, lists longer
+    than ``LONG_TABLE_ROWS`` (per-latent data) are appended to it instead, for ``latents.csv``.
     """
     if not isinstance(result, Mapping):
         return [Section(title=title, text=fmt(result))]
@@ -165,7 +178,12 @@ def sections_from_result(title: str, result: Mapping[str, Any]) -> list[Section]
     out = [Section(title=title, rows=[{"metric": k, "value": v} for k, v in flat.items()], figures=figs)]
     for k, v in result.items():
         if isinstance(v, list) and v and all(isinstance(x, Mapping) for x in v):
-            out.append(Section(title=f"{title}: {k}", rows=_table_rows(v)))
+            if len(v) > LONG_TABLE_ROWS and long_rows is not None:  # per-latent data: to the CSV, linked
+                long_rows += [{"section": f"{title}: {k}", **flatten(x)} for x in v if isinstance(x, Mapping)]
+                out.append(Section(title=f"{title}: {k}",
+                                   text=f"{len(v)} rows in [latents.csv](latents.csv) (section `{title}: {k}`)."))
+            else:
+                out.append(Section(title=f"{title}: {k}", rows=_table_rows(v)))
     return out
 
 
@@ -318,7 +336,9 @@ def build_report(
     intro = (f"Model `{first.get('model')}`, data `{first.get('data')}`, "
              f"{get_path(first, 'reconstruction.n_tokens')} eval tokens (context {cfg.get('context_len')}). "
              "Definitions of every metric: docs/eval.md.")
-    sections = [Section("Summary", text=intro, rows=[summary_row(n, r) for n, r in results.items()])]
+    merged = {n: {**r, "extras": (extras or {}).get(n, r.get("extras", {}))} for n, r in results.items()}
+    summary = Section("Summary", text=intro, rows=[summary_row(n, r, extra=True) for n, r in merged.items()])
+    sections = [summary]
     sections.append(Section("Reconstruction", rows=[{"sae": n, **r["reconstruction"]} for n, r in results.items()]))
     lat_rows = []
     for n, r in results.items():
@@ -346,11 +366,31 @@ def build_report(
         sections.append(Section("Downstream loss", text=f"Skipped: {why}."))
     if len(results) >= 2:
         pts = frontier_points(results)
-        sections.append(Section("Sparsity frontier", rows=pts, figures=[plot_frontier(pts, figs / "frontier.png")]))
+        summary.figures.append(plot_frontier(pts, figs / "frontier.png"))
+        sections.append(Section("Sparsity frontier", rows=pts))
+    if ran:  # the plots a person looks at first sit under the summary table
+        summary.figures.append(d_figs[0])
+    long_rows: list[dict[str, Any]] = []
     for name, by_key in (extras or {}).items():
         for key, res in by_key.items():
-            sections += sections_from_result(f"{key} ({name})", res)
+            sections += sections_from_result(f"{key} ({name})", res, long_rows)
     for key, res in (global_extras or {}).items():
         if res is not None:
-            sections += sections_from_result(key, res)
+            sections += sections_from_result(key, res, long_rows)
+    if long_rows:
+        write_csv_atomic(out / "latents.csv", long_rows)
+        summary.text += " Per-latent data: [latents.csv](latents.csv)."
     return write_report(out / "report.md", "saeforge evaluation", sections)
+
+
+def write_csv_atomic(path: Path, rows: Sequence[Mapping[str, Any]]) -> Path:
+    """Rows (dicts, columns the union of their keys in first-seen order) as a CSV file, written atomically."""
+    import csv
+
+    cols = _columns(rows, None)
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=cols, extrasaction="ignore")
+    w.writeheader()
+    w.writerows(rows)
+    write_text_atomic(path, buf.getvalue())
+    return path

@@ -50,10 +50,15 @@ from saeforge.io import write_bytes_atomic, write_json_atomic
 from saeforge.sae.base import SAE
 
 STATE = "eval_state.json"
-STATE_VERSION = 1
+STATE_VERSION = 2  # 2: the state is wrapped as {"sha256", "state"}
 # Settings that change which tokens are evaluated or how chunks are cut: a resumed run must match them.
 _FINGERPRINT_KEYS = ("n_tokens", "context_len", "batch_contexts", "chunk_batches", "sample_tokens", "splice_all",
                      "text_field", "split", "seed")
+
+
+# Metrics that are finite for any SAE with finite weights on a model with finite activations; a NaN in them
+# means non-finite inputs (ratios such as rel_bias or ce_recovered may be 0/0 for degenerate SAEs, legitimately).
+_MUST_BE_FINITE = ("mse", "fvu", "l0", "ce_clean", "ce_spliced", "kl")
 
 
 @dataclass
@@ -73,6 +78,7 @@ class EvalConfig(JsonConfig):
     seed: int = 0
 
     def __post_init__(self) -> None:
+        super().__post_init__()
         for name in ("n_tokens", "context_len", "batch_contexts", "chunk_batches"):
             if int(getattr(self, name)) < 1:
                 raise SaeforgeError(f"eval {name} must be a positive integer, got {getattr(self, name)}")
@@ -123,10 +129,11 @@ def jsonable(obj: Any) -> Any:
     return obj
 
 
-def save_npz(path: Path, arrays: Mapping[str, np.ndarray]) -> None:
+def save_npz(path: Path, arrays: Mapping[str, np.ndarray]) -> bytes:
     buf = io.BytesIO()
     np.savez(buf, **{k: np.asarray(v) for k, v in arrays.items()})
     write_bytes_atomic(path, buf.getvalue())
+    return buf.getvalue()
 
 
 class ChunkStore:
@@ -135,12 +142,14 @@ class ChunkStore:
     def __init__(self, folder: Path | None):
         self.folder = folder
         self.mem: dict[tuple[str, int], dict[str, np.ndarray]] = {}
+        self.sha: dict[str, str] = {}  # file name -> sha256, saved in the eval state and checked on read
 
     def put(self, phase: str, chunk: int, arrays: dict[str, np.ndarray]) -> None:
         if self.folder is None:
             self.mem[(phase, chunk)] = arrays
         else:
-            save_npz(self.folder / f"{phase}_{chunk:06d}.npz", arrays)
+            name = f"{phase}_{chunk:06d}.npz"
+            self.sha[name] = hashlib.sha256(save_npz(self.folder / name, arrays)).hexdigest()
 
     def concat(self, phase: str, n_chunks: int, keys: list[str]) -> dict[str, np.ndarray]:
         parts: dict[str, list[np.ndarray]] = {k: [] for k in keys}
@@ -151,13 +160,20 @@ class ChunkStore:
                 p = self.folder / f"{phase}_{c:06d}.npz"
                 if not p.exists():
                     raise SaeforgeError(f"{p} is missing, so the eval state cannot be resumed; rerun without --resume")
-                z = dict(np.load(p))
+                data = p.read_bytes()
+                want = self.sha.get(p.name)
+                if want is not None and hashlib.sha256(data).hexdigest() != want:
+                    from saeforge.errors import CorruptFileError
+
+                    raise CorruptFileError(f"{p} fails its checksum (damaged on disk); rerun without --resume")
+                z = dict(np.load(io.BytesIO(data)))
             for k in keys:
                 parts[k].append(z[k])
         return {k: np.concatenate(v) if v else np.zeros(0) for k, v in parts.items()}
 
     def clear(self) -> None:
         self.mem.clear()
+        self.sha.clear()
         if self.folder is not None and self.folder.exists():
             shutil.rmtree(self.folder)
 
@@ -181,6 +197,12 @@ class EvalRunner:
         self.lm, self.data, self.cfg = lm, str(data), cfg
         self.out = Path(out) if out is not None else None
         dev = lm.device
+        from saeforge.models import check_context_len
+        from saeforge.sae.base import check_finite_weights
+
+        check_context_len(lm, cfg.context_len)
+        for n, s in saes.items():
+            check_finite_weights(s.state_dict(), f"SAE {n!r}")
         self.saes = {n: s.to(dev).eval() for n, s in saes.items()}
         self.names = list(self.saes)
         self.targets: list[SpliceTarget] = []
@@ -230,7 +252,7 @@ class EvalRunner:
             return self._new_state(fp)
         import json
 
-        state = _unpack(json.loads(path.read_text()))
+        state = _unpack(self._read_state(path))
         if state.get("version") != STATE_VERSION:
             raise SaeforgeError(f"{path} has state version {state.get('version')}; rerun without --resume")
         old = state.get("fingerprint", {})
@@ -238,6 +260,7 @@ class EvalRunner:
         if diff:
             raise SaeforgeError(f"{path} belongs to a different evaluation (differs in {', '.join(diff)}); "
                                 "use another --out or drop --resume")
+        self.store.sha = dict(state.get("chunk_sha", {}))
         for i in range(len(self.names)):
             st = state.get("stats", {}).get(str(i), {})
             if "recon" in st:
@@ -247,12 +270,34 @@ class EvalRunner:
                 self.down[i].load_state_dict(st["down"])
         return state
 
+    @staticmethod
+    def _read_state(path: Path) -> dict[str, Any]:
+        """The packed state, after checking the checksum it was written with."""
+        import json
+
+        from saeforge.errors import CorruptFileError
+
+        fix = "delete it (or drop --resume) to evaluate from the start"
+        try:
+            doc = json.loads(path.read_text(encoding="utf-8"))
+            body, want = doc["state"], doc["sha256"]
+        except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
+            raise CorruptFileError(f"{path} is not a readable eval state ({e}); {fix}") from None
+        if hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest() != want:
+            raise CorruptFileError(f"{path} fails its checksum (damaged on disk); {fix}")
+        return body
+
     def save_state(self, state: dict[str, Any]) -> None:
+        import json
+
         if self.out is None or self.rank != 0:
             return
         state["stats"] = {str(i): {"recon": self.recon[i].state_dict(), "feats": self.feats[i].state_dict(),
                                    "down": self.down[i].state_dict()} for i in range(len(self.names))}
-        write_json_atomic(self.out / STATE, _pack(state), indent=None)
+        state["chunk_sha"] = dict(self.store.sha)
+        body = _pack(state)
+        digest = hashlib.sha256(json.dumps(body, sort_keys=True).encode()).hexdigest()
+        write_json_atomic(self.out / STATE, {"sha256": digest, "state": body}, indent=None)
 
     # ---- passes -----------------------------------------------------------------------------------------------
     def _batches(self):
@@ -309,7 +354,8 @@ class EvalRunner:
         """After a distributed pass: every process gets the merged sums of all (in rank order) and the chunks."""
         stats = (self.recon, self.feats) if phase == "recon" else (self.down,)
         mem = {k: v for k, v in self.store.mem.items() if k[0] == phase}
-        parts = dist.all_gather_object(([[s.state_dict() for s in group] for group in stats], ph["tokens"], mem))
+        parts = dist.all_gather_object(([[s.state_dict() for s in group] for group in stats], ph["tokens"], mem,
+                                        dict(self.store.sha)))
         for g, group in enumerate(stats):
             for i, s in enumerate(group):
                 merged = None
@@ -324,6 +370,7 @@ class EvalRunner:
                 group[i] = merged
         for part in parts:
             self.store.mem.update(part[2])
+            self.store.sha.update(part[3])  # every chunk file's checksum, whoever wrote it
         ph["tokens"] = sum(p[1] for p in parts)
         ph["chunks_done"] = n_chunks
         dist.barrier()  # every chunk file is written before anyone reads them
@@ -392,6 +439,10 @@ class EvalRunner:
                 why = "the model is an encoder without next-token logits" if not self.lm.is_causal \
                     else "downstream evaluation was turned off"
                 down = {"skipped": why}
+            recon = self.recon[i].result()
+            nonfinite = [f"{part}.{k}" for part, d in (("reconstruction", recon), ("downstream", down))
+                         for k, v in d.items() if k in _MUST_BE_FINITE and isinstance(v, (float, int))
+                         and not math.isfinite(v)]
             results[name] = jsonable({
                 "sae": {"name": name, "arch": sae.cfg.arch, "d_in": sae.cfg.d_in, "d_sae": sae.cfg.d_sae,
                         "d_out": sae.cfg.d_out, "hook": sae.cfg.hook, "target_hook": sae.cfg.target_hook,
@@ -400,10 +451,12 @@ class EvalRunner:
                 "model": str(self.lm.spec),
                 "data": self.data,
                 "config": c.to_dict(),
-                "reconstruction": self.recon[i].result(),
+                "reconstruction": recon,
                 "features": fsum,
                 "downstream": down,
             })
+            if nonfinite:  # evaluate_many refuses to pass these off as results (see there)
+                results[name]["nonfinite"] = nonfinite
         return results
 
     def run(self, resume: bool = False, progress: bool = True, on_chunk: Callable | None = None) -> dict[str, dict]:
@@ -430,21 +483,33 @@ class EvalRunner:
         return self.out if len(self.names) == 1 else self.out / _safe(name)
 
     def write_arrays(self) -> None:
+        """Write each SAE's arrays; their sha256 go into the state (saved right after), checked on read."""
         if self.out is None:
             return
+        shas = self.state.setdefault("arrays_sha", {}) if hasattr(self, "state") else {}
         for name in self.names:
             d = self.sae_dir(name)
-            save_npz(d / "features.npz", self.arrays[name])
-            if name in self.per_token:
-                save_npz(d / "per_token.npz", self.per_token[name])
+            for fname, arrays in (("features.npz", self.arrays.get(name)), ("per_token.npz", self.per_token.get(name))):
+                if arrays is not None:
+                    data = save_npz(d / fname, arrays)
+                    shas[str((d / fname).relative_to(self.out))] = hashlib.sha256(data).hexdigest()
 
     def read_arrays(self) -> None:
+        from saeforge.errors import CorruptFileError
+
+        shas = getattr(self, "state", {}).get("arrays_sha", {})
         for name in self.names:
             d = self.sae_dir(name)
-            if (d / "features.npz").exists():
-                self.arrays[name] = dict(np.load(d / "features.npz"))
-            if (d / "per_token.npz").exists():
-                self.per_token[name] = dict(np.load(d / "per_token.npz"))
+            for fname, into in (("features.npz", self.arrays), ("per_token.npz", self.per_token)):
+                p = d / fname
+                if not p.exists():
+                    continue
+                data = p.read_bytes()
+                want = shas.get(str(p.relative_to(self.out))) if self.out is not None else None
+                if want is not None and hashlib.sha256(data).hexdigest() != want:
+                    raise CorruptFileError(f"{p} fails its checksum (damaged on disk); rerun the evaluation without "
+                                           "--resume to rewrite it")
+                into[name] = dict(np.load(io.BytesIO(data)))
 
 
 def _safe(name: str) -> str:

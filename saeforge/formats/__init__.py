@@ -29,6 +29,7 @@ from saeforge.formats.common import (
     read_json,
 )
 from saeforge.sae import SAE
+from saeforge.sae.base import check_finite_weights
 
 MODULES: dict[str, ModuleType] = {
     SAELENS: saelens,
@@ -56,7 +57,9 @@ def _is_native(path: Path) -> bool:
         return False
     try:
         return "arch" in read_json(path / "cfg.json")
-    except SaeforgeError:
+    except SaeforgeError as e:
+        if "not valid JSON" in str(e):  # saeforge's and sparsify's layout: a damaged cfg.json, not another format
+            raise
         return False
 
 
@@ -124,7 +127,17 @@ def load_sae(
     if fmt == SAEFORGE:
         sae = SAE.load(path, device=device)
     else:
-        sae = MODULES[fmt].load(path, device=device, hookpoint=hookpoint, normalize_decoder=normalize_decoder)
+        try:
+            sae = MODULES[fmt].load(path, device=device, hookpoint=hookpoint, normalize_decoder=normalize_decoder)
+        except KeyError as e:
+            raise SaeforgeError(f"{path}: this {fmt} checkpoint lacks {e}; it is incomplete or not {fmt} "
+                                "(pass --from with the right format, or re-download it)") from None
+        except RuntimeError as e:
+            if "size mismatch" not in str(e) and "shape" not in str(e):
+                raise
+            raise SaeforgeError(f"{path}: the {fmt} tensors do not fit its config ({str(e).splitlines()[0]}); "
+                                "the checkpoint is inconsistent: re-download or re-export it") from None
+        check_finite_weights(sae.state_dict(), path)
     if hub.is_hub_id(path_or_hub_id):
         sae.cfg.metadata["source_hub"] = {"id": str(path_or_hub_id), "subfolder": subfolder, "revision": revision}
     return sae

@@ -19,11 +19,11 @@ from saeforge.kernels.topk_autograd import (
     sparse_decode,
     topk_encode,
 )
-from saeforge.kernels.topk_step import topk_training_forward
+from saeforge.kernels.sparse_losses import fired_latents, sparse_auxk_loss
 
 __all__ = [
     "tune_cpu_allocator", "normalize_rows_", "remove_parallel_component_", "topk_rows", "gather_dots",
     "gather_sum", "index_sum", "scatter_rows", "SparseDecode", "SparseEncode", "TopKCodes", "batch_topk_encode",
     "dense_to_sparse", "release_workspace", "set_chunk_elements", "sparse_decode", "topk_encode",
-    "topk_training_forward",
+    "fired_latents", "sparse_auxk_loss",
 ]

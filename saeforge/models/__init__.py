@@ -113,3 +113,23 @@ def load_model(
         d_model=int(tc.hidden_size),
         n_layers=int(tc.num_hidden_layers),
     )
+
+
+def max_positions(loaded: LoadedModel) -> int | None:
+    """The longest context the model was built for (its position table / RoPE length), or None if unknown."""
+    cfg = getattr(loaded.model, "config", None)
+    for attr in ("max_position_embeddings", "n_positions", "max_seq_len", "n_ctx"):
+        v = getattr(cfg, attr, None)
+        if isinstance(v, int) and v > 0:
+            return v
+    return None
+
+
+def check_context_len(loaded: LoadedModel, context_len: int, flag: str = "--context-len") -> None:
+    """Refuse contexts longer than the model's positions (they would give garbage activations silently)."""
+    limit = max_positions(loaded)
+    if context_len < 2:
+        raise SaeforgeError(f"{flag} {context_len} is too short; a context needs BOS and at least one token")
+    if limit is not None and context_len > limit:
+        raise SaeforgeError(f"{flag} {context_len} exceeds the {limit} positions of {loaded.spec}; "
+                            f"use {flag} {limit} or less")

@@ -279,11 +279,26 @@ class HFTokenizer:
             raise SaeforgeError(f"token id {id} is outside the vocabulary of size {self.vocab_size}; check the ids")
         if int(id) in self.special_ids:
             return raw
+        if self._wordpiece:
+            # WordPiece marks word *continuations* with "##": "##ing" reads "ing" glued to the previous token,
+            # any other token starts a new word, so it reads with the space before it
+            # (punctuation reads glued to the word before it, as HF's own clean-up decodes it)
+            if raw.startswith("##"):
+                return raw[2:]
+            return raw if raw in _GLUED_PUNCT else " " + raw
         text = self.hf.decode([int(id)], skip_special_tokens=False, clean_up_tokenization_spaces=False)
         # SentencePiece-style decoders strip the leading "▁" of a lone token; keep the space for display.
         if raw.startswith(("▁", "Ġ")) and not text.startswith(" "):
             text = " " + text
         return text
+
+    @property
+    def _wordpiece(self) -> bool:
+        backend = getattr(self.hf, "backend_tokenizer", None)
+        return backend is not None and type(backend.model).__name__ == "WordPiece"
+
+
+_GLUED_PUNCT = frozenset(".,!?;:%)]}'\"")
 
 
 def load_tokenizer(path_or_id: str | Path, vocab_size: int | None = None) -> Tokenizer:

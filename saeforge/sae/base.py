@@ -25,12 +25,11 @@ from pathlib import Path
 from typing import Any, ClassVar
 
 import torch
-from safetensors.torch import load_file
 from torch import Tensor, nn
 
 from saeforge.config import JsonConfig
-from saeforge.errors import SaeforgeError
-from saeforge.io import save_safetensors_atomic, write_json_atomic
+from saeforge.errors import CorruptFileError, NonFiniteError, SaeforgeError
+from saeforge.io import load_safetensors_verified, save_safetensors_atomic, write_json_atomic
 from saeforge.kernels.rows import remove_parallel_component_
 
 FORMAT = "saeforge/1"
@@ -40,6 +39,8 @@ INPUT_NORMS = ("none", "layer_norm", "constant_norm_rescale")
 @dataclass
 class SAEConfig(JsonConfig):
     """Fields every architecture shares. Architectures subclass this to add their own."""
+
+    FLAGS: ClassVar[dict[str, str]] = {"d_sae": "--width", "d_in": "--set d_in", "d_out": "--set d_out"}
 
     arch: str = "topk"
     d_in: int = 0
@@ -57,15 +58,23 @@ class SAEConfig(JsonConfig):
     metadata: dict[str, Any] = field(default_factory=dict)  # provenance: source format, trainer, ...
     format: str = FORMAT
 
+    # the config field that sets sparsity (k, or a penalty coefficient); a sweep varies it
+    SPARSITY_FIELD: ClassVar[str | None] = None
+    # named published recipes the architecture implements (the ``recipe`` field), if any
+    RECIPES: ClassVar[tuple[str, ...]] = ()
+
     def __post_init__(self) -> None:
+        super().__post_init__()
         if self.d_out is None:
             self.d_out = self.d_in
+        self.require_finite("input_scale", "output_scale", positive=True)
         if self.input_norm not in INPUT_NORMS:
             raise SaeforgeError(
                 f"input_norm={self.input_norm!r} is not known; use one of {', '.join(INPUT_NORMS)}"
             )
-        if self.d_in <= 0 or self.d_sae <= 0:
-            raise SaeforgeError(f"SAE widths must be positive (got d_in={self.d_in}, d_sae={self.d_sae})")
+        if self.d_in <= 0 or self.d_sae <= 0 or self.d_out <= 0:
+            raise SaeforgeError(f"SAE widths must be positive (got d_in={self.d_in}, d_sae={self.d_sae}, "
+                                f"d_out={self.d_out}); pass a positive --width")
         if self.apply_b_dec_to_input and self.d_out != self.d_in:
             raise SaeforgeError(
                 "apply_b_dec_to_input needs d_out == d_in; set it false for transcoders"
@@ -85,6 +94,7 @@ class TrainStepInput:
     step: int
     total_steps: int
     dead_mask: Tensor | None = None  # [d_sae] bool, latents that have not fired for dead_tokens
+    skip: Tensor | None = None  # [B, d_out] the skip term in the working space (set by SAE.train_step)
 
 
 @dataclass
@@ -268,6 +278,63 @@ class SAE(nn.Module):
     def training_forward(self, inp: TrainStepInput) -> TrainStepOutput:
         raise NotImplementedError
 
+    # ---- the training contract: what the trainer asks of every architecture (defaults here) ----------
+    def published_lr(self) -> float:
+        """The recipe's own learning rate, as its paper or reference code gives it (``lr_rule="published"``)."""
+        return 2e-4
+
+    def recommended_lr(self, total_tokens: int | None = None, rule: str = "scaled") -> float:
+        """The learning rate used when ``TrainConfig.lr`` is unset (``TrainConfig.lr_rule`` picks the rule):
+        ``"scaled"`` (default) is :func:`scaled_lr` for this SAE's widths, the same rule for every
+        architecture; ``"published"`` is the recipe's constant (:meth:`published_lr`)."""
+        if rule == "published":
+            return self.published_lr()
+        if rule != "scaled":
+            raise SaeforgeError(f"unknown lr rule {rule!r}; use 'scaled' or 'published'")
+        return scaled_lr(self.cfg.d_in, self.cfg.d_sae)
+
+    def adam_defaults(self) -> dict[str, Any]:
+        """Adam ``betas`` / ``eps`` of the recipe (used where ``TrainConfig`` leaves them unset)."""
+        return {}
+
+    def resample_request(self, tokens_before: int, tokens_after: int, total_tokens: int) -> int:
+        """Rows of upcoming data the trainer should hand to :meth:`resample` after this step (0: none)."""
+        return 0
+
+    def resample(self, x: Tensor, y: Tensor, since_fired: Tensor, opt: torch.optim.Optimizer,
+                 generator: torch.Generator) -> Tensor:
+        """Re-initialise dead latents from data; returns the indices reset. Only called after a positive
+        :meth:`resample_request`."""
+        raise NotImplementedError(f"{type(self).__name__} does not resample")
+
+    def after_metrics(self, metrics: dict[str, float], step: int, total_steps: int) -> None:
+        """Called with each metrics line (the loop's host sync), e.g. to steer a sparsity coefficient."""
+
+    def train_step(self, inp: TrainStepInput) -> TrainStepOutput:
+        """What the trainer calls: ``training_forward`` plus, with ``cfg.skip``, the learned skip term. The
+        architecture reconstructs the target minus the skip term (``working_inputs`` subtracts it, with its
+        gradient, so ``W_skip`` trains through every architecture's loss); the returned ``y``/``y_hat`` have
+        it added back, so the logged FVU is that of the whole output, as ``forward`` computes it."""
+        if not self.cfg.skip:
+            return self.training_forward(inp)
+        skip = self.working_skip(inp.x)
+        out = self.training_forward(dataclasses.replace(inp, skip=skip))
+        s = skip.detach()
+        out.y, out.y_hat = out.y + s.reshape(out.y.shape), out.y_hat + s.reshape(out.y_hat.shape)
+        return out
+
+    def working_skip(self, x: Tensor) -> Tensor:
+        """``skip_term(x)`` mapped into the working (normalised target) space: ``forward`` adds it after
+        ``decode`` undid the normalisation, so here it is scaled by ``output_scale`` and, for a layer-normed
+        SAE, divided by the input's standard deviation."""
+        s = self.skip_term(x)
+        if self.cfg.output_scale != 1.0:
+            s = s * self.cfg.output_scale
+        if self.cfg.input_norm != "none" and not self.cfg.is_transcoder:
+            _, (_, std) = self.normalize_input(x)
+            s = s / std
+        return s
+
     def before_optimizer_step(self) -> None:
         """Called after backward, before the optimizer (e.g. remove gradient parallel to decoder rows)."""
 
@@ -296,6 +363,8 @@ class SAE(nn.Module):
     def working_inputs(self, inp: TrainStepInput) -> tuple[Tensor, Tensor]:
         x_n, _ = self.normalize_input(inp.x)
         y_n = x_n if inp.y is inp.x else self.normalize_target(inp.y)
+        if inp.skip is not None:
+            y_n = y_n - inp.skip.reshape(y_n.shape)
         return x_n, y_n
 
     # ---- persistence ----------------------------------------------------------------------------
@@ -305,7 +374,7 @@ class SAE(nn.Module):
         path.mkdir(parents=True, exist_ok=True)
         sae = self.folded() if fold else self
         tensors = {k: v.detach().float() for k, v in sae.state_dict().items()}
-        save_safetensors_atomic(path / "sae.safetensors", tensors, metadata={"format": FORMAT})
+        save_safetensors_atomic(path / "sae.safetensors", tensors, metadata={"format": FORMAT}, checksum=True)
         write_json_atomic(path / "cfg.json", sae.cfg.to_dict())
         return path
 
@@ -315,12 +384,15 @@ class SAE(nn.Module):
         cfg_path, w_path = path / "cfg.json", path / "sae.safetensors"
         if not cfg_path.exists() or not w_path.exists():
             raise SaeforgeError(f"{path} is not a saeforge SAE folder (needs cfg.json and sae.safetensors)")
-        with open(cfg_path) as fh:
-            d = json.load(fh)
-        if "arch" not in d:
+        try:
+            with open(cfg_path, encoding="utf-8") as fh:
+                d = json.load(fh)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise CorruptFileError(f"{cfg_path} is not valid JSON ({e}); restore it or train the SAE again") from None
+        if not isinstance(d, dict) or "arch" not in d:
             raise SaeforgeError(f"{cfg_path} has no 'arch' key; load foreign formats with saeforge.load_sae")
         sae = create_sae(d, device="cpu")
-        state = load_file(str(w_path))
+        state, _ = load_safetensors_verified(w_path, "restore it or train the SAE again")
         missing = set(sae.state_dict()) - set(state)
         unexpected = set(state) - set(sae.state_dict())
         if missing or unexpected:
@@ -328,12 +400,43 @@ class SAE(nn.Module):
                 f"{w_path}: tensors do not match arch {d['arch']!r} (missing {sorted(missing)}, "
                 f"unexpected {sorted(unexpected)})"
             )
+        shapes = {k: tuple(v.shape) for k, v in sae.state_dict().items()}
+        wrong = sorted(k for k, v in state.items() if tuple(v.shape) != shapes[k])
+        if wrong:
+            raise SaeforgeError(f"{w_path}: tensor shapes do not match {cfg_path} ({wrong[0]} is "
+                                f"{tuple(state[wrong[0]].shape)}, cfg says {shapes[wrong[0]]}); the two files come "
+                                "from different SAEs: restore the pair")
+        check_finite_weights(state, w_path)
         sae.load_state_dict(state)
         return sae.to(device)
 
     def extra_repr(self) -> str:
         c = self.cfg
         return f"arch={c.arch}, d_in={c.d_in}, d_sae={c.d_sae}, d_out={c.d_out}, hook={c.hook}"
+
+
+def check_finite_weights(state: dict[str, Tensor], where: object) -> None:
+    """Refuse an SAE with NaN/Inf weights (it would give NaN metrics everywhere downstream)."""
+    for k, v in state.items():
+        if v.is_floating_point() and not bool(torch.isfinite(v).all()):
+            raise NonFiniteError(f"{where}: SAE weight {k} holds NaN/Inf values; this SAE is unusable: "
+                                 "train it again (saeforge train stops at the first non-finite loss)")
+
+
+LR_REFERENCE = (2e-4, 768, 2**14)  # Gao et al.'s lr at GPT-2 small's width with 2^14 latents
+LR_SCALE = 2.5  # measured: short (3M-token) runs train best above the transferred value (docs/recipes/README.md)
+
+
+def scaled_lr(d_in: int, d_sae: int) -> float:
+    """The default learning rate of every architecture: Gao et al.'s 2e-4 / √(n / 2^14), fitted at GPT-2
+    small's width d = 768, transferred to width ``d_in`` as lr ∝ 1/√d_in.
+
+    Why 1/√d: Adam moves each weight by about lr per step whatever the scale of its gradient, and decoder
+    rows (and encoder columns at init) have a fixed norm, so their entries are of size 1/√d. The angle a
+    latent's direction turns per step is thus ≈ lr·√d; keeping it equal to its value at the reference
+    width gives lr ∝ 1/√d (docs/recipes/README.md shows the measurements, at d = 32, 64, 128 and 384)."""
+    lr0, d0, n0 = LR_REFERENCE
+    return LR_SCALE * lr0 * math.sqrt(n0 / d_sae) * math.sqrt(d0 / d_in)
 
 
 def config_fields(cfg_cls: type[SAEConfig]) -> list[str]:

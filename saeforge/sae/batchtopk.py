@@ -3,8 +3,12 @@
 Training keeps the top B·k ReLU'd pre-activations of the whole batch (so k active latents per row *on
 average*). Inference needs no batch: one global threshold θ, f = h · 1[h > θ] after ReLU, where θ is
 estimated during training as a running average of the smallest kept activation of each batch (the
-paper's §3; the EMA form and its constants follow the reference code in dictionary_learning's
-``BatchTopKTrainer``: β = 0.999, updates start after step 1000). θ is a buffer, saved with the weights.
+paper's §3; the EMA form follows the reference code in dictionary_learning's ``BatchTopKTrainer``, whose
+constants β = 0.999 and "start after step 1000" are meant for runs of tens of thousands of steps). θ is a
+buffer, saved with the weights. By default both scale with the run, so that every run, short or long,
+ends with an estimated threshold: the EMA starts after min(1000, 10% of the steps) and averages over
+about a tenth of the remaining steps (β = min(0.999, 1 − 10 / remaining)). Setting
+``threshold_start_step`` / ``threshold_beta`` gives the fixed published constants.
 
 Everything else is Gao et al.'s TopK recipe: b_dec at the geometric median, W_enc = W_decᵀ at init,
 unit-norm decoder rows with the parallel gradient removed, AuxK (α = 1/32, k_aux = d_in/2),
@@ -21,7 +25,7 @@ from torch import Tensor
 
 from saeforge.errors import SaeforgeError
 from saeforge.kernels.topk_autograd import batch_topk_encode, sparse_decode
-from saeforge.kernels.topk_step import fired_latents, sparse_auxk_loss
+from saeforge.kernels.sparse_losses import fired_latents, sparse_auxk_loss
 from saeforge.sae.base import SAE, SAEConfig, TrainStepInput, TrainStepOutput, register
 from saeforge.sae.functional import auxk_loss
 from saeforge.sae.geometric_median import geometric_median
@@ -32,8 +36,8 @@ class BatchTopKConfig(SAEConfig):
     k: int = 32
     k_aux: int | None = None  # None: d_in // 2 (dictionary_learning's BatchTopK, after Gao et al. §A.2)
     aux_coef: float = 1 / 32
-    threshold_beta: float = 0.999  # EMA factor of the inference threshold
-    threshold_start_step: int = 1000  # the EMA starts after this step
+    threshold_beta: float | None = None  # EMA factor of θ; None: min(0.999, 1 − 10/steps after the start)
+    threshold_start_step: int | None = None  # the EMA starts after this step; None: min(1000, 10% of steps)
     init_b_dec_geometric_median: bool = True
 
     SPARSITY_FIELD: ClassVar[str] = "k"
@@ -42,7 +46,7 @@ class BatchTopKConfig(SAEConfig):
         super().__post_init__()
         if not 0 < self.k <= self.d_sae:
             raise SaeforgeError(f"k={self.k} must be between 1 and d_sae={self.d_sae}")
-        if not 0 <= self.threshold_beta < 1:
+        if self.threshold_beta is not None and not 0 <= self.threshold_beta < 1:
             raise SaeforgeError(f"threshold_beta={self.threshold_beta} must be in [0, 1)")
         if self.k_aux is None:
             self.k_aux = max(1, min(self.d_sae, self.d_in // 2))
@@ -70,7 +74,7 @@ class BatchTopKSAE(SAE):
         h = h.relu()
         return h * (h > self.threshold)
 
-    def recommended_lr(self) -> float:
+    def published_lr(self) -> float:
         return 2e-4 / math.sqrt(self.cfg.d_sae / 2**14)
 
     @torch.no_grad()
@@ -84,14 +88,25 @@ class BatchTopKSAE(SAE):
     def after_optimizer_step(self, step: int, total_steps: int) -> None:
         self.set_decoder_norm_to_unit()
 
+    def threshold_schedule(self, total_steps: int) -> tuple[int, float]:
+        """(start step, β) of the threshold EMA for a run of ``total_steps`` (see the module docstring)."""
+        start = self.cfg.threshold_start_step
+        if start is None:
+            start = min(1000, total_steps // 10)
+        beta = self.cfg.threshold_beta
+        if beta is None:
+            beta = min(0.999, max(0.0, 1 - 10 / max(1, total_steps - start)))
+        return start, beta
+
     @torch.no_grad()
-    def update_threshold(self, f: Tensor, step: int) -> None:
+    def update_threshold(self, f: Tensor, step: int, total_steps: int | None = None) -> None:
         """θ ← β θ + (1 − β) min{f > 0} (the first estimate is taken as is). No host sync."""
-        if step <= self.cfg.threshold_start_step:
+        start, beta = self.threshold_schedule(total_steps or 10**12)
+        # the run's last step estimates θ if nothing did before (one host read, once per run)
+        if step <= start and not (step == (total_steps or 0) - 1 and self.threshold.item() < 0):
             return
         pos = f.float().masked_fill(f <= 0, float("inf")).amin()
         have = torch.isfinite(pos)
-        beta = self.cfg.threshold_beta
         new = torch.where(self.threshold < 0, pos, beta * self.threshold + (1 - beta) * pos)
         self.threshold.copy_(torch.where(have, new, self.threshold))
 
@@ -113,7 +128,7 @@ class BatchTopKSAE(SAE):
                                      b_pre=self.b_dec if cfg.apply_b_dec_to_input else None,
                                      dead_mask=dead, k_aux=min(cfg.k_aux, cfg.d_sae))
         vals, idx = codes.vals, codes.idx
-        self.update_threshold(vals, inp.step)
+        self.update_threshold(vals, inp.step, inp.total_steps)
         y_hat = sparse_decode(vals, idx, self.W_dec, self.b_dec)
         e = y2 - y_hat
         mse = e.pow(2).sum(-1).mean()
@@ -133,7 +148,7 @@ class BatchTopKSAE(SAE):
         x, y = self.working_inputs(inp)
         h = self.pre_acts(x)
         f = batch_topk(h, self.cfg.k)
-        self.update_threshold(f, inp.step)
+        self.update_threshold(f, inp.step, inp.total_steps)
         y_hat = f @ self.W_dec + self.b_dec
         e = y - y_hat
         mse = e.pow(2).sum(-1).mean()

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from saeforge.errors import SaeforgeError
 from saeforge.sae.base import SAE, SAEConfig, TrainStepInput, TrainStepOutput, register
-from saeforge.sae.functional import fold_decoder_norms_, norm_scale, ramp
+from saeforge.sae.functional import fold_decoder_norms_, norm_scale, ramp, TargetL0
 
 
 @dataclass
@@ -35,6 +35,7 @@ class CrosscoderConfig(SAEConfig):
     hooks: list[str] = field(default_factory=list)  # the hook points read and reconstructed, in order
     hook_scales: list[float] | None = None  # per-hook E‖x_l‖ = √d scales (estimated before training)
     l1_coefficient: float = 5.0  # λ
+    target_l0: float | None = None  # steer the coefficient to this mean L0 (TargetL0); None: fixed
     l1_warmup_frac: float = 0.05
     decoder_init_norm: float = 0.1
 
@@ -60,7 +61,7 @@ class CrosscoderConfig(SAEConfig):
 
 
 @register("crosscoder")
-class CrosscoderSAE(SAE):
+class CrosscoderSAE(TargetL0, SAE):
     config_class = CrosscoderConfig
     cfg: CrosscoderConfig
 
@@ -133,7 +134,7 @@ class CrosscoderSAE(SAE):
         return self.W_dec.norm(dim=2).sum(1)
 
     # ---- training ---------------------------------------------------------------------------------
-    def recommended_lr(self) -> float:
+    def published_lr(self) -> float:
         return 5e-5
 
     @torch.no_grad()
@@ -150,13 +151,16 @@ class CrosscoderSAE(SAE):
         per_hook = (y - y_hat).pow(2).sum(-1).mean(0)  # [L]
         mse = per_hook.sum()
         sparsity = (f * self.decoder_norms()).sum(-1).mean()
-        lam = cfg.l1_coefficient * ramp(inp.step, cfg.l1_warmup_frac * inp.total_steps)
+        lam = cfg.l1_coefficient * self.sparsity_ramp(inp.step, inp.total_steps)
         losses = {"mse": mse, "sparsity": sparsity}
         losses.update({f"mse:{h}": per_hook[i] for i, h in enumerate(cfg.hooks)})
         active = f > 0
         B = x.shape[0]
         return TrainStepOutput(loss=mse + lam * sparsity, losses=losses, y_hat=y_hat.reshape(B, -1),
                                y=y.reshape(B, -1), fired=active.any(0), l0=active.sum(-1).float().mean())
+
+    def sparsity_ramp(self, step: int, total_steps: int) -> float:
+        return ramp(step, self.cfg.l1_warmup_frac * total_steps)
 
     def folded(self) -> "CrosscoderSAE":
         """Summed decoder norms folded into W_enc and b_enc (outputs and L0 unchanged)."""

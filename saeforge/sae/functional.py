@@ -213,24 +213,40 @@ class BrickenResampling:
     and defines ``resampling_enabled`` and ``reconstruct_working(x_n) -> ŷ``."""
 
     resample_biases: tuple[str, ...] = ("b_enc",)
+    _resample_window: int | None = None  # the window of the last due request (resample_schedule)
 
     def resampling_enabled(self) -> bool:
         return True
 
-    def resample_request(self, tokens_before: int, tokens_after: int) -> int:
+    def resample_schedule(self, total_tokens: int) -> tuple[int, int, int]:
+        """(every, window, rows) in tokens: the configured values, or Bricken et al.'s (every 200M tokens, a
+        100M window, 819,200 rows) shrunk to the run: at most every eighth of it, so that the ``resample_max``
+        resamplings happen in the first half of any run, with a window of half the period."""
+        cfg = self.cfg
+        every = cfg.resample_every_tokens
+        if every is None:
+            every = max(1, min(200_000_000, total_tokens // (2 * max(1, cfg.resample_max))))
+        window = cfg.resample_window_tokens if cfg.resample_window_tokens is not None else max(1, every // 2)
+        rows = cfg.resample_rows if cfg.resample_rows is not None else max(1, min(819_200, every // 4))
+        return every, window, rows
+
+    def resample_request(self, tokens_before: int, tokens_after: int, total_tokens: int = 0) -> int:
         """Rows of data the trainer should hand to :meth:`resample` after this step (0: none)."""
         cfg = self.cfg
-        if not self.resampling_enabled() or cfg.resample_every_tokens <= 0 or cfg.resample_max <= 0:
+        every, _, rows = self.resample_schedule(total_tokens)
+        if not self.resampling_enabled() or every <= 0 or cfg.resample_max <= 0:
             return 0
-        k = tokens_after // cfg.resample_every_tokens
-        due = k > tokens_before // cfg.resample_every_tokens and k <= cfg.resample_max
-        return cfg.resample_rows if due else 0
+        k = tokens_after // every
+        due = k > tokens_before // every and k <= cfg.resample_max
+        self._resample_window = self.resample_schedule(total_tokens)[1]
+        return rows if due else 0
 
     @torch.no_grad()
     def resample(self, x: Tensor, y: Tensor, since_fired: Tensor, opt: torch.optim.Optimizer,
                  generator: torch.Generator) -> Tensor:
         """Reset latents silent for ``resample_window_tokens``; returns the indices reset."""
-        dead = (since_fired >= self.cfg.resample_window_tokens).nonzero().squeeze(1)
+        window = self._resample_window if self._resample_window is not None else self.cfg.resample_window_tokens
+        dead = (since_fired >= window).nonzero().squeeze(1)
         if dead.numel() == 0:
             return dead
         x_n, _ = self.normalize_input(x)
@@ -238,3 +254,36 @@ class BrickenResampling:
         loss = (y_n - self.reconstruct_working(x_n)).pow(2).sum(-1)
         return bricken_resample_(self, x_n, y_n, loss, dead, opt, generator, self.cfg.resample_encoder_scale,
                                  self.resample_biases)
+
+
+class TargetL0:
+    """Mixin for the penalty architectures: with ``cfg.target_l0`` set, the sparsity coefficient
+    (``cfg.SPARSITY_FIELD``) is steered to the L0 the user asked for instead of being a fixed input.
+
+    At every metrics line (the loop's one host sync) the coefficient is multiplied by
+    ``(L0 / target) ** L0_GAIN``, clipped to [3/4, 4/3]: integral control in log space, so the coefficient
+    settles where the mean L0 of the batches equals the target, whatever the data's scale. The value in
+    use is logged and saved in ``cfg.json``, so the run can be repeated with a fixed coefficient."""
+
+    L0_GAIN = 0.3
+    L0_STEP = 4 / 3  # the most one metrics line may change the coefficient by (either way)
+
+    def sparsity_ramp(self, step: int, total_steps: int) -> float:
+        """The recipe's warm-up factor (0 → 1) on the coefficient at ``step``; 1 when it has none."""
+        return 1.0
+
+    def after_metrics(self, metrics: dict[str, float], step: int, total_steps: int) -> None:
+        cfg = self.cfg
+        field_ = cfg.SPARSITY_FIELD
+        # steer only once the recipe's warm-up is over: during it L0 is high by design
+        if cfg.target_l0 is not None and metrics.get("l0") is not None and self.sparsity_ramp(step, total_steps) >= 1:
+            l0 = max(metrics["l0"], 1e-3)
+            prev = cfg.metadata.get("target_l0_last")  # in the config, so a resumed run steers the same
+            cfg.metadata["target_l0_last"] = l0
+            # anti-windup: while L0 is already closing in on the target (error down by a tenth since the
+            # last line), hold the coefficient; L0 lags the coefficient by tens of steps
+            closing = prev is not None and abs(math.log(l0 / cfg.target_l0)) < 0.9 * abs(math.log(prev / cfg.target_l0))
+            if not closing:
+                ratio = l0 / cfg.target_l0
+                setattr(cfg, field_, getattr(cfg, field_) * min(self.L0_STEP, max(1 / self.L0_STEP, ratio ** self.L0_GAIN)))
+        metrics[field_] = getattr(cfg, field_)

@@ -18,25 +18,26 @@ import torch
 from torch import Tensor, nn
 
 from saeforge.sae.base import SAE, SAEConfig, TrainStepInput, TrainStepOutput, register
-from saeforge.sae.functional import BrickenResampling, set_dataset_scales_
+from saeforge.sae.functional import BrickenResampling, set_dataset_scales_, TargetL0
 
 
 @dataclass
 class GatedConfig(SAEConfig):
     l1_coefficient: float = 1.0  # λ on ‖ReLU(π_gate)‖₁
+    target_l0: float | None = None  # steer the coefficient to this mean L0 (TargetL0); None: fixed
     scale_inputs: bool = True  # E‖x‖ = √n before training (a fixed dataset scalar, as the paper)
     resample: bool = True  # Bricken et al. 2023 resampling, with their constants below
-    resample_every_tokens: int = 200_000_000
-    resample_window_tokens: int = 100_000_000
+    resample_every_tokens: int | None = None  # None: 200M, or 1/8 of a shorter run (BrickenResampling)
+    resample_window_tokens: int | None = None  # None: 100M, or half the period of a shorter run
     resample_max: int = 4
-    resample_rows: int = 819_200
+    resample_rows: int | None = None  # None: 819,200, or a quarter of a shorter period
     resample_encoder_scale: float = 0.2
 
     SPARSITY_FIELD: ClassVar[str] = "l1_coefficient"
 
 
 @register("gated")
-class GatedSAE(BrickenResampling, SAE):
+class GatedSAE(TargetL0, BrickenResampling, SAE):
     config_class = GatedConfig
     cfg: GatedConfig
     has_b_enc = False
@@ -66,7 +67,7 @@ class GatedSAE(BrickenResampling, SAE):
         raise TypeError("GatedSAE needs the input for its gate; call encode(x)")
 
     # ---- training ---------------------------------------------------------------------------------
-    def recommended_lr(self) -> float:
+    def published_lr(self) -> float:
         return 5e-5
 
     def adam_defaults(self) -> dict:

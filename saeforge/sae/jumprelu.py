@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from saeforge.errors import SaeforgeError
 from saeforge.kernels import topk_autograd
 from saeforge.sae.base import SAE, SAEConfig, TrainStepInput, TrainStepOutput, register
-from saeforge.sae.functional import fold_decoder_norms_, jumprelu, jumprelu_log, ramp, set_dataset_scales_, step
+from saeforge.sae.functional import fold_decoder_norms_, jumprelu, jumprelu_log, ramp, set_dataset_scales_, step, TargetL0
 
 RECIPES = ("anthropic2025", "gemmascope")
 _DEFAULTS = {  # recipe -> (sparsity coefficient, bandwidth ε, initial log threshold)
@@ -38,12 +38,13 @@ class JumpReLUConfig(SAEConfig):
     apply_b_dec_to_input: bool = False
     recipe: str = "anthropic2025"
     sparsity_coefficient: float | None = None  # λ_S (anthropic2025: 20) or the L0 coefficient (gemmascope: 1)
+    target_l0: float | None = None  # steer the coefficient to this mean L0 (TargetL0); None: fixed
     bandwidth: float | None = None  # ε; None: the recipe's (2 or 0.001)
     init_log_threshold: float | None = None  # t₀; None: the recipe's (0.1, or log 0.001)
     tanh_scale: float = 4.0  # c (anthropic2025)
     pre_act_coefficient: float = 3e-6  # λ_P (anthropic2025)
     init_fire_count: float = 10000.0  # b_e makes each latent fire on init_fire_count / m of inputs (anthropic2025)
-    sparsity_warmup_steps: int = 10000  # gemmascope: λ warmed up linearly over these steps
+    sparsity_warmup_steps: int | None = None  # gemmascope λ warm-up; None: 10,000 steps, or 10% of a shorter run
     scale_inputs: bool = True  # E‖x‖ = √n before training
 
     SPARSITY_FIELD: ClassVar[str] = "sparsity_coefficient"
@@ -62,7 +63,7 @@ class JumpReLUConfig(SAEConfig):
 
 
 @register("jumprelu")
-class JumpReLUSAE(SAE):
+class JumpReLUSAE(TargetL0, SAE):
     config_class = JumpReLUConfig
     cfg: JumpReLUConfig
 
@@ -116,7 +117,7 @@ class JumpReLUSAE(SAE):
         return (self.threshold.float() - v).to(self.b_enc.dtype)
 
     # ---- training ---------------------------------------------------------------------------------
-    def recommended_lr(self) -> float:
+    def published_lr(self) -> float:
         return 2e-4 if self._anthropic else 7e-5
 
     def adam_defaults(self) -> dict:
@@ -145,17 +146,26 @@ class JumpReLUSAE(SAE):
             dn = self.W_dec.norm(dim=1)
             sparsity = torch.tanh(cfg.tanh_scale * f.abs() * dn).sum(-1).mean()
             pre_act = ((self.threshold - h).relu() * dn).sum(-1).mean()
-            lam = cfg.sparsity_coefficient * ramp(inp.step, inp.total_steps)
+            lam = cfg.sparsity_coefficient * self.sparsity_ramp(inp.step, inp.total_steps)
             loss = mse + lam * sparsity + cfg.pre_act_coefficient * pre_act
             losses.update(sparsity=sparsity, pre_act=pre_act)
         else:
             l0 = step(h, self.threshold, cfg.bandwidth).sum(-1).mean()
-            lam = cfg.sparsity_coefficient * ramp(inp.step, cfg.sparsity_warmup_steps)
+            lam = cfg.sparsity_coefficient * self.sparsity_ramp(inp.step, inp.total_steps)
             loss = mse + lam * l0
             losses["l0_loss"] = l0
         active = f != 0
         return TrainStepOutput(loss=loss, losses=losses, y_hat=y_hat, y=y, fired=active.any(0),
                                l0=active.sum(-1).float().mean())
+
+    def sparsity_ramp(self, step: int, total_steps: int) -> float:
+        """anthropic2025: λ_S ramps linearly over all of training, or over its first 5% when a target L0
+        steers it (the controller needs a fixed ramp to act on); gemmascope: over ``sparsity_warmup_steps``
+        (default 10,000, or a tenth of a shorter run)."""
+        if self._anthropic:
+            return ramp(step, total_steps if self.cfg.target_l0 is None else 0.05 * total_steps)
+        warm = self.cfg.sparsity_warmup_steps
+        return ramp(step, min(10_000, total_steps // 10) if warm is None else warm)
 
     def _decode_codes(self, f: Tensor) -> Tensor:
         """``f @ W_dec + b_dec``; on CPU with ``sparse_kernels``, once the codes are sparse (the busiest row

@@ -69,7 +69,7 @@ class MatryoshkaSAE(BatchTopKSAE):
         x, y = self.working_inputs(inp)
         h = self.pre_acts(x)
         f = batch_topk(h, cfg.k)
-        self.update_threshold(f, inp.step)
+        self.update_threshold(f, inp.step, inp.total_steps)
         recons = self.prefix_reconstructions(f)
         prefix_losses = [(y - r).pow(2).sum(-1).mean() for r in recons]
         loss = sum(w * l for w, l in zip(cfg.group_weights, prefix_losses))

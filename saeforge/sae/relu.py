@@ -20,7 +20,7 @@ from torch import Tensor
 
 from saeforge.errors import SaeforgeError
 from saeforge.sae.base import SAE, SAEConfig, TrainStepInput, TrainStepOutput, register
-from saeforge.sae.functional import BrickenResampling, fold_decoder_norms_, ramp, set_dataset_scales_
+from saeforge.sae.functional import BrickenResampling, fold_decoder_norms_, ramp, set_dataset_scales_, TargetL0
 from saeforge.sae.geometric_median import geometric_median
 
 RECIPES = ("anthropic2024", "monosemanticity")
@@ -31,15 +31,16 @@ class ReLUConfig(SAEConfig):
     apply_b_dec_to_input: bool | None = None  # None: the recipe's (anthropic2024 False, monosemanticity True)
     recipe: str = "anthropic2024"
     l1_coefficient: float = 5.0  # λ
+    target_l0: float | None = None  # steer the coefficient to this mean L0 (TargetL0); None: fixed
     l1_warmup_frac: float | None = None  # None: the recipe's (anthropic2024 0.05, monosemanticity 0)
     decoder_init_norm: float = 0.1  # anthropic2024 only ("heuristic" init of the April update)
     scale_inputs: bool | None = None  # E‖x‖ = √n; None: the recipe's (anthropic2024 True, else False)
     # monosemanticity resampling (Bricken et al. 2023): at every 25,000 steps × 8,192 rows (at most 4
     # times) latents silent for the last 12,500 steps × 8,192 rows are reset from 819,200 inputs.
-    resample_every_tokens: int = 200_000_000
-    resample_window_tokens: int = 100_000_000
+    resample_every_tokens: int | None = None  # None: 200M, or 1/8 of a shorter run (BrickenResampling)
+    resample_window_tokens: int | None = None  # None: 100M, or half the period of a shorter run
     resample_max: int = 4
-    resample_rows: int = 819_200
+    resample_rows: int | None = None  # None: 819,200, or a quarter of a shorter period
     resample_encoder_scale: float = 0.2
 
     SPARSITY_FIELD: ClassVar[str] = "l1_coefficient"
@@ -59,7 +60,7 @@ class ReLUConfig(SAEConfig):
 
 
 @register("relu")
-class ReLUSAE(BrickenResampling, SAE):
+class ReLUSAE(TargetL0, BrickenResampling, SAE):
     config_class = ReLUConfig
     cfg: ReLUConfig
 
@@ -78,7 +79,7 @@ class ReLUSAE(BrickenResampling, SAE):
     def activate(self, h: Tensor) -> Tensor:
         return h.relu()
 
-    def recommended_lr(self) -> float:
+    def published_lr(self) -> float:
         return 2e-4 if self._mono else 5e-5  # April 2024 update: lr 5e-5
 
     @torch.no_grad()
@@ -104,12 +105,15 @@ class ReLUSAE(BrickenResampling, SAE):
         mse = (y - y_hat).pow(2).sum(-1).mean()
         weights = 1.0 if self._mono else self.W_dec.norm(dim=1)
         sparsity = (f * weights).sum(-1).mean()
-        lam = cfg.l1_coefficient * ramp(inp.step, cfg.l1_warmup_frac * inp.total_steps)
+        lam = cfg.l1_coefficient * self.sparsity_ramp(inp.step, inp.total_steps)
         active = f > 0
         return TrainStepOutput(
             loss=mse + lam * sparsity, losses={"mse": mse, "sparsity": sparsity}, y_hat=y_hat, y=y,
             fired=active.any(0), l0=active.sum(-1).float().mean(),
         )
+
+    def sparsity_ramp(self, step: int, total_steps: int) -> float:
+        return ramp(step, self.cfg.l1_warmup_frac * total_steps)
 
     def folded(self) -> "ReLUSAE":
         """Decoder norms folded into W_e and b_e (April 2024: the saved decoder has unit rows)."""

@@ -28,7 +28,7 @@ from saeforge import distributed as dist
 from saeforge.distributed.ops import sum_grad, sum_partials, total_variance
 from saeforge.errors import SaeforgeError
 from saeforge.kernels.topk_autograd import sparse_decode, topk_encode
-from saeforge.kernels.topk_step import fired_latents
+from saeforge.kernels.sparse_losses import fired_latents
 from saeforge.sae.base import SAE, TrainStepInput, TrainStepOutput, create_sae
 from saeforge.sae.topk import TopKSAE
 

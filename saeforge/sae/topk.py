@@ -15,13 +15,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 from torch import Tensor
 
 from saeforge.distributed.ops import total_variance
 from saeforge.errors import SaeforgeError
-from saeforge.kernels.topk_step import fired_latents, topk_training_forward
+from saeforge.kernels.sparse_losses import fired_latents, sparse_auxk_loss
+from saeforge.kernels.topk_autograd import sparse_decode as kernel_sparse_decode
+from saeforge.kernels.topk_autograd import topk_encode
 from saeforge.sae.base import SAE, SAEConfig, TrainStepInput, TrainStepOutput, register
 from saeforge.sae.geometric_median import geometric_median
 from saeforge.sae.sparse import sparse_decode
@@ -34,6 +37,8 @@ class TopKConfig(SAEConfig):
     aux_coef: float = 1 / 32
     multi_topk: bool = False  # add L(4k)/8 (Gao et al. §A.3)
     init_b_dec_geometric_median: bool = True
+
+    SPARSITY_FIELD: ClassVar[str] = "k"
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -62,7 +67,7 @@ class TopKSAE(SAE):
         x_n, self._norm_ctx = self.normalize_input(x)
         return topk_relu(self.pre_acts(x_n), self.cfg.k)
 
-    def recommended_lr(self) -> float:
+    def published_lr(self) -> float:
         return 2e-4 / math.sqrt(self.cfg.d_sae / 2**14)
 
     def adam_defaults(self) -> dict:
@@ -84,8 +89,51 @@ class TopKSAE(SAE):
         """The sparse kernels (chunked exact top-k, sparse decode, sparse encoder/decoder gradients; see
         saeforge/kernels) unless ``self.sparse_kernels`` is False; both give the same loss and gradients."""
         if self.sparse_kernels:
-            return topk_training_forward(self, inp)
+            return self.sparse_training_forward(inp)
         return self.dense_training_forward(inp)
+
+    def sparse_training_forward(self, inp: TrainStepInput, chunk_rows: int | None = None) -> TrainStepOutput:
+        """:meth:`training_forward` on the sparse kernels: the encoder runs through
+        :func:`~saeforge.kernels.topk_autograd.topk_encode` (chunked pre-activations, exact fast top-k, AuxK
+        selected in the same pass, a backward of O(B·k·d) sparse products: no dense ``[B, d_sae]`` gradient,
+        no dense ``xᵀ G`` product). Same losses and gradients as :meth:`dense_training_forward` (tested,
+        and the weights after 20 optimizer steps)."""
+        cfg = self.cfg
+        x, y = self.working_inputs(inp)
+        lead = x.shape[:-1]
+        x2 = x.reshape(-1, x.shape[-1])
+        dead = inp.dead_mask if (inp.dead_mask is not None and cfg.aux_coef > 0) else None
+        k_sel = min(4 * cfg.k, cfg.d_sae) if cfg.multi_topk else cfg.k
+        b_pre = self.b_dec if cfg.apply_b_dec_to_input else None
+        b_enc = self.b_enc
+        codes = topk_encode(x2, self.W_enc, b_enc, k_sel, b_pre=b_pre, dead_mask=dead,
+                            k_aux=min(cfg.k_aux, cfg.d_sae), chunk_rows=chunk_rows)
+        if cfg.multi_topk:  # the top-k of the top-4k are the top-k
+            v4, i4 = codes.vals, codes.idx
+            top, j = v4.topk(cfg.k, dim=-1, sorted=False)
+            vals, idx = top, i4.gather(-1, j)
+        else:
+            vals, idx = codes.vals, codes.idx
+        y2 = y.reshape(-1, y.shape[-1])
+        y_hat = kernel_sparse_decode(vals, idx, self.W_dec, self.b_dec)
+        e = y2 - y_hat
+        # a constant (skip terms train through y); of the global batch under data parallelism
+        total_var = total_variance(y2).clamp_min(1e-12).detach()
+        mse = e.pow(2).sum() / total_var
+        losses = {"mse": mse}
+        loss = mse
+        if cfg.multi_topk:
+            mse4 = (y2 - kernel_sparse_decode(v4, i4, self.W_dec, self.b_dec)).pow(2).sum() / total_var
+            losses["mse_4k"] = mse4
+            loss = loss + mse4 / 8
+        if dead is not None:
+            aux = sparse_auxk_loss(codes, e, dead, self.W_dec, total_var)
+            losses["aux"] = aux
+            loss = loss + cfg.aux_coef * aux
+        active = vals > 0
+        return TrainStepOutput(loss=loss, losses=losses, y_hat=y_hat.reshape(*lead, -1), y=y,
+                               fired=fired_latents(idx, active, cfg.d_sae), l0=active.sum(-1).float().mean())
+
 
     def dense_training_forward(self, inp: TrainStepInput) -> TrainStepOutput:
         """The plain-autograd reference of :meth:`training_forward` (dense pre-activations and gradients)."""
@@ -95,7 +143,8 @@ class TopKSAE(SAE):
         vals, idx = topk_relu(h, cfg.k)
         y_hat = sparse_decode(vals, idx, self.W_dec, self.b_dec)
         e = y - y_hat
-        total_var = total_variance(y).clamp_min(1e-12)  # of the global batch under data parallelism
+        # a constant (skip terms train through y); of the global batch under data parallelism
+        total_var = total_variance(y).clamp_min(1e-12).detach()
         mse = e.pow(2).sum() / total_var
         losses = {"mse": mse}
         loss = mse

@@ -7,9 +7,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 
-from saeforge.io import save_safetensors_atomic
+from saeforge.errors import CorruptFileError
+from saeforge.io import load_safetensors_verified, save_safetensors_atomic
 
 
 def flatten_optimizer(prefix: str, opt_state: dict, tensors: dict, meta: dict) -> None:
@@ -45,20 +45,27 @@ def save_checkpoint(path: Path, step: int, tokens: int, runs: dict[str, dict[str
             tensors[f"{p}model.{k}"] = v
         tensors[f"{p}since_fired"] = run["since_fired"]
         flatten_optimizer(f"{p}opt.", run["opt"].state_dict(), tensors, meta)
-    save_safetensors_atomic(path, tensors, metadata={"state": json.dumps(meta)})
+    save_safetensors_atomic(path, tensors, metadata={"state": json.dumps(meta)}, checksum=True)
+
+
+FIX = "delete it to start over (or restore a copy), then rerun `saeforge train`"
 
 
 def load_checkpoint(path: Path) -> tuple[dict[str, Any], dict[str, dict[str, Any]], torch.Tensor]:
-    with safe_open(str(path), framework="pt") as fh:
-        meta = json.loads(fh.metadata()["state"])
-        tensors = {k: fh.get_tensor(k) for k in fh.keys()}
-    runs: dict[str, dict[str, Any]] = {}
-    for name in meta["names"]:
-        p = f"{name}/"
-        sub = {k[len(p) :]: v for k, v in tensors.items() if k.startswith(p)}
-        runs[name] = {
-            "model": {k[6:]: v for k, v in sub.items() if k.startswith("model.")},
-            "since_fired": sub["since_fired"],
-            "opt": unflatten_optimizer("opt.", sub, {k[len(p):]: v for k, v in meta.items() if k.startswith(p)}),
-        }
-    return meta, runs, tensors["rng.cpu"]
+    """Read and verify a checkpoint (checksum, structure); a damaged one is a one-line CorruptFileError."""
+    tensors, metadata = load_safetensors_verified(path, FIX)
+    try:
+        meta = json.loads(metadata["state"])
+        runs: dict[str, dict[str, Any]] = {}
+        for name in meta["names"]:
+            p = f"{name}/"
+            sub = {k[len(p) :]: v for k, v in tensors.items() if k.startswith(p)}
+            runs[name] = {
+                "model": {k[6:]: v for k, v in sub.items() if k.startswith("model.")},
+                "since_fired": sub["since_fired"],
+                "opt": unflatten_optimizer("opt.", sub, {k[len(p):]: v for k, v in meta.items() if k.startswith(p)}),
+            }
+        rng = tensors["rng.cpu"]
+    except (KeyError, TypeError, ValueError, AttributeError) as e:
+        raise CorruptFileError(f"{path} is not a complete saeforge training checkpoint (missing {e}); {FIX}") from None
+    return meta, runs, rng

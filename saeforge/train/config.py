@@ -2,21 +2,31 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar
+
+DEAD_TOKENS = 10_000_000
 
 from saeforge.config import JsonConfig
 
 
 @dataclass
 class TrainConfig(JsonConfig):
+    FLAGS: ClassVar[dict[str, str]] = {"total_tokens": "--tokens"}
+
     total_tokens: int = 5_000_000
     batch_size: int = 4096
-    lr: float | None = None  # None: the architecture's recommendation (e.g. Gao et al.'s 2e-4/sqrt(n/2^14))
+    lr: float | None = None  # None: from lr_rule
+    # how an unset lr is chosen: "scaled" (every architecture: Gao et al.'s 2e-4/√(n/2^14) transferred to
+    # the SAE's input width, saeforge.sae.base.scaled_lr) or "published" (the recipe's own constant)
+    lr_rule: str = "scaled"
     betas: tuple[float, float] | None = None  # None: the recipe's (adam_defaults()), else (0.9, 0.999)
     eps: float | None = None  # None: the recipe's (e.g. Gao et al.'s 6.25e-10 for topk), else 1e-8
     warmup_steps: int | None = None  # None: min(1000, 5% of steps)
     decay_frac: float = 0.2  # linear decay to 0 over the last fraction of steps (0 disables)
     grad_clip: float = 1.0  # global gradient-norm clip (0 disables)
-    dead_tokens: int = 10_000_000  # a latent is dead after this many tokens without firing (Gao et al. §A.2)
+    # a latent is dead after this many tokens without firing (Gao et al. §A.2: 10M); None: 10M, or a tenth
+    # of the run when that is shorter, so AuxK and dead-latent counts engage on short runs too
+    dead_tokens: int | None = None
     init_tokens: int = 16384  # rows used for data-dependent initialisation (geometric median, scales)
     log_every: int = 25  # steps between metric lines (the only host syncs in the loop)
     checkpoint_every: int = 500  # steps between checkpoints (0: only at the end)
@@ -28,3 +38,25 @@ class TrainConfig(JsonConfig):
     # under torchrun (docs/distributed.md): latent shards per replica (1: pure data parallel; 0: all processes)
     shard_latents: int = 1
     spread: bool = False  # place whole SAEs on processes instead of splitting rows (sweeps, one SAE per layer)
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        self.require_ints(1, "total_tokens", "batch_size", "dead_tokens", "init_tokens", "log_every")
+        self.require_ints(0, "warmup_steps", "checkpoint_every", "seed", "shard_latents")
+        self.require_finite("lr", positive=True)
+        self.require_finite("eps", positive=True)
+        self.require_finite("decay_frac", minimum=0.0, maximum=1.0)
+        self.require_finite("grad_clip", minimum=0.0)
+        if self.betas is not None:
+            self.require(len(self.betas) == 2 and all(isinstance(b, (int, float)) and 0 <= b < 1 for b in self.betas),
+                         "betas", "two numbers in [0, 1)")
+        self.require(self.kernels in ("sparse", "dense"), "kernels", "sparse or dense")
+        self.require(self.lr_rule in ("scaled", "published"), "lr_rule", "scaled or published")
+        self.require(self.dtype in ("auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16"), "dtype",
+                     "auto, float32, bfloat16 or float16")
+
+    def dead_window(self) -> int:
+        """The dead-latent window in tokens (``dead_tokens``, or its default for this run length)."""
+        if self.dead_tokens is not None:
+            return self.dead_tokens
+        return min(DEAD_TOKENS, max(self.batch_size, self.total_tokens // 10))

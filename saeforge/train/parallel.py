@@ -123,10 +123,10 @@ class Parallel:
             p.grad.copy_(flat[off:off + n].view_as(p.grad))
             off += n
 
-    def clip_grad_norm_(self, sae: Any, max_norm: float) -> None:
+    def clip_grad_norm_(self, sae: Any, max_norm: float) -> torch.Tensor:
+        """Clip to the norm of the whole SAE's gradient; returns that norm (as torch's clip does)."""
         if self.shards == 1:
-            torch.nn.utils.clip_grad_norm_(sae.parameters(), max_norm)
-            return
+            return torch.nn.utils.clip_grad_norm_(sae.parameters(), max_norm)
         sharded = sae.sharded_parameter_names()
         with torch.no_grad():
             sq = {True: [], False: []}
@@ -141,6 +141,7 @@ class Parallel:
             for p in sae.parameters():
                 if p.grad is not None:
                     p.grad.mul_(coef.to(p.grad.dtype))
+        return total
 
     @torch.no_grad()
     def after_resample(self, sae: Any, opt: torch.optim.Optimizer, since_fired: torch.Tensor) -> None:

@@ -5,12 +5,17 @@ input/target from it (``SAE.inputs_from``), runs ``training_forward`` under auto
 Adam. The loop never synchronises with the host except on logging steps: losses accumulate on device
 and dead-latent counters are updated with tensor ops.
 
-Recipes reach the loop only through duck-typed SAE methods, never through ``if arch == ...``:
+Recipes reach the loop only through the training contract declared in ``saeforge/sae/base.py`` (every
+method has a default there), never through ``if arch == ...``:
 
-* ``recommended_lr()`` and ``adam_defaults()`` (betas/eps) fill what ``TrainConfig`` leaves as None;
+* ``recommended_lr(total_tokens, rule)`` and ``adam_defaults()`` (betas/eps) fill what ``TrainConfig`` leaves
+  as None;
+* ``train_step(inp)`` (the architecture's ``training_forward`` plus the skip term) returns one
+  ``TrainStepOutput``;
 * ``before_optimizer_step()`` / ``after_optimizer_step(step, total)`` (decoder-norm constraints);
-* ``resample_request(tokens_before, tokens_after) -> rows`` and ``resample(x, y, since_fired, opt,
-  generator) -> reset latent indices`` (dead-latent resampling, e.g. Bricken et al. 2023). The rows
+* ``after_metrics(line, step, total)`` at each metrics line (e.g. steering a coefficient to a target L0);
+* ``resample_request(tokens_before, tokens_after, total_tokens) -> rows`` and ``resample(x, y, since_fired,
+  opt, generator) -> reset latent indices`` (dead-latent resampling, e.g. Bricken et al. 2023). The rows
   come from the *upcoming* training batches, peeked without consuming them, so resampling never
   changes what the SAEs train on and a resumed run sees exactly the same data.
 
@@ -32,12 +37,14 @@ from typing import Any, Iterator
 import torch
 from tqdm.auto import tqdm
 
+from saeforge import faults
 from saeforge.device import resolve_device, resolve_dtype
 from saeforge.distributed.ops import total_variance
 from saeforge.errors import SaeforgeError
 from saeforge.sae.base import SAE, SAEConfig, TrainStepInput, create_sae
 from saeforge.train.checkpoint import load_checkpoint, save_checkpoint
 from saeforge.train.config import TrainConfig
+from saeforge.train import guard
 from saeforge.train.parallel import Parallel
 from saeforge.train.schedule import default_warmup, lr_factor
 
@@ -57,6 +64,7 @@ class _Run:
     maybe_dead: bool = True  # host-side: can any latent be dead before the next metrics line?
     fresh: bool = True  # built here from a config: gets data-dependent init; an SAE passed in is kept as is
     resampled: int = 0  # latents reset by resampling since the last metrics line
+    grad_norms: torch.Tensor | None = None  # on-device sum of clipped-gradient norms (non-finite if one was)
 
 
 class _Lookahead:
@@ -111,15 +119,15 @@ class Trainer:
         if not saes:
             raise SaeforgeError("nothing to train: give at least one SAE config")
         self.cfg = cfg
-        self.par = Parallel(cfg.shard_latents, cfg.spread, cfg.device)
+        self.par = Parallel(cfg.shard_latents, cfg.spread, cfg.device)  # torchrun: docs/distributed.md
         self.source = stream  # the global batches (data-dependent init reads these)
         self.stream = self.par.stream(stream)  # this process's rows of each global batch
         self.out = Path(out)
         self.device = resolve_device(cfg.device)
-        self.amp_dtype = resolve_dtype(cfg.dtype, self.device)
         if cfg.kernels not in ("sparse", "dense"):
             raise SaeforgeError(f"TrainConfig.kernels={cfg.kernels!r}: use 'sparse' or 'dense'")
         self.total_steps = max(1, math.ceil(cfg.total_tokens / cfg.batch_size))
+        self.dead_tokens = cfg.dead_window()
         self.warmup = cfg.warmup_steps if cfg.warmup_steps is not None else default_warmup(self.total_steps)
         self.runs: dict[str, _Run] = {}
         self.names = list(saes)  # every SAE of the run (with spread=True a process trains only its own)
@@ -133,8 +141,8 @@ class Trainer:
             _seeded(cfg.seed)
             sae = s if isinstance(s, SAE) else create_sae(s)
             sae = self.par.sae(sae.to(self.device))  # its latent-sharded form under --shard-latents
-            lr = cfg.lr if cfg.lr is not None else getattr(sae, "recommended_lr", lambda: 2e-4)()
-            hints = getattr(sae, "adam_defaults", dict)()
+            lr = cfg.lr if cfg.lr is not None else sae.recommended_lr(cfg.total_tokens, cfg.lr_rule)
+            hints = sae.adam_defaults()
             betas = tuple(cfg.betas) if cfg.betas is not None else tuple(hints.get("betas", (0.9, 0.999)))
             eps = cfg.eps if cfg.eps is not None else hints.get("eps", 1e-8)
             sae.sparse_kernels = cfg.kernels == "sparse"
@@ -146,6 +154,12 @@ class Trainer:
             run_out = self.out if (len(saes) == 1 and name == "") else self.out / name
             self.runs[name] = _Run(name, sae, opt, sched, since, run_out, {}, fresh=not isinstance(s, SAE))
         _seeded(cfg.seed)
+        self.amp_dtype = resolve_dtype(cfg.dtype, self.device,
+                                       min((s.cfg if isinstance(s, SAE) else s).d_in for s in saes.values()))
+        # compared on resume; every SAE's (a process may train only some of them)
+        self.init_cfgs = {n: (self.runs[n].sae.cfg if n in self.runs else (s.cfg if isinstance(s, SAE) else s)
+                              ).to_dict() for n, s in saes.items()}
+        self.last_checkpoint: int | None = None
         self.step = 0
         self.tokens = 0
         self._max_rows = 0  # largest batch seen: bounds how fast since_fired can grow
@@ -164,20 +178,35 @@ class Trainer:
         if got == 0:
             raise SaeforgeError("the activation stream is empty; check --data / the cache")
         sample = {h: torch.cat(v)[:need].to(self.device).float() for h, v in rows.items()}
+        for h, x in sample.items():
+            if not bool(torch.isfinite(x).all()):
+                raise guard.NonFiniteError(f"the training data holds NaN/Inf activations at hook {h}; harvest it "
+                                           "again (harvest refuses non-finite rows) or use --on-nonfinite skip")
         for run in self.runs.values():
             if run.fresh:  # an SAE handed in (pre-trained, loaded, hand-set) keeps its weights
                 x, y = run.sae.inputs_from(sample)
                 run.sae.init_from_data(x, y)
             self.par.after_init(run.sae)
 
-    def _resume(self) -> bool:
+    def identity(self) -> dict[str, Any]:
+        """Everything a resumed run must share with the run it continues (see guard.compare_resume)."""
+        data = getattr(self.source, "identity", None)
+        train = self.cfg.to_dict()
+        for k in ("shard_latents", "spread"):  # how the work is split, not what is computed
+            train.pop(k, None)
+        return {"train": train, "saes": self.init_cfgs, "data": data() if callable(data) else None}
+
+    def _resume(self, allow_changes: tuple[str, ...] = ()) -> bool:
         path = self.out / CHECKPOINT
         if not path.exists():
             return False
         meta, states, rng = load_checkpoint(path)
         if sorted(meta["names"]) != sorted(self.names):
             raise SaeforgeError(f"{path} holds SAEs {meta['names']}, not {sorted(self.names)}; use a new --out")
-        if meta.get("total_steps") != self.total_steps:
+        guard.compare_resume(path, meta.get("identity") or {}, self.identity(), allow_changes)
+        guard.check_finite_state(path, ((f"{n}.{k}", v) for n, st in states.items() for k, v in st["model"].items()),
+                                 "delete it and train again with a lower --lr")
+        if meta.get("total_steps") != self.total_steps and "total_tokens" not in allow_changes:
             raise SaeforgeError(
                 f"{path} was made for {meta.get('total_steps')} steps, not {self.total_steps}; "
                 "resume with the same --tokens and --batch-size"
@@ -185,32 +214,62 @@ class Trainer:
         for name, run in self.runs.items():
             st = states[name]
             run.sae.cfg = type(run.sae.cfg).from_dict(meta["cfgs"][name])
-            self.par.load_states(run.sae, run.opt, st["model"], st["opt"])
+            self.par.load_states(run.sae, run.opt, st["model"], st["opt"])  # this process's slice when sharded
             run.sae.to(self.device)
             run.since_fired = st["since_fired"].to(self.device)
+            acc = (meta.get("acc") or {}).get(name)
+            if acc is not None:
+                f32 = dict(dtype=torch.float32, device=self.device)
+                run.acc = {k: torch.tensor(v, **f32) for k, v in acc["sums"].items()}
+                run.n_acc = acc["n"]
+                run.grad_norms = None if acc["grad_norms"] is None else torch.tensor(acc["grad_norms"], **f32)
+                run.maybe_dead = acc["maybe_dead"]
             run.sched.last_epoch = meta["step"] - 1
             with warnings.catch_warnings():  # stepping the schedule to where it was, not an early step
                 warnings.simplefilter("ignore", UserWarning)
                 run.sched.step()
         torch.set_rng_state(rng)
         self.step, self.tokens = meta["step"], meta["tokens"]
+        self._max_rows = meta.get("max_rows", 0)
+        self.last_checkpoint = self.step
+        for run in self.runs.values():  # lines logged after the checkpoint are logged again
+            if self._writes:
+                guard.trim_metrics(run.out / "metrics.jsonl", self.step)
         return True
 
+    def _check_finite(self) -> None:
+        """Host check before anything is written: pending losses, gradient norms and weights are finite."""
+        for run in self.runs.values():
+            pending = {k: float(v / max(run.n_acc, 1)) for k, v in run.acc.items()}
+            if run.grad_norms is not None:
+                pending["gradient norm"] = float(run.grad_norms)
+            guard.check_finite(run.name, pending, self.step, self.last_checkpoint)
+            guard.check_finite_params(run.name, run.sae, self.step, self.last_checkpoint)
+
     def _checkpoint(self) -> None:
-        runs, cfgs = {}, {}
+        self._check_finite()
+        runs, cfgs, acc = {}, {}, {}
         for n, r in self.runs.items():
             model, opt = self.par.full_states(r.sae, r.opt)  # unsharded: resumes with any number of processes
             runs[n] = {"sae": model, "opt": opt, "since_fired": r.since_fired}
             cfgs[n] = r.sae.cfg.to_dict()
+            # the metric sums since the last line (averaged over replicas), so a resumed run writes the same
+            # metrics.jsonl
+            acc[n] = {"n": r.n_acc, "sums": {k: v.item() for k, v in self.par.mean_metrics(r.acc).items()},
+                      "grad_norms": None if r.grad_norms is None else r.grad_norms.item(), "maybe_dead": r.maybe_dead}
         if self.par.spread:  # every SAE's state, from its owner
-            parts = self.par.gather_object((runs, cfgs))
+            parts = self.par.gather_object((runs, cfgs, acc))
             runs = {n: p[0][n] for n in self.names for p in parts if n in p[0]}
             cfgs = {n: p[1][n] for n in self.names for p in parts if n in p[1]}
+            acc = {n: p[2][n] for n in self.names for p in parts if n in p[2]}
         if self.par.writer:
-            save_checkpoint(self.out / CHECKPOINT, self.step, self.tokens, runs,
-                            {"total_steps": self.total_steps, "cfgs": cfgs})
+            extra = {"total_steps": self.total_steps, "cfgs": cfgs, "identity": self.identity(), "acc": acc,
+                     "max_rows": self._max_rows}
+            save_checkpoint(self.out / CHECKPOINT, self.step, self.tokens, runs, extra)
+        self.last_checkpoint = self.step
 
     def save_saes(self) -> dict[str, SAE]:
+        self._check_finite()
         saved = {}
         for name, run in self.runs.items():
             sae = saved[name] = self.par.full_sae(run.sae)  # the ordinary SAE (gathered when sharded)
@@ -226,14 +285,15 @@ class Trainer:
         x, y = run.sae.inputs_from(acts)
         # While no latent can have reached dead_tokens, the dead mask is all False and AuxK is zero: skip it
         # (and its extra top-k) without a host sync. _refresh_dead() proves that bound at each metrics line.
-        dead = run.since_fired >= self.cfg.dead_tokens if run.maybe_dead else None
+        dead = run.since_fired >= self.dead_tokens if run.maybe_dead else None
         with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype != torch.float32):
-            out = run.sae.training_forward(TrainStepInput(x, y, self.step, self.total_steps, dead))
+            out = run.sae.train_step(TrainStepInput(x, y, self.step, self.total_steps, dead))
         out.loss.float().backward()
         self.par.sync_grads(run.sae, x.shape[0], n_rows)
         run.sae.before_optimizer_step()
         if self.cfg.grad_clip > 0:
-            self.par.clip_grad_norm_(run.sae, self.cfg.grad_clip)
+            norm = self.par.clip_grad_norm_(run.sae, self.cfg.grad_clip)
+            run.grad_norms = norm.detach() if run.grad_norms is None else run.grad_norms + norm.detach()
         run.opt.step()
         run.sched.step()
         run.opt.zero_grad(set_to_none=True)
@@ -251,8 +311,7 @@ class Trainer:
         """Run the SAEs' resampling hooks that are due after this step (see the module docstring)."""
         due = {}
         for name, run in self.runs.items():
-            req = getattr(run.sae, "resample_request", None)
-            rows = req(tokens_before, tokens_after) if req is not None else 0
+            rows = run.sae.resample_request(tokens_before, tokens_after, self.cfg.total_tokens)
             if rows > 0:
                 due[name] = rows
         if not due:
@@ -277,7 +336,7 @@ class Trainer:
             return  # no batch seen yet: keep the default (maybe dead)
         horizon = (self.cfg.log_every + 1) * self._max_rows
         for run in self.runs.values():
-            run.maybe_dead = bool((run.since_fired.max() + horizon >= self.cfg.dead_tokens).item())
+            run.maybe_dead = bool((run.since_fired.max() + horizon >= self.dead_tokens).item())
 
     def _log(self, pbar: tqdm | None, t0: float) -> dict[str, dict[str, float]]:
         lines = {}
@@ -286,13 +345,18 @@ class Trainer:
                 continue
             rec: dict[str, Any] = {"step": self.step, "tokens": self.tokens, "lr": run.sched.get_last_lr()[0]}
             rec.update({k: (v / run.n_acc).item() for k, v in self.par.mean_metrics(run.acc).items()})
-            rec["dead_frac"] = (run.since_fired >= self.cfg.dead_tokens).float().mean().item()
+            guard.check_finite(run.name, {**rec, **({"gradient norm": float(run.grad_norms)}
+                                                    if run.grad_norms is not None else {})},
+                               self.step, self.last_checkpoint)
+            run.grad_norms = None
+            rec["dead_frac"] = (run.since_fired >= self.dead_tokens).float().mean().item()
             rec["elapsed_s"] = round(time.perf_counter() - t0, 3)
             comm = self.par.comm_seconds()
             if comm is not None:  # under torchrun: time in collectives since the start (this process)
                 rec["comm_s"] = round(comm - self._comm0, 3)
             if run.resampled:
                 rec["resampled"], run.resampled = run.resampled, 0
+            run.sae.after_metrics(rec, self.step, self.total_steps)
             run.acc, run.n_acc = {}, 0
             if self._writes:
                 run.out.mkdir(parents=True, exist_ok=True)
@@ -306,9 +370,16 @@ class Trainer:
         self._refresh_dead()
         return lines
 
-    def fit(self, resume: bool = False, progress: bool = True) -> dict[str, SAE]:
-        self.out.mkdir(parents=True, exist_ok=True)
-        if not (resume and self._resume()):
+    def fit(self, resume: bool = False, progress: bool = True, allow_changes: tuple[str, ...] = ()) -> dict[str, SAE]:
+        """Train to ``total_tokens`` (continuing the checkpoint in ``out`` with ``resume``), holding ``out``'s
+        write lock; ``allow_changes`` names settings a resumed run may change (guard.RESUME_CHANGEABLE)."""
+        from saeforge.lock import folder_lock
+
+        with folder_lock(self.out, "train"):
+            return self._fit(resume, progress, tuple(allow_changes))
+
+    def _fit(self, resume: bool, progress: bool, allow_changes: tuple[str, ...]) -> dict[str, SAE]:
+        if not (resume and self._resume(allow_changes)):
             if (self.out / CHECKPOINT).exists():
                 raise SaeforgeError(f"{self.out} already holds a training run; pass --resume or pick a new --out")
             for run in self.runs.values():
@@ -319,8 +390,8 @@ class Trainer:
             self.cfg.save(self.out / "train_cfg.json")
         for run in self.runs.values():
             run.sae.train()
-        pbar = tqdm(total=self.total_steps, initial=self.step, unit="step", disable=not (progress and self.par.writer),
-                    desc="train", dynamic_ncols=True)
+        pbar = tqdm(total=self.total_steps, initial=self.step, unit="step",
+                    disable=not (progress and self.par.writer), desc="train", dynamic_ncols=True)
         t0 = time.perf_counter()
         self._comm0 = self.par.comm_seconds() or 0.0
         it = _Lookahead(iter(self.stream.iterate(self.step)))
@@ -341,6 +412,7 @@ class Trainer:
             self._max_rows = max(self._max_rows, n_rows)
             self.step += 1
             pbar.update(1)
+            faults.point("train:step")
             if self.step % self.cfg.log_every == 0 or self.step == self.total_steps:
                 self._log(pbar, t0)
             if self.cfg.checkpoint_every and self.step % self.cfg.checkpoint_every == 0:
@@ -361,9 +433,10 @@ def train(
     out: str | Path = "runs/sae",
     resume: bool = False,
     progress: bool = True,
+    allow_changes: tuple[str, ...] = (),
 ) -> SAE | dict[str, SAE]:
     """Python API mirroring ``saeforge train``: one SAE in -> one SAE out; a dict in -> a dict out."""
     single = not isinstance(saes, dict)
     trainer = Trainer({"": saes} if single else saes, stream, cfg or TrainConfig(), out)
-    result = trainer.fit(resume=resume, progress=progress)
+    result = trainer.fit(resume=resume, progress=progress, allow_changes=allow_changes)
     return result[""] if single else result
