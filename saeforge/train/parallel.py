@@ -164,7 +164,7 @@ class Parallel:
 
     def mean_metrics(self, acc: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Metric sums averaged over the replicas (each replica saw its share of the rows)."""
-        if self.replicas == 1:
+        if self.replicas == 1 or not acc:
             return acc
         keys = list(acc)  # the same order on every process
         flat = torch.stack([acc[k].float().reshape(()) for k in keys])
