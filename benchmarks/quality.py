@@ -117,6 +117,25 @@ def run_peer(args, lib: str, name: str, tokens: int) -> dict:
     return json.loads(lines[-1])
 
 
+def render(paths: list[str]) -> str:
+    """A markdown table (one row per set and library, with the ratio to the best peer) from JSON-line outputs
+    of earlier runs (e.g. saeforge's and the peers' run in separate processes)."""
+    recs = [json.loads(ln) for p in paths for ln in open(p) if ln.startswith("{") and '"lib"' in ln]
+    recs = [r for r in recs if "fvu" in r and not r.get("overrides") and r.get("arch", "topk") == "topk"]
+    out = ["| set | library | tokens | FVU | L0 | dead % | recovered | tokens/s | FVU / best peer |",
+           "| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |"]
+    for name in qd.SETS:
+        rows = [r for r in recs if r["set"] == name]
+        peers = [r for r in rows if r["lib"] != "saeforge"]
+        best = min((r["fvu"] for r in peers), default=None)
+        for r in sorted(rows, key=lambda r: (r["lib"] != "saeforge", r["lib"], r["tokens"])):
+            ratio = f"{r['fvu'] / best:.2f}" if best else "-"
+            rec = f"{100 * r['recovered']:.1f} %" if "recovered" in r else "-"
+            out.append(f"| {name} | {r['lib']} | {r['tokens'] / 1e6:.0f}M | {r['fvu']:.4f} | {r['l0']:.1f} | "
+                       f"{r['dead_pct']:.2f} | {rec} | {r['tokens_per_s']:.0f} | {ratio} |")
+    return "\n".join(out)
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sets", default="stories,toy,minilm", help="comma list of stories, toy, minilm")
@@ -135,7 +154,11 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--peer-python", default=sys.executable, help="interpreter that has the peer libraries")
     ap.add_argument("--no-saeforge", action="store_true", help="run the peers only")
     ap.add_argument("--quiet", action="store_true")
+    ap.add_argument("--render", nargs="+", metavar="JSONL", help="print the markdown table of earlier runs' outputs")
     args = ap.parse_args(argv)
+    if args.render:
+        print(render(args.render))
+        return
     tokens = parse_size(args.tokens)
     results = []
     for name in args.sets.split(","):

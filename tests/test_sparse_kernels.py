@@ -325,6 +325,7 @@ def test_chunk_budget_and_allocator_tuning_change_no_numbers():
 
 
 # ---- Triton (CUDA only) -----------------------------------------------------------------------------
+@pytest.mark.cuda
 @pytest.mark.skipif(not triton_ops.available(), reason="needs CUDA and Triton")
 def test_triton_kernels_match_torch_path():
     dev = torch.device("cuda")

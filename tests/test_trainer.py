@@ -91,11 +91,20 @@ def test_saes_trained_together_equal_saes_trained_alone(tmp_path):
 
 def test_recipe_optimizer_defaults_fill_what_the_train_config_leaves_open(tmp_path):
     cfgs = {"g": make_config("gated", d_in=D, d_sae=32), "t": make_config("topk", d_in=D, d_sae=32, k=3)}
-    tr = Trainer(cfgs, _stream(), _tc(2, lr=None, betas=None, eps=None), tmp_path)
+    tr = Trainer(cfgs, _stream(), _tc(2, lr=None, betas=None, eps=None, lr_rule="published"), tmp_path)
     g = tr.runs["g"].opt.param_groups[0]
     assert g["betas"] == (0.0, 0.999) and g["lr"] == pytest.approx(5e-5)  # Rajamanoharan et al. 2024a
     t = tr.runs["t"].opt.param_groups[0]
     assert t["betas"] == (0.9, 0.999) and t["lr"] == pytest.approx(2e-4 / (32 / 2**14) ** 0.5)
+    # the default rule: Gao et al.'s 2e-4/sqrt(n/2^14) moved from d = 768 to d_in as 1/sqrt(d_in), times
+    # LR_SCALE, for every architecture (betas stay the recipe's)
+    from saeforge.sae.base import LR_SCALE
+
+    scaled = Trainer(cfgs, _stream(), _tc(2, lr=None, betas=None, eps=None), tmp_path / "s")
+    want = LR_SCALE * 2e-4 * (2**14 / 32) ** 0.5 * (768 / D) ** 0.5
+    for name in ("g", "t"):
+        assert scaled.runs[name].opt.param_groups[0]["lr"] == pytest.approx(want)
+    assert scaled.runs["g"].opt.param_groups[0]["betas"] == (0.0, 0.999)
     explicit = Trainer(cfgs, _stream(), _tc(2, betas=(0.5, 0.9)), tmp_path / "x")
     assert explicit.runs["g"].opt.param_groups[0]["betas"] == (0.5, 0.9)
 

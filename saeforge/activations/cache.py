@@ -70,6 +70,16 @@ class HarvestConfig(JsonConfig):
     device: str = "cpu"
     keep_special: bool = False
     on_nonfinite: str = "error"  # "error": refuse NaN/Inf rows, naming them; "skip": leave those rows out
+    model_dtype: str = "float32"  # the model's weights (bfloat16/float16 for big models); changes the numbers
+    device_map: str | None = None  # HF models: spread layers over the node's GPUs (e.g. "auto"); like device
+
+    @property
+    def torch_model_dtype(self) -> torch.dtype:
+        from saeforge.device import DTYPES
+
+        if self.model_dtype not in DTYPES:
+            raise SaeforgeError(f"unknown --model-dtype {self.model_dtype!r}; use float32, bfloat16 or float16")
+        return DTYPES[self.model_dtype]
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -102,6 +112,9 @@ class HarvestConfig(JsonConfig):
         d.pop("device")
         if d["on_nonfinite"] == "error":  # the default leaves the bytes of every earlier cache unchanged
             d.pop("on_nonfinite")
+        d.pop("device_map")  # where the layers run, like device
+        if d["model_dtype"] == "float32":  # the default: caches from before the option keep their identity
+            d.pop("model_dtype")
         return d
 
 
@@ -155,7 +168,8 @@ def forward_rows(
     mask = None if bool(real.all()) else real.long().to(device)
     with torch.no_grad():
         acts = capture(model, hook_points, tokens.to(device), attention_mask=mask, stop_early=True)
-    out = {f"acts.{h.name}": acts[h.name][keep.to(device)].cpu() for h in hook_points}
+    # with a device_map each hook's activations live on its layer's GPU
+    out = {f"acts.{h.name}": acts[h.name][keep.to(acts[h.name].device)].cpu() for h in hook_points}
     out["token_id"] = tokens[keep].to(torch.int32)
     out["doc"] = doc[keep].to(torch.int64)
     out["pos"] = pos[keep].to(torch.int32)
@@ -266,16 +280,54 @@ def _verified_prefix(out: Path, shards: list[dict[str, Any]]) -> list[dict[str, 
     return good
 
 
+def _with_last(it: Iterator[Any]) -> Iterator[tuple[Any, bool]]:
+    """``(item, is_last)`` pairs (one item of look-ahead)."""
+    prev = next(it, _END := object())
+    if prev is _END:
+        return
+    for item in it:
+        yield prev, False
+        prev = item
+    yield prev, True
+
+
+def _agree(fn: Any) -> Any:
+    """Run ``fn`` on rank 0 only and hand its result (or its SaeforgeError) to every process."""
+    from saeforge import distributed as dist
+
+    box: tuple[str, Any] = ("ok", None)
+    if dist.rank() == 0:
+        try:
+            box = ("ok", fn())
+        except SaeforgeError as err:
+            box = ("error", (type(err), str(err)))
+    box = dist.broadcast_object(box)
+    if box[0] == "error":
+        cls, msg = box[1]
+        raise cls(msg)
+    return box[1]
+
+
 def harvest(cfg: HarvestConfig, progress: bool = True) -> Path:
     """Run the model over ``cfg.data`` and store the hooked activations in ``cfg.out``; returns the folder.
 
     Resumable: rerunning an interrupted harvest with the same config finishes it (see module docstring).
     A complete cache with the same config is left untouched.
+
+    Under ``torchrun`` the shards are dealt round-robin: process ``r`` of ``W`` runs the forward passes of
+    shards ``i ≡ r (mod W)`` and writes them; after every round of ``W`` shards rank 0 lists the round in
+    the manifest. The shards depend only on the config, so the cache is byte-identical to a one-process
+    harvest (given the same forward numerics: same device kind and thread count), and the manifest only
+    ever lists a prefix of finished shards, so a harvest killed on any rank resumes with any number of
+    processes. Rank 0 alone checks the folder, holds the lock and writes the manifest.
     """
+    from saeforge import distributed as dist
+
     cfg.validate()
     out = Path(cfg.out)
-    if not (out / MANIFEST).exists():
-        _check_folder(out, cfg)  # refuse a foreign folder before the lock puts its file into it
+    dist.init(cfg.device)
+    # refuse a foreign folder before the lock puts its file into it
+    _agree(lambda: None if (out / MANIFEST).exists() else _check_folder(out, cfg))
     with folder_lock(out, "harvest"):
         return _harvest_locked(cfg, out, progress)
 
@@ -294,19 +346,29 @@ def _check_data(out: Path, old: dict[str, Any] | None, fingerprint: dict[str, An
 def _harvest_locked(cfg: HarvestConfig, out: Path, progress: bool) -> Path:
     from tqdm.auto import tqdm
 
+    from saeforge import distributed as dist
     from saeforge.data.fingerprint import data_fingerprint
     from saeforge.hooks import resolve_hook
     from saeforge.models import check_context_len, load_model
 
-    old = _check_folder(out, cfg)
-    fingerprint = data_fingerprint(cfg.data)
-    _check_data(out, old, fingerprint)
-    shards = _verified_prefix(out, old["shards"]) if old else []
-    if old and old.get("complete") and len(shards) == len(old["shards"]):
+    W, me = dist.world_size(), dist.rank()
+
+    def check() -> tuple[dict[str, Any] | None, list[dict[str, Any]], bool, dict[str, Any]]:
+        old = _check_folder(out, cfg)
+        fingerprint = data_fingerprint(cfg.data)
+        _check_data(out, old, fingerprint)
+        shards = _verified_prefix(out, old["shards"]) if old else []
+        return old, shards, bool(old and old.get("complete") and len(shards) == len(old["shards"])), fingerprint
+
+    old, shards, done, fingerprint = _agree(check)
+    if done:
         return out  # already finished: nothing to do
 
     device = resolve_device(cfg.device)
-    loaded = load_model(cfg.model, tokenizer=cfg.tokenizer, device=device)
+    loaded = load_model(cfg.model, tokenizer=cfg.tokenizer, device=device, dtype=cfg.torch_model_dtype,
+                        device_map=cfg.device_map)
+    if cfg.device_map is not None:
+        device = loaded.device  # inputs go where the embedding is
     check_context_len(loaded, cfg.context_len)
     hook_points = [resolve_hook(loaded, h) for h in cfg.hooks]
     names = [hp.name for hp in hook_points]  # canonical spellings (e.g. "mod:input" -> "mod:in")
@@ -322,7 +384,6 @@ def _harvest_locked(cfg: HarvestConfig, out: Path, progress: bool) -> Path:
         )
     if old:
         old = {**old, "shards": shards}
-    _tidy(out, old)
     store_dtype = STORE_DTYPES[cfg.dtype]
     manifest: dict[str, Any] = {
         "format": FORMAT,
@@ -349,46 +410,71 @@ def _harvest_locked(cfg: HarvestConfig, out: Path, progress: bool) -> Path:
         manifest["n_contexts"] = sum(s["n_contexts"] for s in shards)
         write_json_atomic(out / MANIFEST, manifest)
 
-    write_manifest()
-    skip_batches = len(shards) * cfg.shard_batches
-    n_contexts_done = manifest["n_contexts"]
+    if me == 0:
+        _tidy(out, old)
+        write_manifest()
+    dist.barrier()  # leftovers are gone before anyone writes a shard
+    sb = cfg.shard_batches
+    skip_batches = len(shards) * sb
     bar = tqdm(total=cfg.max_tokens, initial=manifest["n_tokens"], unit="tok", unit_scale=True,
-               desc=f"harvest {out.name}", disable=not progress)
+               desc=f"harvest {out.name}", disable=not progress or me != 0)
     pending: list[dict[str, torch.Tensor]] = []
     pending_contexts = 0
+    done_round: list[tuple[int, dict[str, Any]]] = []  # this process's finished shards of the current round
+    d_seen: dict[str, int] = {}
 
-    def flush() -> None:
-        nonlocal pending, pending_contexts, n_contexts_done
+    def write_shard(i: int) -> None:
+        nonlocal pending, pending_contexts
         rows = _concat(pending)
         tensors = {k: (v.to(store_dtype) if k.startswith("acts.") else v).contiguous() for k, v in rows.items()}
-        name = _shard_name(len(shards))
+        name = _shard_name(i)
         data = save_safetensors_atomic(out / name, tensors)
-        shards.append({"file": name, "rows": int(rows["token_id"].shape[0]), "sha256": sha256_bytes(data),
-                       "first_context": n_contexts_done, "n_contexts": pending_contexts})
-        n_contexts_done += pending_contexts
+        done_round.append((i, {"file": name, "rows": int(rows["token_id"].shape[0]), "sha256": sha256_bytes(data),
+                               "n_contexts": pending_contexts}))
         pending, pending_contexts = [], 0
-        write_manifest()
-        faults.point("harvest:shard")
+
+    def end_round() -> None:
+        """Every process: hand this round's shards to rank 0, which lists them in order."""
+        mine = (list(done_round), dict(d_seen))
+        done_round.clear()
+        parts = dist.all_gather_object(mine)
+        if me != 0:
+            return
+        for h in names:
+            for _, d in parts:
+                if h in d:
+                    manifest["d"].setdefault(h, d[h])
+        for _, e in sorted((x for part, _ in parts for x in part), key=lambda x: x[0]):
+            first_context = manifest["n_contexts"]
+            shards.append({"file": e["file"], "rows": e["rows"], "sha256": e["sha256"],
+                           "first_context": first_context, "n_contexts": e["n_contexts"]})
+            bar.update(e["rows"])
+            write_manifest()
+            faults.point("harvest:shard")
 
     try:
-        for b, batch in enumerate(itertools.chain([first], batches)):
+        for b, (batch, last) in enumerate(_with_last(itertools.chain([first], batches))):
             if b < skip_batches:
                 continue
-            rows = refuse_or_skip_nonfinite(forward_rows(loaded.model, hook_points, batch, device),
-                                            cfg.on_nonfinite, cfg.data)
-            for h in names:
-                manifest["d"].setdefault(h, int(rows[f"acts.{h}"].shape[-1]))
-            pending.append(rows)
-            pending_contexts += int(batch[0].shape[0])
-            bar.update(int(rows["token_id"].shape[0]))
-            if len(pending) == cfg.shard_batches:
-                flush()
-        if pending:
-            flush()
+            i = b // sb
+            if i % W == me:
+                rows = refuse_or_skip_nonfinite(forward_rows(loaded.model, hook_points, batch, device),
+                                                cfg.on_nonfinite, cfg.data)
+                for h in names:
+                    d_seen.setdefault(h, int(rows[f"acts.{h}"].shape[-1]))
+                pending.append(rows)
+                pending_contexts += int(batch[0].shape[0])
+            if b % sb == sb - 1 or last:  # shard i is complete
+                if pending:
+                    write_shard(i)
+                if i % W == W - 1 or last:
+                    end_round()
     finally:
         bar.close()
-    manifest["complete"] = True
-    write_manifest()
+    if me == 0:
+        manifest["complete"] = True
+        write_manifest()
+    dist.barrier()  # the cache is complete before any process returns
     return out
 
 

@@ -36,6 +36,7 @@ class ActivationBatch:
     token_id: torch.Tensor | None = None
     doc: torch.Tensor | None = None
     pos: torch.Tensor | None = None
+    global_rows: int | None = None  # rows of the global batch this one is a part of (None: this whole batch)
 
     def __len__(self) -> int:
         return next(iter(self.acts.values())).shape[0]
@@ -316,6 +317,14 @@ class LiveStream(_BufferedStream):
         self.text_field, self.split, self.keep_special, self.max_tokens = text_field, split, keep_special, max_tokens
         self.model_spec = str(self.loaded.spec)
         self.d = self._probe_widths()
+        self._forward_group: Any = None
+
+    def split_forward(self, group: Any) -> None:
+        """Share the model's work with the processes of ``group`` (a :class:`saeforge.distributed.Group`):
+        each runs every ``size``-th forward batch and the rows are exchanged, so every process still sees
+        the whole, identical stream (the one a single process would produce) for a ``1/size`` of the forward
+        passes. Every process of the group must iterate the stream in step (the trainer does)."""
+        self._forward_group = group if group is not None and group.size > 1 else None
 
     def identity(self) -> dict[str, Any]:
         from saeforge.data.fingerprint import data_fingerprint
@@ -341,8 +350,58 @@ class LiveStream(_BufferedStream):
                                   batch_size=self.batch_contexts, text_field=self.text_field, split=self.split,
                                   keep_special=self.keep_special, max_tokens=self.max_tokens)
         dev = self._model_device()
-        for batch in batches:
-            yield forward_rows(self.loaded.model, self.hook_points, batch, dev)
+        g = self._forward_group
+        if g is None:
+            for batch in batches:
+                yield forward_rows(self.loaded.model, self.hook_points, batch, dev)
+            return
+        from saeforge import distributed as dist
+
+        done = False
+        while not done:  # rounds of g.size forward batches; process r runs the r-th of each round
+            mine = None
+            for j in range(g.size):
+                batch = next(batches, None)
+                if batch is None:
+                    done = True
+                    break
+                if j == g.rank:
+                    mine = forward_rows(self.loaded.model, self.hook_points, batch, dev)
+            for rows in dist.all_gather_object(mine, g):
+                if rows is not None:
+                    yield rows
+
+
+class RankSlice:
+    """Data parallelism at the stream: replica ``index`` of ``count`` gets rows ``[lo, hi)`` of every global
+    batch of ``source`` (contiguous, deterministic, disjoint; the first ``B % count`` replicas get one row
+    more). Every replica draws the same global batches (same seed), so the union over replicas of a step's
+    rows is exactly the batch one process would train on, and ``iterate(skip_batches)`` resumes the same
+    way for any number of replicas. ``global_rows`` on each batch is the global batch size.
+    """
+
+    def __init__(self, source: Any, index: int, count: int):
+        if not 0 <= index < count:
+            raise SaeforgeError(f"replica {index} of {count} does not exist")
+        self.source, self.index, self.count = source, index, count
+        self.hooks, self.d = source.hooks, source.d
+
+    def __getattr__(self, name: str) -> Any:  # model_spec, batch_size, ... of the source
+        if name == "source":
+            raise AttributeError(name)
+        return getattr(self.source, name)
+
+    def iterate(self, skip_batches: int = 0) -> Iterator[ActivationBatch]:
+        from saeforge.distributed import split_bounds
+
+        for b in self.source.iterate(skip_batches):
+            n = len(next(iter(b.acts.values())))
+            lo, hi = split_bounds(n, self.index, self.count)
+            meta = {k: (None if getattr(b, k, None) is None else getattr(b, k)[lo:hi]) for k in META_KEYS}
+            yield ActivationBatch(acts={h: a[lo:hi] for h, a in b.acts.items()}, global_rows=n, **meta)
+
+    def __iter__(self) -> Iterator[ActivationBatch]:
+        return self.iterate()
 
 
 def open_stream(source: str | Path, **kw: Any) -> ActivationStream:

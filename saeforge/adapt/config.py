@@ -34,6 +34,7 @@ class AdaptConfig(JsonConfig):
     log_every: int = 20
     checkpoint_every: int = 200
     device: str = "auto"
+    model_dtype: str = "float32"  # the frozen model's weights (bfloat16/float16 for big models); LoRA stays fp32
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -47,3 +48,4 @@ class AdaptConfig(JsonConfig):
         self.require_finite("weight_decay", "grad_clip", minimum=0.0)
         self.require(self.trainable in ("lora", "sae"), "trainable", "lora or sae")
         self.require(self.layers in ("all", "after"), "layers", "all or after")
+        self.require(self.model_dtype in ("float32", "bfloat16", "float16"), "model_dtype", "float32, bfloat16 or float16")

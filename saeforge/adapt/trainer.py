@@ -60,9 +60,11 @@ class Adapted:
 
 def build(cfg: AdaptConfig) -> Adapted:
     device = resolve_device(cfg.device)
+    from saeforge.device import DTYPES
+
     if not cfg.model:
         raise SaeforgeError("no model to adapt: the SAE names none; pass --model")
-    loaded = load_model(cfg.model, tokenizer=cfg.tokenizer, device=device)
+    loaded = load_model(cfg.model, tokenizer=cfg.tokenizer, device=device, dtype=DTYPES[cfg.model_dtype])
     check_context_len(loaded, cfg.context_len)
     if not loaded.is_causal:
         raise SaeforgeError(f"{cfg.model} is not a causal LM; adaptation needs next-token distributions")
@@ -294,7 +296,10 @@ def load(path: str | Path, device: str = "auto") -> Adapted:
     except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
         raise CorruptFileError(f"{mf} is damaged ({e}); rerun `saeforge adapt train` into a new --out") from None
     dev = resolve_device(device)
-    loaded = load_model(manifest["model"], tokenizer=manifest.get("tokenizer"), device=dev)
+    from saeforge.device import DTYPES
+
+    mdt = DTYPES.get((manifest.get("config") or {}).get("model_dtype", "float32"), torch.float32)
+    loaded = load_model(manifest["model"], tokenizer=manifest.get("tokenizer"), device=dev, dtype=mdt)
     saes = [SAE.load(path / s["path"], device=dev).eval() for s in manifest["saes"]]
     hooks = resolve_sae_hooks(loaded.model, saes, loaded.family)
     ad = Adapted(loaded, saes, hooks, ranks=manifest.get("lora_ranks") or {})

@@ -57,6 +57,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--eval-tokens", type=parse_size, default="100k", help="held-out tokens for the report")
     t.add_argument("--checkpoint-every", type=int, default=200, help="steps between checkpoints")
     t.add_argument("--device", default="auto")
+    t.add_argument("--model-dtype", choices=["float32", "bfloat16", "float16"], default="float32",
+                   help="dtype of the frozen model's weights (bf16/fp16 for big models)")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
     t.add_argument("--no-progress", action="store_true")
@@ -93,7 +95,7 @@ def run_train(args: argparse.Namespace) -> int:
         target_modules=args.target_modules.split(",") if args.target_modules else None,
         replace_special=args.replace_special, lr=args.lr, lr_schedule=args.lr_schedule, tokens=parse_size(args.tokens),
         batch_contexts=args.batch_contexts, context_len=args.context_len,
-        checkpoint_every=args.checkpoint_every, device=args.device, seed=args.seed,
+        checkpoint_every=args.checkpoint_every, device=args.device, seed=args.seed, model_dtype=args.model_dtype,
     )
     out = Path(args.out)
     ad = build(cfg)

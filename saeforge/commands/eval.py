@@ -70,7 +70,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="positions sampled for ablation sparsity")
     p.add_argument("--resume", action="store_true", help="continue an interrupted evaluation in --out")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
-    p.add_argument("--dtype", default="float32", help="model weights dtype: float32, bfloat16, float16")
+    p.add_argument("--dtype", "--model-dtype", dest="dtype", default="float32",
+                   help="model weights dtype: float32, bfloat16, float16")
     p.add_argument("--seed", type=int, default=0, help="seed of the quantile token sample")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
@@ -96,6 +97,10 @@ def run(args: argparse.Namespace) -> int:
         n2g_contexts=args.n2g_contexts, probe_tasks=args.probe_tasks, probe_task_file=args.probe_task_file,
         probe_tokens=args.probe_tokens, ablation_positions=args.ablation_positions,
     )
+    from saeforge import distributed as dist
+
+    if not dist.is_main():  # under torchrun: rank 0 reports
+        return 0
     print(format_table(combined["saes"]))
     for name, r in combined["saes"].items():
         skipped = r.get("downstream", {}).get("skipped")

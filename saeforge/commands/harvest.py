@@ -11,7 +11,9 @@ HELP = "run a model over text and save activations at hook points to a resumable
 EPILOG = """\
 The cache folder holds manifest.json and shard_NNNNN.safetensors files (see docs/cache.md). If a run
 is interrupted, run the same command again: finished shards are checked and kept, and the harvest
-continues where it stopped; the result is byte-identical to an uninterrupted run. Running it on a
+continues where it stopped; the result is byte-identical to an uninterrupted run. Under torchrun
+(`torchrun --nproc-per-node N -m saeforge harvest ...`) each process runs the forward passes of every
+N-th shard and the result is the same cache, byte for byte (docs/distributed.md). Running it on a
 finished cache does nothing. A different configuration for an existing folder is refused.
 
 example:
@@ -51,6 +53,12 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="stop after this many stored rows, e.g. 200k or 5M (default: the whole data set)")
     p.add_argument("--dtype", choices=list(STORE_DTYPES), default=d["dtype"].default,
                    help="storage dtype of the activations; the model itself runs in float32 (default: %(default)s)")
+    p.add_argument("--model-dtype", choices=["float32", "bfloat16", "float16"], default="float32",
+                   help="dtype of the model's weights for the forward passes (bf16/fp16 for big models; changes "
+                        "the activations, so it is part of the cache's identity) (default: %(default)s)")
+    p.add_argument("--device-map", default=None,
+                   help="Hugging Face models too big for one GPU: place the layers over the node's GPUs with "
+                        "accelerate, e.g. --device-map auto (replaces --device)")
     p.add_argument("--device", default=d["device"].default,
                    help="device for the model's forward passes: cpu, cuda, cuda:1, mps, auto (default: %(default)s)")
     p.add_argument("--text-field", default=d["text_field"].default,
@@ -74,9 +82,13 @@ def run(args: argparse.Namespace) -> int:
         text_field=args.text_field, split=args.split, context_len=args.context_len,
         batch_contexts=args.batch_contexts, shard_tokens=args.shard_tokens, max_tokens=args.max_tokens,
         dtype=args.dtype, device=args.device, keep_special=args.keep_special,
-        on_nonfinite=args.on_nonfinite,
+        on_nonfinite=args.on_nonfinite, model_dtype=args.model_dtype, device_map=args.device_map,
     )
+    from saeforge import distributed as dist
+
     out = harvest(cfg, progress=not args.quiet)
+    if not dist.is_main():  # under torchrun: one cache, one summary line
+        return 0
     cache = ActivationCache(out)
     widths = ", ".join(f"{h} (d={n})" for h, n in cache.d.items())
     print(f"harvested {cache.n_tokens} tokens x {widths} into {out} ({cache.n_shards} shards)")

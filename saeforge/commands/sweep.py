@@ -113,6 +113,8 @@ def run_sweep(grid: dict[str, Any], stream: Any, train_cfg: Any, out: str | Path
     """Train every SAE of ``grid`` from one pass over ``stream``; write and return the sweep.json index."""
     from saeforge.train import Trainer
 
+    from saeforge import distributed as dist
+
     trainer = Trainer(grid, stream, train_cfg, out)
     trainer.fit(resume=resume, progress=progress, allow_changes=allow_changes)
     entries = []
@@ -128,9 +130,13 @@ def run_sweep(grid: dict[str, Any], stream: Any, train_cfg: Any, out: str | Path
             "sparsity_field": fld, "sparsity_value": getattr(cfg, fld), "path": str(Path(name)),
             "final": {k: metrics.get(k) for k in ("fvu", "l0", "dead_frac", "loss") if k in metrics},
         })
+    if trainer.par.spread:  # each process trained (and knows) only its own SAEs
+        found = {e["name"]: e for part in dist.all_gather_object(entries) for e in part}
+        entries = [found[n] for n in trainer.names]
     index = {"format": "saeforge-sweep/1", "tokens": trainer.tokens, "steps": trainer.step,
              "train": train_cfg.to_dict(), "saes": entries}
-    write_json_atomic(Path(out) / "sweep.json", index)
+    if trainer.par.writer:
+        write_json_atomic(Path(out) / "sweep.json", index)
     return index
 
 
@@ -154,6 +160,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="a config field for every arch that has it, e.g. --set aux_coef=0.05 (repeatable)")
     add_train_args(p)
+    p.add_argument("--spread", action="store_true",
+                   help="under torchrun: place whole SAEs on processes (each process trains its share of the grid "
+                        "on every batch; any grid size) instead of splitting every batch over the processes")
     p.add_argument("--out", default="runs/sweep", help="output folder")
     p.set_defaults(func=run)
 
@@ -173,6 +182,10 @@ def run(args: argparse.Namespace) -> int:
     )
     index = run_sweep(grid, stream, train_cfg, args.out, resume=args.resume, progress=not args.no_progress,
                       allow_changes=allowed_changes(args))
+    from saeforge import distributed as dist
+
+    if not dist.is_main():
+        return 0
     for e in index["saes"]:
         f = e["final"]
         print(f"{e['name']:40s} fvu {f.get('fvu', float('nan')):.4f}  l0 {f.get('l0', float('nan')):.1f}  "

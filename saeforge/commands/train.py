@@ -42,8 +42,10 @@ def add_stream_args(p: argparse.ArgumentParser) -> None:
 
 
 def open_training_stream(args: argparse.Namespace, hooks: list[str], batch_size: int, seed: int):
+    from saeforge import distributed as dist
     from saeforge.activations.stream import CachedStream, LiveStream
 
+    dist.init(getattr(args, "device", None))  # under torchrun: before the model lands on this rank's GPU
     data = Path(args.data)
     if data.is_dir() and (data / "manifest.json").exists():
         return CachedStream(str(data), batch_size=batch_size, hooks=hooks, shuffle_buffer=args.shuffle_buffer,
@@ -61,7 +63,8 @@ def open_training_stream(args: argparse.Namespace, hooks: list[str], batch_size:
 def add_train_args(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("optimisation")
     g.add_argument("--tokens", type=parse_size, default=5_000_000, help="training tokens (default 5M; loops the data)")
-    g.add_argument("--batch-size", type=parse_size, default=4096, help="rows per step (default 4096)")
+    g.add_argument("--batch-size", type=parse_size, default=4096,
+                   help="rows per step (default 4096); under torchrun the GLOBAL batch, split over the replicas")
     g.add_argument("--lr", type=finite_float, help="learning rate (default: from --lr-rule)")
     g.add_argument("--lr-rule", choices=["scaled", "published"], default="scaled",
                    help="an unset --lr: scaled = Gao et al.'s 2e-4/sqrt(n/2^14) transferred to the input width "
@@ -82,6 +85,10 @@ def add_train_args(p: argparse.ArgumentParser) -> None:
     g.add_argument("--kernels", choices=["sparse", "dense"], default="sparse",
                    help="sparse: the sparse training kernels where the architecture has them (TopK, BatchTopK, "
                         "JumpReLU's decoder; docs/performance.md); dense: plain autograd (same numbers, slower)")
+    g.add_argument("--shard-latents", type=int, nargs="?", const=0, default=1, metavar="S",
+                   help="under torchrun: split each SAE's latents over S processes (tensor parallel over d_sae; "
+                        "topk only); the processes form replicas x S (data parallel x latent shards); bare flag: "
+                        "all processes (docs/distributed.md). Without torchrun: ignored")
     g.add_argument("--resume", action="store_true",
                    help="continue the run in --out from its last checkpoint (every setting must match the run's)")
     g.add_argument("--allow-change", action="append", metavar="FIELD[,FIELD]", default=[],
@@ -109,7 +116,8 @@ def train_config_from_args(args: argparse.Namespace):
         warmup_steps=args.warmup_steps,
         decay_frac=args.decay_frac, grad_clip=args.grad_clip, dead_tokens=args.dead_tokens,
         log_every=args.log_every, checkpoint_every=args.checkpoint_every, seed=args.seed, device=args.device,
-        dtype=args.dtype, kernels=args.kernels,
+        dtype=args.dtype, kernels=args.kernels, shard_latents=args.shard_latents,
+        spread=bool(getattr(args, "spread", False)),
     )
 
 
@@ -184,7 +192,7 @@ def run(args: argparse.Namespace) -> int:
     trainer = Trainer({"": cfg}, stream, tcfg, args.out)
     trainer.fit(resume=args.resume, progress=not args.no_progress, allow_changes=allowed_changes(args))
     last = trainer.out / "metrics.jsonl"
-    if last.exists():
+    if last.exists() and trainer.par.writer:
         rec = json.loads(last.read_text().splitlines()[-1])
         print(f"saved {args.out}: fvu {rec['fvu']:.4f}  l0 {rec['l0']:.1f}  dead {rec['dead_frac']:.1%}")
     return 0
@@ -252,7 +260,8 @@ def run_crosscoder(args: argparse.Namespace) -> int:
     width = args.width if args.width is not None else args.expansion * d_in
     cfg = make_config("crosscoder", d_in=d_in, d_sae=width, hooks=hooks,
                       model=getattr(stream, "model_spec", None) or args.model, **opts)
-    Trainer({"": cfg}, stream, train_config_from_args(args), args.out).fit(
-        resume=args.resume, progress=not args.no_progress, allow_changes=allowed_changes(args))
-    print(f"saved crosscoder over {len(hooks)} hooks to {args.out}")
+    trainer = Trainer({"": cfg}, stream, train_config_from_args(args), args.out)
+    trainer.fit(resume=args.resume, progress=not args.no_progress, allow_changes=allowed_changes(args))
+    if trainer.par.writer:
+        print(f"saved crosscoder over {len(hooks)} hooks to {args.out}")
     return 0

@@ -189,6 +189,9 @@ def evaluate_many(
             sae.cfg.hook = str(hook)
             if sae.cfg.target_hook:
                 sae.cfg.target_hook = str(hook)
+    from saeforge import distributed as dist
+
+    dist.init(device)  # under torchrun: before the model lands on this rank's GPU
     lm = _model(model, named, tokenizer, device, dtype)
     if model is not None:
         warn_model_mismatch({n: s.cfg.model for n, s in named.items()}, getattr(lm, "spec", None), "eval",
@@ -211,6 +214,10 @@ def _evaluate(runner: EvalRunner, sources: dict[str, str], out_p: Path | None, r
     seconds: dict[str, float] = {"core": round(time.perf_counter() - t0, 3)}  # recon + downstream, all SAEs
     for name, src in sources.items():
         results[name]["sae"]["source"] = src
+    from saeforge import distributed as dist
+
+    if not dist.is_main():  # under torchrun the passes are split; rank 0 alone runs the extras and writes
+        return {"saes": results, "frontier": frontier_points(results)}
     extras = run_extras(runner, progress=progress) if run_all else {}
     for name, by_key in extras.items():
         results[name]["extras"] = by_key

@@ -207,6 +207,11 @@ class DownstreamStats:
             "kl_recovered": _ratio(m["kl_zero"] - m["kl"], m["kl_zero"]),
         }
 
+    def merge(self, other: "DownstreamStats") -> None:
+        self.n += other.n
+        for k in PER_TOKEN_KEYS:
+            self.sums[k] += other.sums[k]
+
     def state_dict(self) -> dict[str, Any]:
         return {"n": self.n, "sums": dict(self.sums)}
 

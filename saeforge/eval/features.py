@@ -41,6 +41,13 @@ class FeatureStats:
     def density(self) -> np.ndarray:
         return self.fire_count / max(self.n, 1)
 
+    def merge(self, other: "FeatureStats") -> None:
+        """Add another process's counts (sums, and the maximum of the maxima)."""
+        self.n += other.n
+        self.fire_count = self.fire_count + other.fire_count
+        self.act_sum = self.act_sum + other.act_sum
+        self.act_max = np.maximum(self.act_max, other.act_max)
+
     def state_dict(self) -> dict[str, Any]:
         return dict(vars(self))
 

@@ -120,6 +120,20 @@ class ReconStats:
             "target_variance": self.m2 / n,  # mean over tokens of ‖y − ȳ‖²
         }
 
+    def merge(self, other: "ReconStats") -> None:
+        """Add the sums of ``other`` (another process's tokens): Chan et al.'s pairwise mean/M2 update, the
+        rest are plain sums, so the merged result is the one of all the tokens."""
+        if other.n == 0:
+            return
+        n_a, b = self.n, other.n
+        n = n_a + b
+        delta = np.asarray(other.mean, dtype=np.float64) - self.mean
+        self.m2 += other.m2 + float(delta @ delta) * n_a * b / n
+        self.mean = self.mean + delta * (b / n)
+        self.n = n
+        for k in ("sse", "cos_sum", "rel_norm_sum", "dot_sum", "yhat_sq_sum", "l0_sum", "l0_sq_sum"):
+            setattr(self, k, getattr(self, k) + getattr(other, k))
+
     def state_dict(self) -> dict[str, Any]:
         return {k: v for k, v in vars(self).items()}
 

@@ -16,6 +16,13 @@ Resuming. Batches are grouped into chunks of ``chunk_batches``. After each chunk
 running sums go to ``OUT/eval_state.json`` (both atomically), so the state file is the commit point: a
 resumed run reloads the sums bit-exactly (arrays are stored as base64 of their raw bytes), skips the chunks
 it lists as done and ends with the same numbers as an uninterrupted run.
+
+Under ``torchrun`` the chunks are dealt round-robin over the processes (process ``r`` of ``W`` runs chunks
+``c ≡ r (mod W)``); at the end of each pass the processes exchange their sums and every one merges them in
+rank order (:meth:`ReconStats.merge` and friends: sums, counts, maxima and the pairwise mean/M2 update), so
+the metrics are those of all the tokens, equal to a one-process run up to the summation order of floats.
+The chunk files carry the token sample and per-token losses for the final pass over them; rank 0 writes the
+results. A distributed evaluation restarts from the beginning rather than resuming mid-pass.
 """
 from __future__ import annotations
 
@@ -32,6 +39,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from saeforge import distributed as dist
 from saeforge.config import JsonConfig
 from saeforge.errors import SaeforgeError
 from saeforge.eval.downstream import DownstreamStats, SpliceTarget, downstream_batch
@@ -245,6 +253,8 @@ class EvalRunner:
         self.feats = [FeatureStats(s.cfg.d_sae) for s in self.saes.values()]
         self.down = [DownstreamStats() for _ in self.saes]
         self.store = ChunkStore(self.out / "eval_chunks" if self.out else None)
+        dist.init(dev)
+        self.world, self.rank = dist.world_size(), dist.rank()
         self.per_token: dict[str, dict[str, np.ndarray]] = {}
         self.arrays: dict[str, dict[str, np.ndarray]] = {}
 
@@ -270,8 +280,10 @@ class EvalRunner:
     def load_state(self, resume: bool) -> dict[str, Any]:
         fp = self.fingerprint()
         path = self.out / STATE if self.out else None
-        if not resume or path is None or not path.exists():
-            self.store.clear()
+        if not resume or path is None or not path.exists() or self.world > 1:
+            if self.rank == 0:
+                self.store.clear()
+            dist.barrier()
             return self._new_state(fp)
         import json
 
@@ -313,7 +325,7 @@ class EvalRunner:
     def save_state(self, state: dict[str, Any]) -> None:
         import json
 
-        if self.out is None:
+        if self.out is None or self.rank != 0:
             return
         state["stats"] = {str(i): {"recon": self.recon[i].state_dict(), "feats": self.feats[i].state_dict(),
                                    "down": self.down[i].state_dict()} for i in range(len(self.names))}
@@ -336,21 +348,26 @@ class EvalRunner:
             return
         cb = self.cfg.chunk_batches
         bar = tqdm(total=self.cfg.n_tokens, initial=ph["tokens"], desc=f"eval {phase}", unit="tok",
-                   disable=not progress, dynamic_ncols=True)
+                   disable=not progress or self.rank != 0, dynamic_ncols=True)
         pending: list[dict[str, np.ndarray]] = []
+
+        W, me = self.world, self.rank
+        last_chunk = -1
 
         def commit(chunk: int) -> None:
             keys = pending[0].keys()
             self.store.put(phase, chunk, {k: np.concatenate([p[k] for p in pending]) for k in keys})
             pending.clear()
             ph["chunks_done"] = chunk + 1
-            self.save_state(state)
+            if W == 1:  # one process: the state file is the commit point of each chunk
+                self.save_state(state)
             if on_chunk is not None:
                 on_chunk(phase, chunk + 1)
 
         for b, batch in enumerate(self._batches()):
             chunk = b // cb
-            if chunk < ph["chunks_done"]:
+            last_chunk = chunk
+            if chunk < ph["chunks_done"] or chunk % W != me:
                 continue
             pending.append(step(batch, b))
             n = int(batch[3].sum())
@@ -359,12 +376,39 @@ class EvalRunner:
             if (b + 1) % cb == 0:
                 commit(chunk)
         if pending:
-            commit(ph["chunks_done"])
+            commit(last_chunk)
         bar.close()
+        if W > 1:
+            self._merge(phase, ph, last_chunk + 1)
         if ph["tokens"] == 0:
             raise SaeforgeError(f"{self.data} gave no tokens to evaluate on; check --data and --text-field")
         ph["done"] = True
         self.save_state(state)
+
+    def _merge(self, phase: str, ph: dict[str, Any], n_chunks: int) -> None:
+        """After a distributed pass: every process gets the merged sums of all (in rank order) and the chunks."""
+        stats = (self.recon, self.feats) if phase == "recon" else (self.down,)
+        mem = {k: v for k, v in self.store.mem.items() if k[0] == phase}
+        parts = dist.all_gather_object(([[s.state_dict() for s in group] for group in stats], ph["tokens"], mem,
+                                        dict(self.store.sha)))
+        for g, group in enumerate(stats):
+            for i, s in enumerate(group):
+                merged = None
+                for part in parts:
+                    other = type(s).__new__(type(s))
+                    other.__dict__.update(s.__dict__)
+                    other.load_state_dict(part[0][g][i])
+                    if merged is None:
+                        merged = other
+                    else:
+                        merged.merge(other)
+                group[i] = merged
+        for part in parts:
+            self.store.mem.update(part[2])
+            self.store.sha.update(part[3])  # every chunk file's checksum, whoever wrote it
+        ph["tokens"] = sum(p[1] for p in parts)
+        ph["chunks_done"] = n_chunks
+        dist.barrier()  # every chunk file is written before anyone reads them
 
     @torch.no_grad()
     def _recon_step(self, batch: tuple, b: int) -> dict[str, np.ndarray]:
@@ -459,9 +503,12 @@ class EvalRunner:
             if self.do_downstream:
                 self._phase("downstream", state, self._down_step, progress, on_chunk)
             state["results"] = self._finish(state)
-            self.write_arrays()
-            self.save_state(state)
-            self.store.clear()
+            if self.rank == 0:
+                self.write_arrays()
+                self.save_state(state)
+            dist.barrier()  # everyone has read the chunk files
+            if self.rank == 0:
+                self.store.clear()
         else:
             self.read_arrays()
         return state["results"]

@@ -70,11 +70,14 @@ def load_model(
     tokenizer: str | None = None,
     device: str | torch.device = "cpu",
     dtype: torch.dtype = torch.float32,
+    device_map: str | dict | None = None,
 ) -> LoadedModel:
     """Load ``spec``: ``llama2c:PATH`` / a llama2.c ``.bin``, a local HF folder, or a hub id.
 
     ``tokenizer`` overrides the tokenizer (a llama2.c ``.bin`` or anything ``AutoTokenizer`` takes). For llama2.c
     it defaults to ``tokenizer.bin``/``tok*.bin`` next to the checkpoint; for HF to the model's own tokenizer.
+    ``dtype`` is the weights' dtype (bf16/fp16 for big models); ``device_map`` (HF models, e.g. ``"auto"``) spreads
+    the layers over the GPUs of the node instead of putting the model on ``device``.
     """
     from saeforge.paths import require_exists
 
@@ -86,6 +89,8 @@ def load_model(
     if l2c is not None:
         from saeforge.models.llama2c import find_tokenizer, load_llama2c
 
+        if device_map is not None:
+            raise SaeforgeError("--device-map is for Hugging Face models; a llama2.c model loads on one --device")
         model, hdr = load_llama2c(l2c, device=device, dtype=dtype)
         tok_path = tokenizer if tokenizer is not None else find_tokenizer(l2c, hdr.vocab_size)
         tok = load_tokenizer(tok_path, vocab_size=hdr.vocab_size if str(tok_path).endswith(".bin") else None)
@@ -93,7 +98,7 @@ def load_model(
 
     from saeforge.models.hf import load_hf, text_config
 
-    model, config, causal = load_hf(spec, device=device, dtype=dtype)
+    model, config, causal = load_hf(spec, device=device, dtype=dtype, device_map=device_map)
     if tokenizer is not None:
         tok = load_tokenizer(tokenizer)
     else:

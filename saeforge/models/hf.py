@@ -70,8 +70,12 @@ def _dtype_kwargs(dtype: torch.dtype) -> dict:
     return {"dtype": dtype} if (major, minor) >= (4, 56) else {"torch_dtype": dtype}
 
 
-def load_hf(spec: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32):
-    """Returns ``(model, config, is_causal)`` with the model in eval mode and gradients off."""
+def load_hf(spec: str, device: str | torch.device = "cpu", dtype: torch.dtype = torch.float32,
+            device_map: str | dict | None = None):
+    """Returns ``(model, config, is_causal)`` with the model in eval mode and gradients off.
+
+    ``device_map`` (e.g. ``"auto"``) places the layers over the GPUs of the node through ``accelerate``
+    (models that do not fit on one); ``device`` is then ignored."""
     from transformers import AutoModel, AutoModelForCausalLM
 
     config = load_config(spec)
@@ -79,10 +83,15 @@ def load_hf(spec: str, device: str | torch.device = "cpu", dtype: torch.dtype = 
     cls = AutoModelForCausalLM if causal else AutoModel
     src = str(Path(spec).expanduser()) if Path(spec).expanduser().exists() else spec
     try:
-        model = cls.from_pretrained(src, **_dtype_kwargs(dtype))
+        extra = {"device_map": device_map} if device_map is not None else {}
+        model = cls.from_pretrained(src, **_dtype_kwargs(dtype), **extra)
+    except ImportError as e:
+        raise SaeforgeError(f"--device-map needs the accelerate package ({_first_line(e)}); pip install accelerate") from None
     except (OSError, ValueError, KeyError) as e:
         raise SaeforgeError(f"cannot load model weights from {spec!r} ({_first_line(e)}); check the folder or hub id") from None
-    return model.to(device).eval().requires_grad_(False), config, causal
+    if device_map is None:
+        model = model.to(device)
+    return model.eval().requires_grad_(False), config, causal
 
 
 def text_config(config):

@@ -43,7 +43,10 @@ class JumpReLUConfig(SAEConfig):
     init_log_threshold: float | None = None  # t₀; None: the recipe's (0.1, or log 0.001)
     tanh_scale: float = 4.0  # c (anthropic2025)
     pre_act_coefficient: float = 3e-6  # λ_P (anthropic2025)
-    init_fire_count: float = 10000.0  # b_e makes each latent fire on init_fire_count / m of inputs (anthropic2025)
+    # anthropic2025: b_e makes each latent fire on init_fire_count / m of inputs. None: the paper's 10,000, capped
+    # at a tenth of the latents (10000/m is a rate only for m >= 10^5; below that every latent fired on every
+    # input and λ_S then killed half of them, docs/recipes/jumprelu.md)
+    init_fire_count: float | None = None
     sparsity_warmup_steps: int | None = None  # gemmascope λ warm-up; None: 10,000 steps, or 10% of a shorter run
     scale_inputs: bool = True  # E‖x‖ = √n before training
 
@@ -99,7 +102,9 @@ class JumpReLUSAE(TargetL0, SAE):
         if self.cfg.scale_inputs:
             set_dataset_scales_(self, x, y)
         if self._anthropic:
-            self.b_enc.copy_(self.fire_rate_bias(x, self.cfg.init_fire_count / self.cfg.d_sae))
+            count = self.cfg.init_fire_count
+            count = min(10000.0, 0.1 * self.cfg.d_sae) if count is None else count
+            self.b_enc.copy_(self.fire_rate_bias(x, count / self.cfg.d_sae))
 
     @torch.no_grad()
     def fire_rate_bias(self, x: Tensor, rate: float) -> Tensor:

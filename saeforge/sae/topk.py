@@ -20,6 +20,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
+from saeforge.distributed.ops import total_variance
 from saeforge.errors import SaeforgeError
 from saeforge.kernels.sparse_losses import fired_latents, sparse_auxk_loss
 from saeforge.kernels.topk_autograd import sparse_decode as kernel_sparse_decode
@@ -116,7 +117,8 @@ class TopKSAE(SAE):
         y2 = y.reshape(-1, y.shape[-1])
         y_hat = kernel_sparse_decode(vals, idx, self.W_dec, self.b_dec)
         e = y2 - y_hat
-        total_var = (y2 - y2.mean(0)).pow(2).sum().clamp_min(1e-12).detach()  # a constant (skip terms train through y)
+        # a constant (skip terms train through y); of the global batch under data parallelism
+        total_var = total_variance(y2).clamp_min(1e-12).detach()
         mse = e.pow(2).sum() / total_var
         losses = {"mse": mse}
         loss = mse
@@ -141,7 +143,8 @@ class TopKSAE(SAE):
         vals, idx = topk_relu(h, cfg.k)
         y_hat = sparse_decode(vals, idx, self.W_dec, self.b_dec)
         e = y - y_hat
-        total_var = (y - y.mean(0)).pow(2).sum().clamp_min(1e-12).detach()  # a constant (skip terms train through y)
+        # a constant (skip terms train through y); of the global batch under data parallelism
+        total_var = total_variance(y).clamp_min(1e-12).detach()
         mse = e.pow(2).sum() / total_var
         losses = {"mse": mse}
         loss = mse

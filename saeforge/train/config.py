@@ -35,11 +35,14 @@ class TrainConfig(JsonConfig):
     dtype: str = "auto"  # autocast dtype: auto | float32 | bfloat16 | float16
     kernels: str = "sparse"  # sparse: saeforge/kernels where an architecture has them; dense: plain autograd
     fused_adam: bool = True  # torch's fused Adam (one kernel per step) where the device supports it
+    # under torchrun (docs/distributed.md): latent shards per replica (1: pure data parallel; 0: all processes)
+    shard_latents: int = 1
+    spread: bool = False  # place whole SAEs on processes instead of splitting rows (sweeps, one SAE per layer)
 
     def __post_init__(self) -> None:
         super().__post_init__()
         self.require_ints(1, "total_tokens", "batch_size", "dead_tokens", "init_tokens", "log_every")
-        self.require_ints(0, "warmup_steps", "checkpoint_every", "seed")
+        self.require_ints(0, "warmup_steps", "checkpoint_every", "seed", "shard_latents")
         self.require_finite("lr", positive=True)
         self.require_finite("eps", positive=True)
         self.require_finite("decay_frac", minimum=0.0, maximum=1.0)

@@ -18,6 +18,10 @@ method has a default there), never through ``if arch == ...``:
   opt, generator) -> reset latent indices`` (dead-latent resampling, e.g. Bricken et al. 2023). The rows
   come from the *upcoming* training batches, peeked without consuming them, so resampling never
   changes what the SAEs train on and a resumed run sees exactly the same data.
+
+Under ``torchrun`` the loop is the same; :class:`~saeforge.train.parallel.Parallel` supplies the few
+hooks that differ (which rows this process reads, gradient averaging, the global norm for clipping,
+global fired masks, who writes files; docs/distributed.md). With one process they are identities.
 """
 from __future__ import annotations
 
@@ -35,11 +39,13 @@ from tqdm.auto import tqdm
 
 from saeforge import faults
 from saeforge.device import resolve_device, resolve_dtype
+from saeforge.distributed.ops import total_variance
 from saeforge.errors import SaeforgeError
-from saeforge.sae.base import SAE, SAEConfig, TrainStepInput, create_sae, fvu
+from saeforge.sae.base import SAE, SAEConfig, TrainStepInput, create_sae
 from saeforge.train.checkpoint import load_checkpoint, save_checkpoint
 from saeforge.train.config import TrainConfig
 from saeforge.train import guard
+from saeforge.train.parallel import Parallel
 from saeforge.train.schedule import default_warmup, lr_factor
 
 CHECKPOINT = "checkpoint.safetensors"
@@ -82,6 +88,12 @@ class _Lookahead:
         return list(self.buf)
 
 
+def _fvu(y: torch.Tensor, y_hat: torch.Tensor) -> torch.Tensor:
+    """:func:`~saeforge.sae.base.fvu` with the variance of the global batch (this process's share of it), so
+    that the replicas' mean is the global batch's FVU; with one process exactly ``fvu``."""
+    return (y - y_hat).pow(2).sum() / total_variance(y).clamp_min(1e-12)
+
+
 def _seeded(seed: int) -> None:
     torch.manual_seed(seed)
 
@@ -107,7 +119,9 @@ class Trainer:
         if not saes:
             raise SaeforgeError("nothing to train: give at least one SAE config")
         self.cfg = cfg
-        self.stream = stream
+        self.par = Parallel(cfg.shard_latents, cfg.spread, cfg.device)  # torchrun: docs/distributed.md
+        self.source = stream  # the global batches (data-dependent init reads these)
+        self.stream = self.par.stream(stream)  # this process's rows of each global batch
         self.out = Path(out)
         self.device = resolve_device(cfg.device)
         if cfg.kernels not in ("sparse", "dense"):
@@ -116,12 +130,17 @@ class Trainer:
         self.dead_tokens = cfg.dead_window()
         self.warmup = cfg.warmup_steps if cfg.warmup_steps is not None else default_warmup(self.total_steps)
         self.runs: dict[str, _Run] = {}
+        self.names = list(saes)  # every SAE of the run (with spread=True a process trains only its own)
+        owner = self.par.owners({n: (s.cfg if isinstance(s, SAE) else s).d_sae for n, s in saes.items()})
+        self._writes = self.par.writer or self.par.spread  # per-SAE files: rank 0, or each SAE's owner
         for name, s in saes.items():
+            if owner[name] != self.par.rank:
+                continue
             # every SAE built from a config starts from the same seed, so an SAE trained in a group
             # is bit-identical to the same SAE trained alone
             _seeded(cfg.seed)
             sae = s if isinstance(s, SAE) else create_sae(s)
-            sae = sae.to(self.device)
+            sae = self.par.sae(sae.to(self.device))  # its latent-sharded form under --shard-latents
             lr = cfg.lr if cfg.lr is not None else sae.recommended_lr(cfg.total_tokens, cfg.lr_rule)
             hints = sae.adam_defaults()
             betas = tuple(cfg.betas) if cfg.betas is not None else tuple(hints.get("betas", (0.9, 0.999)))
@@ -135,8 +154,11 @@ class Trainer:
             run_out = self.out if (len(saes) == 1 and name == "") else self.out / name
             self.runs[name] = _Run(name, sae, opt, sched, since, run_out, {}, fresh=not isinstance(s, SAE))
         _seeded(cfg.seed)
-        self.amp_dtype = resolve_dtype(cfg.dtype, self.device, min(r.sae.cfg.d_in for r in self.runs.values()))
-        self.init_cfgs = {n: r.sae.cfg.to_dict() for n, r in self.runs.items()}  # compared on resume
+        self.amp_dtype = resolve_dtype(cfg.dtype, self.device,
+                                       min((s.cfg if isinstance(s, SAE) else s).d_in for s in saes.values()))
+        # compared on resume; every SAE's (a process may train only some of them)
+        self.init_cfgs = {n: (self.runs[n].sae.cfg if n in self.runs else (s.cfg if isinstance(s, SAE) else s)
+                              ).to_dict() for n, s in saes.items()}
         self.last_checkpoint: int | None = None
         self.step = 0
         self.tokens = 0
@@ -147,7 +169,7 @@ class Trainer:
         need = self.cfg.init_tokens
         rows: dict[str, list[torch.Tensor]] = {}
         got = 0
-        for batch in self.stream.iterate(0):
+        for batch in self.source.iterate(0):
             for h, a in batch.acts.items():
                 rows.setdefault(h, []).append(a)
             got += next(iter(batch.acts.values())).shape[0]
@@ -164,19 +186,23 @@ class Trainer:
             if run.fresh:  # an SAE handed in (pre-trained, loaded, hand-set) keeps its weights
                 x, y = run.sae.inputs_from(sample)
                 run.sae.init_from_data(x, y)
+            self.par.after_init(run.sae)
 
     def identity(self) -> dict[str, Any]:
         """Everything a resumed run must share with the run it continues (see guard.compare_resume)."""
-        data = getattr(self.stream, "identity", None)
-        return {"train": self.cfg.to_dict(), "saes": self.init_cfgs, "data": data() if callable(data) else None}
+        data = getattr(self.source, "identity", None)
+        train = self.cfg.to_dict()
+        for k in ("shard_latents", "spread"):  # how the work is split, not what is computed
+            train.pop(k, None)
+        return {"train": train, "saes": self.init_cfgs, "data": data() if callable(data) else None}
 
     def _resume(self, allow_changes: tuple[str, ...] = ()) -> bool:
         path = self.out / CHECKPOINT
         if not path.exists():
             return False
         meta, states, rng = load_checkpoint(path)
-        if sorted(meta["names"]) != sorted(self.runs):
-            raise SaeforgeError(f"{path} holds SAEs {meta['names']}, not {sorted(self.runs)}; use a new --out")
+        if sorted(meta["names"]) != sorted(self.names):
+            raise SaeforgeError(f"{path} holds SAEs {meta['names']}, not {sorted(self.names)}; use a new --out")
         guard.compare_resume(path, meta.get("identity") or {}, self.identity(), allow_changes)
         guard.check_finite_state(path, ((f"{n}.{k}", v) for n, st in states.items() for k, v in st["model"].items()),
                                  "delete it and train again with a lower --lr")
@@ -188,9 +214,8 @@ class Trainer:
         for name, run in self.runs.items():
             st = states[name]
             run.sae.cfg = type(run.sae.cfg).from_dict(meta["cfgs"][name])
-            run.sae.load_state_dict(st["model"])
+            self.par.load_states(run.sae, run.opt, st["model"], st["opt"])  # this process's slice when sharded
             run.sae.to(self.device)
-            run.opt.load_state_dict(st["opt"])
             run.since_fired = st["since_fired"].to(self.device)
             acc = (meta.get("acc") or {}).get(name)
             if acc is not None:
@@ -208,7 +233,8 @@ class Trainer:
         self._max_rows = meta.get("max_rows", 0)
         self.last_checkpoint = self.step
         for run in self.runs.values():  # lines logged after the checkpoint are logged again
-            guard.trim_metrics(run.out / "metrics.jsonl", self.step)
+            if self._writes:
+                guard.trim_metrics(run.out / "metrics.jsonl", self.step)
         return True
 
     def _check_finite(self) -> None:
@@ -222,26 +248,40 @@ class Trainer:
 
     def _checkpoint(self) -> None:
         self._check_finite()
-        runs = {n: {"sae": r.sae, "opt": r.opt, "since_fired": r.since_fired} for n, r in self.runs.items()}
-        extra = {"total_steps": self.total_steps, "cfgs": {n: r.sae.cfg.to_dict() for n, r in self.runs.items()},
-                 "identity": self.identity(),
-                 # the metric sums since the last line, so a resumed run writes the same metrics.jsonl
-                 "acc": {n: {"n": r.n_acc, "sums": {k: v.item() for k, v in r.acc.items()},
-                             "grad_norms": None if r.grad_norms is None else r.grad_norms.item(),
-                             "maybe_dead": r.maybe_dead}
-                         for n, r in self.runs.items()}, "max_rows": self._max_rows}
-        save_checkpoint(self.out / CHECKPOINT, self.step, self.tokens, runs, extra)
+        runs, cfgs, acc = {}, {}, {}
+        for n, r in self.runs.items():
+            model, opt = self.par.full_states(r.sae, r.opt)  # unsharded: resumes with any number of processes
+            runs[n] = {"sae": model, "opt": opt, "since_fired": r.since_fired}
+            cfgs[n] = r.sae.cfg.to_dict()
+            # the metric sums since the last line (averaged over replicas), so a resumed run writes the same
+            # metrics.jsonl
+            acc[n] = {"n": r.n_acc, "sums": {k: v.item() for k, v in self.par.mean_metrics(r.acc).items()},
+                      "grad_norms": None if r.grad_norms is None else r.grad_norms.item(), "maybe_dead": r.maybe_dead}
+        if self.par.spread:  # every SAE's state, from its owner
+            parts = self.par.gather_object((runs, cfgs, acc))
+            runs = {n: p[0][n] for n in self.names for p in parts if n in p[0]}
+            cfgs = {n: p[1][n] for n in self.names for p in parts if n in p[1]}
+            acc = {n: p[2][n] for n in self.names for p in parts if n in p[2]}
+        if self.par.writer:
+            extra = {"total_steps": self.total_steps, "cfgs": cfgs, "identity": self.identity(), "acc": acc,
+                     "max_rows": self._max_rows}
+            save_checkpoint(self.out / CHECKPOINT, self.step, self.tokens, runs, extra)
         self.last_checkpoint = self.step
 
-    def save_saes(self) -> None:
+    def save_saes(self) -> dict[str, SAE]:
         self._check_finite()
-        for run in self.runs.values():
-            run.sae.cfg.metadata.setdefault("trainer", "saeforge")
-            run.sae.cfg.metadata["train_tokens"] = self.tokens
-            run.sae.save(run.out)
+        saved = {}
+        for name, run in self.runs.items():
+            sae = saved[name] = self.par.full_sae(run.sae)  # the ordinary SAE (gathered when sharded)
+            sae.cfg.metadata.setdefault("trainer", "saeforge")
+            sae.cfg.metadata["train_tokens"] = self.tokens
+            if self._writes:
+                sae.save(run.out)
+        return saved
 
     # ---- the loop -------------------------------------------------------------------------------
-    def _step(self, run: _Run, acts: dict[str, torch.Tensor]) -> None:
+    def _step(self, run: _Run, acts: dict[str, torch.Tensor], n_rows: int) -> None:
+        """One optimizer step of one SAE; ``n_rows`` is the global batch size (this process may hold a part)."""
         x, y = run.sae.inputs_from(acts)
         # While no latent can have reached dead_tokens, the dead mask is all False and AuxK is zero: skip it
         # (and its extra top-k) without a host sync. _refresh_dead() proves that bound at each metrics line.
@@ -249,18 +289,19 @@ class Trainer:
         with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype != torch.float32):
             out = run.sae.train_step(TrainStepInput(x, y, self.step, self.total_steps, dead))
         out.loss.float().backward()
+        self.par.sync_grads(run.sae, x.shape[0], n_rows)
         run.sae.before_optimizer_step()
         if self.cfg.grad_clip > 0:
-            norm = torch.nn.utils.clip_grad_norm_(run.sae.parameters(), self.cfg.grad_clip)
+            norm = self.par.clip_grad_norm_(run.sae, self.cfg.grad_clip)
             run.grad_norms = norm.detach() if run.grad_norms is None else run.grad_norms + norm.detach()
         run.opt.step()
         run.sched.step()
         run.opt.zero_grad(set_to_none=True)
         run.sae.after_optimizer_step(self.step, self.total_steps)
-        run.since_fired += x.shape[0]
-        run.since_fired.masked_fill_(out.fired, 0)
+        run.since_fired += n_rows
+        run.since_fired.masked_fill_(self.par.fired(out.fired), 0)
         with torch.no_grad():
-            parts = {"loss": out.loss.float(), "fvu": fvu(out.y.float(), out.y_hat.float()), "l0": out.l0.float()}
+            parts = {"loss": out.loss.float(), "fvu": _fvu(out.y.float(), out.y_hat.float()), "l0": out.l0.float()}
             parts.update({k: v.float() for k, v in out.losses.items()})
             for k, v in parts.items():
                 run.acc[k] = run.acc[k] + v.detach() if k in run.acc else v.detach().clone()
@@ -286,6 +327,7 @@ class Trainer:
             reset = run.sae.resample(x, y, run.since_fired, run.opt, gen)
             run.since_fired[reset] = 0
             run.resampled += int(reset.numel())
+            self.par.after_resample(run.sae, run.opt, run.since_fired)
 
     def _refresh_dead(self) -> None:
         """Host check, once per metrics line: ``since_fired`` grows by at most one batch per step, so if its
@@ -302,20 +344,24 @@ class Trainer:
             if run.n_acc == 0:
                 continue
             rec: dict[str, Any] = {"step": self.step, "tokens": self.tokens, "lr": run.sched.get_last_lr()[0]}
-            rec.update({k: (v / run.n_acc).item() for k, v in run.acc.items()})
+            rec.update({k: (v / run.n_acc).item() for k, v in self.par.mean_metrics(run.acc).items()})
             guard.check_finite(run.name, {**rec, **({"gradient norm": float(run.grad_norms)}
                                                     if run.grad_norms is not None else {})},
                                self.step, self.last_checkpoint)
             run.grad_norms = None
             rec["dead_frac"] = (run.since_fired >= self.dead_tokens).float().mean().item()
             rec["elapsed_s"] = round(time.perf_counter() - t0, 3)
+            comm = self.par.comm_seconds()
+            if comm is not None:  # under torchrun: time in collectives since the start (this process)
+                rec["comm_s"] = round(comm - self._comm0, 3)
             if run.resampled:
                 rec["resampled"], run.resampled = run.resampled, 0
             run.sae.after_metrics(rec, self.step, self.total_steps)
             run.acc, run.n_acc = {}, 0
-            run.out.mkdir(parents=True, exist_ok=True)
-            with open(run.out / "metrics.jsonl", "a") as fh:
-                fh.write(json.dumps(rec) + "\n")
+            if self._writes:
+                run.out.mkdir(parents=True, exist_ok=True)
+                with open(run.out / "metrics.jsonl", "a") as fh:
+                    fh.write(json.dumps(rec) + "\n")
             lines[run.name] = rec
         if pbar is not None and lines:
             rec = next(iter(lines.values()))
@@ -337,14 +383,17 @@ class Trainer:
             if (self.out / CHECKPOINT).exists():
                 raise SaeforgeError(f"{self.out} already holds a training run; pass --resume or pick a new --out")
             for run in self.runs.values():
-                (run.out / "metrics.jsonl").unlink(missing_ok=True)
+                if self._writes:
+                    (run.out / "metrics.jsonl").unlink(missing_ok=True)
             self._init_from_data()
-        self.cfg.save(self.out / "train_cfg.json")
+        if self.par.writer:
+            self.cfg.save(self.out / "train_cfg.json")
         for run in self.runs.values():
             run.sae.train()
-        pbar = tqdm(total=self.total_steps, initial=self.step, unit="step", disable=not progress,
-                    desc="train", dynamic_ncols=True)
+        pbar = tqdm(total=self.total_steps, initial=self.step, unit="step",
+                    disable=not (progress and self.par.writer), desc="train", dynamic_ncols=True)
         t0 = time.perf_counter()
+        self._comm0 = self.par.comm_seconds() or 0.0
         it = _Lookahead(iter(self.stream.iterate(self.step)))
         while self.step < self.total_steps:
             try:
@@ -355,9 +404,9 @@ class Trainer:
                     "(epochs=None) or lower --tokens"
                 ) from None
             acts = {h: a.to(self.device, non_blocking=True) for h, a in batch.acts.items()}
+            n_rows = getattr(batch, "global_rows", None) or next(iter(acts.values())).shape[0]
             for run in self.runs.values():
-                self._step(run, acts)
-            n_rows = next(iter(acts.values())).shape[0]
+                self._step(run, acts, n_rows)
             self._maybe_resample(it, self.tokens, self.tokens + n_rows)
             self.tokens += n_rows
             self._max_rows = max(self._max_rows, n_rows)
@@ -370,10 +419,11 @@ class Trainer:
                 self._checkpoint()
         pbar.close()
         self._checkpoint()
-        self.save_saes()
-        for run in self.runs.values():
-            run.sae.eval()
-        return {n: r.sae for n, r in self.runs.items()}
+        saved = self.save_saes()
+        self.par.barrier()  # every process's files are written before any returns
+        for sae in saved.values():
+            sae.eval()
+        return saved
 
 
 def train(
