@@ -5,6 +5,7 @@ import argparse
 import json
 from pathlib import Path
 
+from saeforge import tracking
 from saeforge.commands.train import finite_float, parse_size
 from saeforge.errors import SaeforgeError
 
@@ -62,6 +63,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
     t.add_argument("--no-progress", action="store_true")
     t.add_argument("--out", default="runs/adapt", help="output folder")
+    tracking.add_args(t)
     t.set_defaults(func=run_train)
 
     e = s.add_parser("eval", help="re-evaluate a saved adapter (model + adapter + SAEs)",
@@ -97,8 +99,9 @@ def run_train(args: argparse.Namespace) -> int:
         checkpoint_every=args.checkpoint_every, device=args.device, seed=args.seed, model_dtype=args.model_dtype,
     )
     out = Path(args.out)
+    track = tracking.from_args(args)  # its library checked before the model is loaded
     ad = build(cfg)
-    fit(ad, cfg, out, resume=args.resume, progress=not args.no_progress)
+    fit(ad, cfg, out, resume=args.resume, progress=not args.no_progress, tracking=track)
     rep = _report(ad, args.eval_data or args.data, args, cfg.replace_special)
     rep["eval_data"] = args.eval_data or args.data
     save(ad, cfg, out, rep)
