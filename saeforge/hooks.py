@@ -103,7 +103,21 @@ def _module_point(modules: dict[str, nn.Module], path: str, io: str, name: str |
 
 
 def resolve_hook(model: nn.Module, name: str, family: str | None = None) -> HookPoint:
-    """Turn a user string into a :class:`HookPoint` (module paths are checked against the model)."""
+    """Turn a user string into a :class:`HookPoint` (module paths are checked against the model).
+
+    TransformerLens names (``blocks.2.hook_resid_post``, ``hook_embed``: the table in saeforge/hooknames.py)
+    resolve as their saeforge alias; the point keeps the name it was asked for."""
+    from dataclasses import replace
+
+    from saeforge.hooknames import to_saeforge
+
+    asked = name.strip()
+    alias = to_saeforge(asked)
+    point = _resolve(model, alias, family)
+    return point if alias == asked else replace(point, name=asked)
+
+
+def _resolve(model: nn.Module, name: str, family: str | None) -> HookPoint:
     model, fam = _unwrap(model)
     family = family or fam or _family_of(model)
     name = name.strip()
