@@ -71,6 +71,13 @@ def build(cfg: AdaptConfig) -> Adapted:
     if not cfg.saes:
         raise SaeforgeError("no SAE given; pass --sae PATH (repeatable)")
     saes = [load_any_sae(p, device).eval() for p in cfg.saes]
+    if cfg.hooks:
+        from saeforge.eval import set_hook
+
+        if len(cfg.hooks) not in (1, len(saes)):
+            raise SaeforgeError(f"{len(cfg.hooks)} --hook values for {len(saes)} SAEs; give one for all or one per --sae")
+        for s, h in zip(saes, cfg.hooks * len(saes) if len(cfg.hooks) == 1 else cfg.hooks):
+            set_hook(s, h)
     hooks = resolve_sae_hooks(loaded.model, saes, loaded.family)
     for p in loaded.model.parameters():
         p.requires_grad_(False)

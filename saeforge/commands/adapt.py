@@ -38,6 +38,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--model", help="model spec (default: the first SAE's cfg.model)")
     t.add_argument("--tokenizer", help="tokenizer override (llama2.c .bin or HF)")
     t.add_argument("--sae", action="append", required=True, help="SAE folder, any format (repeatable)")
+    t.add_argument("--hook", action="append", dest="hooks",
+                   help="input hook of the SAE(s), e.g. resid_post.2 or blocks.2.hook_resid_post: once for all, or "
+                        "once per --sae in order (default: each SAE's own cfg.hook)")
     t.add_argument("--data", required=True, help="training text (.txt/.jsonl/.parquet/HF dataset)")
     t.add_argument("--eval-data", help="held-out text for the report (default: --data)")
     t.add_argument("--rank", type=int, default=64, help="LoRA rank, capped at half the smaller side of each matrix")
@@ -91,7 +94,7 @@ def run_train(args: argparse.Namespace) -> int:
     if not model:
         raise SaeforgeError(f"{args.sae[0]} does not record its model (the SAE names none); pass --model")
     cfg = AdaptConfig(
-        model=model, saes=list(args.sae), data=args.data, tokenizer=args.tokenizer, rank=args.rank,
+        model=model, saes=list(args.sae), hooks=args.hooks, data=args.data, tokenizer=args.tokenizer, rank=args.rank,
         alpha=args.alpha, dropout=args.dropout, layers=args.layers,
         target_modules=args.target_modules.split(",") if args.target_modules else None,
         replace_special=args.replace_special, lr=args.lr, lr_schedule=args.lr_schedule, tokens=parse_size(args.tokens),

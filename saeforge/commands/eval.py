@@ -22,6 +22,8 @@ def register(sub: argparse._SubParsersAction) -> None:
                    help="SAE folder or checkpoint in any supported format, or a sweep folder with sweep.json "
                         "(repeat for several: they share the model passes and get a frontier plot)")
     p.add_argument("--model", help="model spec (default: the model named in the SAE's cfg)")
+    p.add_argument("--hook", help="input hook for every SAE, e.g. resid_post.2 or blocks.2.hook_resid_post "
+                                  "(default: each SAE's own cfg.hook)")
     p.add_argument("--tokenizer", help="tokenizer for llama2.c models (default: tok*.bin beside the model)")
     p.add_argument("--data", required=True, help="held-out text: .txt/.jsonl/.parquet, a folder or a data set")
     p.add_argument("--text-field", default="text", help="text field of .jsonl/.parquet/data sets")
@@ -61,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
         run_all=args.run_all, report=args.report, tokenizer=args.tokenizer, device=args.device, dtype=args.dtype,
         chunk_batches=args.chunk_batches, dense_threshold=args.dense_threshold, sample_tokens=args.sample_tokens,
         downstream=not args.no_downstream, splice_all=args.splice_all, text_field=args.text_field,
-        split=args.split, seed=args.seed,
+        split=args.split, seed=args.seed, hook=args.hook,
     )
     from saeforge import distributed as dist
 
