@@ -98,3 +98,28 @@ def test_adapt_train_has_the_flag(capsys):
     with pytest.raises(SystemExit):
         main(["adapt", "train", "--help"])
     assert "--log-to" in capsys.readouterr().out
+
+
+def test_adapt_train_logs_to_tensorboard_and_takes_a_transformerlens_hook(tmp_path, stories_model_path,
+                                                                         tinystories_valid):
+    pytest.importorskip("tensorboard")
+    pytest.importorskip("peft")
+    import torch
+
+    from saeforge.cli import main
+    from saeforge.sae import create_sae
+
+    torch.manual_seed(0)
+    sae = create_sae(make_config("topk", d_in=64, d_sae=128, k=8, hook="resid_post.1", model=str(stories_model_path)))
+    path = str(sae.save(tmp_path / "sae"))
+    out = tmp_path / "run"
+    rc = main(["adapt", "train", "--sae", path, "--hook", "blocks.2.hook_resid_post", "--data",
+               str(tinystories_valid), "--rank", "8", "--tokens", "512", "--batch-contexts", "4", "--context-len",
+               "64", "--eval-tokens", "300", "--no-progress", "--device", "cpu", "--log-to", "tensorboard",
+               "--out", str(out)])
+    assert rc == 0
+    lines, ev = _lines(out), _events(out)
+    assert [s for s, _ in ev["kl"]] == [r["step"] for r in lines] and lines
+    assert [v for _, v in ev["kl"]] == pytest.approx([r["kl"] for r in lines], rel=1e-6)
+    manifest = json.loads((out / "adapt.json").read_text())
+    assert manifest["saes"][0]["hook"] == "blocks.2.hook_resid_post"
