@@ -123,3 +123,30 @@ def test_adapt_train_logs_to_tensorboard_and_takes_a_transformerlens_hook(tmp_pa
     assert [v for _, v in ev["kl"]] == pytest.approx([r["kl"] for r in lines], rel=1e-6)
     manifest = json.loads((out / "adapt.json").read_text())
     assert manifest["saes"][0]["hook"] == "blocks.2.hook_resid_post"
+
+
+def test_wandb_gets_the_metric_lines_through_its_api(tmp_path, monkeypatch):
+    """wandb itself is not a test dependency: a stand-in module records the calls saeforge makes."""
+    import types
+
+    calls = []
+
+    class Run:
+        def log(self, data, step):
+            calls.append(("log", data, step))
+
+        def finish(self):
+            calls.append(("finish",))
+
+    fake = types.ModuleType("wandb")
+    fake.init = lambda **kw: calls.append(("init", kw)) or Run()
+    monkeypatch.setitem(sys.modules, "wandb", fake)
+    grid = build_grid(["topk"], [32], [2, 4], [], d={"synthetic": D}, hook="synthetic")
+    run_sweep(grid, _stream(), _tc(8), tmp_path, progress=False,
+              tracking=TrackingConfig(log_to=("wandb",), project="p"))
+    assert calls[0][0] == "init" and calls[0][1]["project"] == "p" and "train" in calls[0][1]["config"]
+    assert calls[-1] == ("finish",)
+    for name in grid:
+        lines = _lines(tmp_path / name)
+        logged = [(c[2], c[1][f"{name}/fvu"]) for c in calls if c[0] == "log" and f"{name}/fvu" in c[1]]
+        assert logged == [(r["step"], pytest.approx(r["fvu"])) for r in lines]
