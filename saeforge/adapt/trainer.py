@@ -75,7 +75,8 @@ def build(cfg: AdaptConfig) -> Adapted:
         from saeforge.eval import set_hook
 
         if len(cfg.hooks) not in (1, len(saes)):
-            raise SaeforgeError(f"{len(cfg.hooks)} --hook values for {len(saes)} SAEs; give one for all or one per --sae")
+            raise SaeforgeError(f"{len(cfg.hooks)} --hook values for {len(saes)} SAEs; give one for all or one "
+                                "per --sae")
         for s, h in zip(saes, cfg.hooks * len(saes) if len(cfg.hooks) == 1 else cfg.hooks):
             set_hook(s, h)
     hooks = resolve_sae_hooks(loaded.model, saes, loaded.family)

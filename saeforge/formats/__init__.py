@@ -115,8 +115,8 @@ def load_sae(
     ``hookpoint`` picks one coder of a sparsify run folder; ``subfolder``/``revision`` address a folder inside
     a local path or a Hub repo; ``normalize_decoder`` reproduces dictionary_learning's ``load_dictionary``
     (unit decoder columns for ``AutoEncoder``); ``embedding`` overrides whether a Gemma Scope file is an
-    embedding SAE (default: its folder name says so, as in sae_lens; docs/formats.md). The source format, library and version are recorded in
-    ``sae.cfg.metadata``.
+    embedding SAE (default: its folder name says so, as in sae_lens; docs/formats.md). The source format,
+    library and version are recorded in ``sae.cfg.metadata``.
     """
     path = _local_path(path_or_hub_id, subfolder, revision)
     fmt = canonical_format(format) if format else detect_format(path)
