@@ -10,7 +10,7 @@ TransformerLens                saeforge
 ``blocks.N.hook_attn_out``     ``attn_out.N``
 ``blocks.N.hook_mlp_out``      ``mlp_out.N``
 ``blocks.N.hook_mlp_in``       ``mlp_in.N``
-``blocks.N.hook_resid_mid``    (none: pass the module path, e.g. ``model.layers.N.post_attention_layernorm:in``)
+``blocks.N.hook_resid_mid``    ``resid_mid.N`` (llama-style, Gemma 2/3 and GPT-2 families)
 =============================  ==================
 
 :func:`to_saeforge` is applied wherever saeforge resolves a hook on a model (so an SAE imported from SAELens
@@ -24,30 +24,20 @@ import re
 
 from saeforge.errors import SaeforgeError
 
-_KINDS = ("resid_pre", "resid_post", "attn_out", "mlp_out", "mlp_in")
-_TL = re.compile(r"^blocks\.(\d+)\.hook_(" + "|".join(_KINDS) + r"|resid_mid)$")
+_KINDS = ("resid_pre", "resid_mid", "resid_post", "attn_out", "mlp_out", "mlp_in")
+_TL = re.compile(r"^blocks\.(\d+)\.hook_(" + "|".join(_KINDS) + r")$")
 _SF = re.compile(r"^(" + "|".join(_KINDS) + r")\.(\d+)$")
 
 
-def to_saeforge(name: str | None, strict: bool = True) -> str | None:
-    """``blocks.2.hook_resid_post`` -> ``resid_post.2``, ``hook_embed`` -> ``embed``; anything else unchanged.
-
-    ``hook_resid_mid`` has no alias: an error naming the fix with ``strict``, else kept as it is."""
+def to_saeforge(name: str | None) -> str | None:
+    """``blocks.2.hook_resid_post`` -> ``resid_post.2``, ``hook_embed`` -> ``embed``; anything else unchanged."""
     if name is None:
         return None
     n = name.strip()
     if n == "hook_embed":
         return "embed"
     m = _TL.match(n)
-    if not m:
-        return name
-    layer, kind = m.group(1), m.group(2)
-    if kind == "resid_mid":
-        if not strict:
-            return name
-        raise SaeforgeError(f"hook {n!r}: saeforge has no resid_mid alias; pass the module path instead, e.g. "
-                            f"model.layers.{layer}.post_attention_layernorm:in (llama-style models)")
-    return f"{kind}.{layer}"
+    return f"{m.group(2)}.{m.group(1)}" if m else name
 
 
 def to_transformerlens(name: str | None) -> str | None:

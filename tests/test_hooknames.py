@@ -10,7 +10,8 @@ from saeforge.hooknames import to_saeforge, to_transformerlens
 
 TABLE = [("hook_embed", "embed"), ("blocks.0.hook_resid_pre", "resid_pre.0"),
          ("blocks.3.hook_resid_post", "resid_post.3"), ("blocks.11.hook_attn_out", "attn_out.11"),
-         ("blocks.2.hook_mlp_out", "mlp_out.2"), ("blocks.2.hook_mlp_in", "mlp_in.2")]
+         ("blocks.2.hook_mlp_out", "mlp_out.2"), ("blocks.2.hook_mlp_in", "mlp_in.2"),
+         ("blocks.4.hook_resid_mid", "resid_mid.4")]
 
 
 @pytest.mark.parametrize("tl,sf", TABLE)
@@ -19,12 +20,9 @@ def test_table_both_ways(tl, sf):
     assert to_saeforge(sf) == sf and to_transformerlens(tl) == tl  # already in the target naming: unchanged
 
 
-def test_other_names_pass_and_resid_mid_names_the_fix():
+def test_other_names_pass_unchanged():
     for n in ("model.layers.2.mlp", "model.layers.2.mlp:in", "layers.1", None, "blocks.2.attn.hook_z"):
         assert to_saeforge(n) == n and to_transformerlens(n) == n
-    with pytest.raises(SaeforgeError, match="no resid_mid alias.*post_attention_layernorm:in"):
-        to_saeforge("blocks.4.hook_resid_mid")
-    assert to_saeforge("blocks.4.hook_resid_mid", strict=False) == "blocks.4.hook_resid_mid"
 
 
 def test_saelens_import_gives_aliases_and_export_gives_transformerlens_names(fixtures_dir, tmp_path):
@@ -48,8 +46,42 @@ def test_resolve_hook_accepts_transformerlens_names(stories_model_path):
     m = load_model(str(stories_model_path)).model
     a, b = resolve_hook(m, "resid_post.2"), resolve_hook(m, "blocks.2.hook_resid_post")
     assert (a.module, a.io) == (b.module, b.io) and b.name == "blocks.2.hook_resid_post"
-    with pytest.raises(SaeforgeError, match="resid_mid"):
-        resolve_hook(m, "blocks.1.hook_resid_mid")
+
+
+def test_resid_mid_is_resid_pre_plus_attn_out(stories_model_path):
+    """Closed form on a llama-style model: the residual between the sublayers = block input + attention output,
+    and resid_post = resid_mid + mlp_out."""
+    import torch
+
+    from saeforge.hooks import capture, resolve_hook
+    from saeforge.models import load_model
+
+    m = load_model(str(stories_model_path)).model
+    names = ["resid_pre.1", "attn_out.1", "blocks.1.hook_resid_mid", "mlp_out.1", "resid_post.1"]
+    acts = capture(m, [resolve_hook(m, n) for n in names], torch.randint(3, 500, (2, 16)))
+    mid = acts["blocks.1.hook_resid_mid"]
+    assert torch.allclose(mid, acts["resid_pre.1"] + acts["attn_out.1"], atol=1e-5)
+    assert torch.allclose(acts["resid_post.1"], mid + acts["mlp_out.1"], atol=1e-5)
+
+
+def test_resid_mid_is_refused_where_a_family_has_none():
+    from torch import nn
+
+    from saeforge.hooks import resolve_hook
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.self_attn, self.mlp, self.post_attention_layernorm = nn.Linear(4, 4), nn.Linear(4, 4), nn.Identity()
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed_tokens, self.layers = nn.Embedding(8, 4), nn.ModuleList([Block()])
+
+    with pytest.raises(SaeforgeError, match="no residual stream between attention and MLP"):
+        resolve_hook(Model(), "resid_mid.0", family="olmo2")
+    assert resolve_hook(Model(), "resid_mid.0", family="llama").module == "layers.0.post_attention_layernorm"
 
 
 def test_eval_hook_flag_moves_an_imported_sae(fixtures_dir, stories_model_path, tinystories_valid, tmp_path, capsys):

@@ -99,8 +99,8 @@ def load(path: Path, device: str | torch.device = "cpu", **_: Any) -> SAE:
     if transcoder and apply_b:
         raise SaeforgeError(f"{where}: a {arch_name} cannot have apply_b_dec_to_input=true (SAELens rejects it)")
     # TransformerLens names -> saeforge aliases where the table has one (saeforge/hooknames.py)
-    hook = to_saeforge(meta.get("hook_name") or cfg.get("hook_name"), strict=False)
-    target = to_saeforge(meta.get("hook_name_out") or cfg.get("hook_name_out") or None, strict=False)
+    hook = to_saeforge(meta.get("hook_name") or cfg.get("hook_name"))
+    target = to_saeforge(meta.get("hook_name_out") or cfg.get("hook_name_out") or None)
     if transcoder and NORMS[norm] != "none" and not target and d_out == d_in:
         raise SaeforgeError(f"{where}: a {arch_name} with normalize_activations={norm!r} needs "
                             "metadata.hook_name_out so saeforge knows not to de-normalise its output")
