@@ -96,7 +96,7 @@ class _TensorBoard:
         w = self.writers.get(folder)
         if w is None:  # purge_step: a resumed run drops the events past its checkpoint, as metrics.jsonl does
             w = self.writers[folder] = SummaryWriter(str(Path(folder) / "tensorboard"),
-                                                     purge_step=self.start_step or None)
+                                                     purge_step=self.start_step + 1 if self.start_step else None)
         step = int(record["step"])
         for k, v in _scalars(record).items():
             w.add_scalar(k, v, global_step=step)

@@ -150,3 +150,19 @@ def test_wandb_gets_the_metric_lines_through_its_api(tmp_path, monkeypatch):
         lines = _lines(tmp_path / name)
         logged = [(c[2], c[1][f"{name}/fvu"]) for c in calls if c[0] == "log" and f"{name}/fvu" in c[1]]
         assert logged == [(r["step"], pytest.approx(r["fvu"])) for r in lines]
+
+
+def test_resume_purges_the_events_past_the_checkpoint(tmp_path):
+    pytest.importorskip("tensorboard")
+    from saeforge.errors import SaeforgeError as Err
+
+    cfg = dict(checkpoint_every=6)
+    sae = lambda: {"": make_config("topk", d_in=D, d_sae=32, k=3)}  # noqa: E731
+    cut = SuperpositionStream(d=D, n_features=32, p=0.06, batch_size=B, seed=2, n_batches=9)
+    with pytest.raises(Err, match="ran out"):  # logged steps 4 and 8, checkpoint at 6
+        Trainer(sae(), cut, _tc(16, **cfg), tmp_path, TB).fit(progress=False)
+    Trainer(sae(), _stream(), _tc(16, **cfg), tmp_path, TB).fit(resume=True, progress=False)
+    lines, ev = _lines(tmp_path), _events(tmp_path)
+    assert [r["step"] for r in lines] == [4, 8, 12, 16]
+    assert [s for s, _ in ev["fvu"]] == [4, 8, 12, 16]  # the first run's step 8 was purged, not duplicated
+    assert [v for _, v in ev["fvu"]] == pytest.approx([r["fvu"] for r in lines], rel=1e-6)
