@@ -176,3 +176,13 @@ def test_dictionary_learning_relu_codes_follow_load_dictionary(tmp_path):
     ae = AutoEncoder.from_pretrained(str(tmp_path / "dl" / "ae.pt"), device="cpu")
     with torch.no_grad():
         assert (ae.encode(x) - norm.encode(x)).abs().max() < ATOL
+
+
+def test_gemma_scope_embedding_through_a_hub_id(fixtures, tmp_path, monkeypatch):
+    from saeforge.formats import hub
+
+    repo, a = _embedding_copy(fixtures, tmp_path)
+    root = repo.parents[2]  # .../gemma-scope-2b-pt-res
+    monkeypatch.setattr(hub, "snapshot_download", lambda **kw: str(root))
+    sae = load_sae("google/gemma-scope-2b-pt-res/embedding/width_256/average_l0_5")
+    assert torch.allclose(sae.W_enc, a["W_enc"] / math.sqrt(64)) and torch.allclose(sae.W_dec, a["W_dec"] * 8)
