@@ -16,7 +16,7 @@ import difflib
 import inspect
 import re
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Iterator, Sequence
 
 import torch
@@ -41,26 +41,33 @@ class _Layout:
     attn_out: str
     mlp_out: str
     mlp_in: str
+    # the residual stream between the attention and MLP sublayers (TransformerLens hook_resid_mid): the input of
+    # the norm that reads it; None where a family has no such point (parallel attention+MLP, post-LN)
+    resid_mid: str | None = None
 
 
-_LLAMA = _Layout("layers", "embed_tokens", "self_attn", "mlp", "mlp:in")
+_LLAMA = _Layout("layers", "embed_tokens", "self_attn", "mlp", "mlp:in", "post_attention_layernorm:in")
 # Gemma 2/3 normalise each sublayer's output before adding it to the residual; like TransformerLens'
 # hook_attn_out/hook_mlp_out we hook "that which is added to the residual stream".
-_GEMMA2 = _Layout("layers", "embed_tokens", "post_attention_layernorm", "post_feedforward_layernorm", "mlp:in")
+_GEMMA2 = _Layout("layers", "embed_tokens", "post_attention_layernorm", "post_feedforward_layernorm", "mlp:in",
+                  "pre_feedforward_layernorm:in")
 # BERT is post-LN: the projections before add & LayerNorm are the sublayer contributions.
 _BERT = _Layout("encoder.layer", "embeddings", "attention.output.dense", "output.dense", "intermediate:in")
 
 LAYOUTS: dict[str, _Layout] = {
     **{f: _LLAMA for f in ("llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "gemma",
                            "phi3", "olmo", "olmo2", "granite", "smollm3", "cohere", "stablelm", "starcoder2")},
+    # no resid_mid alias where post_attention_layernorm does not read the residual (OLMo 2: post-norm
+    # sublayers; Cohere: parallel attention and MLP)
+    **{f: replace(_LLAMA, resid_mid=None) for f in ("olmo2", "cohere")},
     **{f: _GEMMA2 for f in ("gemma2", "gemma3", "gemma3_text")},
-    "gpt2": _Layout("h", "wte", "attn", "mlp", "mlp:in"),
+    "gpt2": _Layout("h", "wte", "attn", "mlp", "mlp:in", "ln_2:in"),
     "gpt_neox": _Layout("layers", "embed_in", "attention", "mlp", "mlp:in"),
     **{f: _BERT for f in ("bert", "roberta", "xlm-roberta", "camembert", "electra")},
 }
 
-_ALIAS = re.compile(r"^(resid_pre|resid_post|attn_out|mlp_out|mlp_in)\.(-?\d+)$")
-ALIASES = ("resid_pre.L", "resid_post.L", "attn_out.L", "mlp_out.L", "mlp_in.L", "embed")
+_ALIAS = re.compile(r"^(resid_pre|resid_mid|resid_post|attn_out|mlp_out|mlp_in)\.(-?\d+)$")
+ALIASES = ("resid_pre.L", "resid_mid.L", "resid_post.L", "attn_out.L", "mlp_out.L", "mlp_in.L", "embed")
 
 
 class _StopForward(Exception):
@@ -103,7 +110,19 @@ def _module_point(modules: dict[str, nn.Module], path: str, io: str, name: str |
 
 
 def resolve_hook(model: nn.Module, name: str, family: str | None = None) -> HookPoint:
-    """Turn a user string into a :class:`HookPoint` (module paths are checked against the model)."""
+    """Turn a user string into a :class:`HookPoint` (module paths are checked against the model).
+
+    TransformerLens names (``blocks.2.hook_resid_post``, ``hook_embed``: the table in saeforge/hooknames.py)
+    resolve as their saeforge alias; the point keeps the name it was asked for."""
+    from saeforge.hooknames import to_saeforge
+
+    asked = name.strip()
+    alias = to_saeforge(asked)
+    point = _resolve(model, alias, family)
+    return point if alias == asked else replace(point, name=asked)
+
+
+def _resolve(model: nn.Module, name: str, family: str | None) -> HookPoint:
     model, fam = _unwrap(model)
     family = family or fam or _family_of(model)
     name = name.strip()
@@ -134,6 +153,9 @@ def resolve_hook(model: nn.Module, name: str, family: str | None = None) -> Hook
         return _module_point(modules, block, "input", name=name)
     if kind == "resid_post":
         return _module_point(modules, block, "output", name=name)
+    if kind == "resid_mid" and layout.resid_mid is None:
+        raise SaeforgeError(f"{name!r}: {family} blocks have no residual stream between attention and MLP "
+                            f"(parallel or post-LN sublayers); use resid_pre.{layer} or resid_post.{layer}")
     sub, io = _split_io(getattr(layout, kind))
     return _module_point(modules, f"{block}.{sub}", io, name=name)
 

@@ -212,7 +212,7 @@ def _version() -> str:
     try:
         from importlib.metadata import version
 
-        return version("saeforge")
+        return version("saeforge-toolkit")  # the distribution name (pyproject.toml)
     except Exception:  # noqa: BLE001 - not installed (running from a checkout)
         import saeforge
 

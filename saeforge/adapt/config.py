@@ -10,6 +10,7 @@ from saeforge.config import JsonConfig
 class AdaptConfig(JsonConfig):
     model: str = ""
     saes: list[str] = field(default_factory=list)  # SAE folders (any format saeforge reads)
+    hooks: list[str] | None = None  # --hook: input hook per SAE (one for all, or one each); None: each SAE's own
     data: str = ""  # training text
     tokenizer: str | None = None
     text_field: str = "text"

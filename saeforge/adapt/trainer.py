@@ -74,6 +74,14 @@ def build(cfg: AdaptConfig) -> Adapted:
     from saeforge.paths import warn_model_mismatch
 
     warn_model_mismatch({str(p): s.cfg.model for p, s in zip(cfg.saes, saes)}, cfg.model, "adapt", "--model")
+    if cfg.hooks:
+        from saeforge.eval import set_hook
+
+        if len(cfg.hooks) not in (1, len(saes)):
+            raise SaeforgeError(f"{len(cfg.hooks)} --hook values for {len(saes)} SAEs; give one for all or one "
+                                "per --sae")
+        for s, h in zip(saes, cfg.hooks * len(saes) if len(cfg.hooks) == 1 else cfg.hooks):
+            set_hook(s, h)
     hooks = resolve_sae_hooks(loaded.model, saes, loaded.family)
     for p in loaded.model.parameters():
         p.requires_grad_(False)
@@ -157,15 +165,16 @@ def _load_ckpt(path: Path, ad: Adapted, opt, cfg: AdaptConfig) -> tuple[int, flo
 
 
 def fit(ad: Adapted, cfg: AdaptConfig, out: str | Path, resume: bool = False, progress: bool = True,
-        on_log=None) -> list[dict]:
-    """Train the trainable parameters on KL(clean ‖ spliced); returns the logged records. Holds ``out``'s lock."""
+        on_log=None, tracking=None) -> list[dict]:
+    """Train the trainable parameters on KL(clean ‖ spliced); returns the logged records. Holds ``out``'s lock.
+    ``tracking`` (a saeforge.tracking.TrackingConfig) also sends each metric line to wandb/tensorboard."""
     from saeforge.lock import folder_lock
 
     with folder_lock(out, "adapt"):
-        return _fit(ad, cfg, Path(out), resume, progress, on_log)
+        return _fit(ad, cfg, Path(out), resume, progress, on_log, tracking)
 
 
-def _fit(ad: Adapted, cfg: AdaptConfig, out: Path, resume: bool, progress: bool, on_log) -> list[dict]:
+def _fit(ad: Adapted, cfg: AdaptConfig, out: Path, resume: bool, progress: bool, on_log, tracking=None) -> list[dict]:
     torch.manual_seed(cfg.seed)
     params = trainable_params(ad)
     if cfg.lr_schedule not in LR_SCHEDULES:
@@ -185,6 +194,18 @@ def _fit(ad: Adapted, cfg: AdaptConfig, out: Path, resume: bool, progress: bool,
     elif (out / "metrics.jsonl").exists():
         (out / "metrics.jsonl").unlink()
     cfg.save(out / "adapt_cfg.json")
+    from saeforge.tracking import open_tracker
+
+    tracker = open_tracker(tracking, out, config={"adapt": cfg.to_dict()}, start_step=step)
+    try:
+        return _loop(ad, cfg, out, progress, on_log, tracker, params, opt, step, total, elapsed0)
+    finally:
+        tracker.close()
+
+
+def _loop(ad: Adapted, cfg: AdaptConfig, out: Path, progress: bool, on_log, tracker, params, opt, step: int,
+          total: int, elapsed0: float) -> list[dict]:
+    ckpt, tok_per_step = out / CHECKPOINT, cfg.batch_contexts * cfg.context_len
     model = ad.loaded.model
     model.train()
     batches = context_batches(cfg.data, ad.loaded.tokenizer, cfg.context_len, cfg.batch_contexts,
@@ -229,6 +250,7 @@ def _fit(ad: Adapted, cfg: AdaptConfig, out: Path, resume: bool, progress: bool,
             records.append(rec)
             with open(out / "metrics.jsonl", "a") as fh:
                 fh.write(json.dumps(rec) + "\n")
+            tracker.log("", out, rec)  # after the source of truth (saeforge/tracking.py)
             pbar.set_postfix(kl=f"{rec['kl']:.4f}")
             if on_log is not None:
                 on_log(rec)

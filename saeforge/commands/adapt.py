@@ -5,6 +5,7 @@ import argparse
 import json
 from pathlib import Path
 
+from saeforge import tracking
 from saeforge.commands.train import finite_float, parse_size
 from saeforge.errors import SaeforgeError
 
@@ -38,6 +39,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "runs with a warning)")
     t.add_argument("--tokenizer", help="tokenizer override (llama2.c .bin or HF)")
     t.add_argument("--sae", action="append", required=True, help="SAE folder, any format (repeatable)")
+    t.add_argument("--hook", action="append", dest="hooks",
+                   help="input hook of the SAE(s), e.g. resid_post.2 or blocks.2.hook_resid_post: once for all, or "
+                        "once per --sae in order (default: each SAE's own cfg.hook)")
     t.add_argument("--data", required=True, help="training text (.txt/.jsonl/.parquet/HF dataset)")
     t.add_argument("--eval-data", help="held-out text for the report (default: --data)")
     t.add_argument("--rank", type=int, default=64, help="LoRA rank, capped at half the smaller side of each matrix")
@@ -63,6 +67,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
     t.add_argument("--no-progress", action="store_true")
     t.add_argument("--out", default="runs/adapt", help="output folder")
+    tracking.add_args(t)
     t.set_defaults(func=run_train)
 
     e = s.add_parser("eval", help="re-evaluate a saved adapter (model + adapter + SAEs)",
@@ -90,7 +95,7 @@ def run_train(args: argparse.Namespace) -> int:
     if not model:
         raise SaeforgeError(f"{args.sae[0]} does not record its model (the SAE names none); pass --model")
     cfg = AdaptConfig(
-        model=model, saes=list(args.sae), data=args.data, tokenizer=args.tokenizer, rank=args.rank,
+        model=model, saes=list(args.sae), hooks=args.hooks, data=args.data, tokenizer=args.tokenizer, rank=args.rank,
         alpha=args.alpha, dropout=args.dropout, layers=args.layers,
         target_modules=args.target_modules.split(",") if args.target_modules else None,
         replace_special=args.replace_special, lr=args.lr, lr_schedule=args.lr_schedule, tokens=parse_size(args.tokens),
@@ -98,8 +103,9 @@ def run_train(args: argparse.Namespace) -> int:
         checkpoint_every=args.checkpoint_every, device=args.device, seed=args.seed, model_dtype=args.model_dtype,
     )
     out = Path(args.out)
+    track = tracking.from_args(args)  # its library checked before the model is loaded
     ad = build(cfg)
-    fit(ad, cfg, out, resume=args.resume, progress=not args.no_progress)
+    fit(ad, cfg, out, resume=args.resume, progress=not args.no_progress, tracking=track)
     rep = _report(ad, args.eval_data or args.data, args, cfg.replace_special)
     rep["eval_data"] = args.eval_data or args.data
     save(ad, cfg, out, rep)

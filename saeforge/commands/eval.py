@@ -30,8 +30,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "(repeat for several: they share the model passes and get a frontier plot)")
     p.add_argument("--model", help="model spec (default: the model named in the SAE's cfg; a different one runs "
                                    "with a one-line warning)")
-    p.add_argument("--hook", help="hook point to read every SAE at (default: each SAE's own cfg.hook; "
-                                  "with --model, to run an SAE on another model on purpose)")
+    p.add_argument("--hook", help="hook point to read every SAE at, e.g. resid_post.2 or blocks.2.hook_resid_post "
+                                  "(default: each SAE's own cfg.hook; with --model, to run an SAE on another model "
+                                  "on purpose)")
     p.add_argument("--tokenizer", help="tokenizer for llama2.c models (default: tok*.bin beside the model)")
     p.add_argument("--data", required=True, help="held-out text: .txt/.jsonl/.parquet, a folder or a data set")
     p.add_argument("--text-field", default="text", help="text field of .jsonl/.parquet/data sets")

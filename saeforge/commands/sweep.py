@@ -22,6 +22,7 @@ from typing import Any
 from saeforge.commands.train import (
     add_stream_args, add_train_args, allowed_changes, open_training_stream, parse_sets, train_config_from_args,
 )
+from saeforge.tracking import add_args as tracking_args, from_args as tracking_from_args
 from saeforge.errors import SaeforgeError
 from saeforge.io import write_json_atomic
 
@@ -109,13 +110,13 @@ def build_grid(
 
 
 def run_sweep(grid: dict[str, Any], stream: Any, train_cfg: Any, out: str | Path, resume: bool = False,
-              progress: bool = True, allow_changes: tuple[str, ...] = ()) -> dict[str, Any]:
+              progress: bool = True, allow_changes: tuple[str, ...] = (), tracking: Any = None) -> dict[str, Any]:
     """Train every SAE of ``grid`` from one pass over ``stream``; write and return the sweep.json index."""
     from saeforge.train import Trainer
 
     from saeforge import distributed as dist
 
-    trainer = Trainer(grid, stream, train_cfg, out)
+    trainer = Trainer(grid, stream, train_cfg, out, tracking)
     trainer.fit(resume=resume, progress=progress, allow_changes=allow_changes)
     entries = []
     for name, run in trainer.runs.items():
@@ -160,6 +161,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     g.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="a config field for every arch that has it, e.g. --set aux_coef=0.05 (repeatable)")
     add_train_args(p)
+    tracking_args(p)
     p.add_argument("--spread", action="store_true",
                    help="under torchrun: place whole SAEs on processes (each process trains its share of the grid "
                         "on every batch; any grid size) instead of splitting every batch over the processes")
@@ -171,6 +173,7 @@ def run(args: argparse.Namespace) -> int:
     if not args.data:
         raise SaeforgeError("--data is required: an activation cache folder or a text source")
     train_cfg = train_config_from_args(args)  # validated before any data is opened
+    track = tracking_from_args(args)
     hooks = _csv(args.hooks)
     wanted = sorted({h for h in [args.hook, args.target, *hooks] if h}) or None
     stream = open_training_stream(args, wanted, args.batch_size, args.seed)
@@ -181,7 +184,7 @@ def run(args: argparse.Namespace) -> int:
         model=getattr(stream, "model_spec", None) or args.model,
     )
     index = run_sweep(grid, stream, train_cfg, args.out, resume=args.resume, progress=not args.no_progress,
-                      allow_changes=allowed_changes(args))
+                      allow_changes=allowed_changes(args), tracking=track)
     from saeforge import distributed as dist
 
     if not dist.is_main():

@@ -7,6 +7,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from saeforge import tracking
 from saeforge.config import ArgError, finite_float, parse_size  # noqa: F401  (re-exported for the commands)
 from saeforge.errors import SaeforgeError
 
@@ -148,6 +149,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "and text --data; the baseline of `saeforge adapt`)")
     g.add_argument("--init-sae", help="with --objective kl: start from this SAE (any format) instead of a fresh one")
     add_train_args(p)
+    tracking.add_args(p)
     p.add_argument("--out", default="runs/sae", help="output folder")
     p.set_defaults(func=run)
 
@@ -166,6 +168,7 @@ def run(args: argparse.Namespace) -> int:
     if not args.data:
         raise SaeforgeError("--data is required: an activation cache folder or a text source")
     tcfg = train_config_from_args(args)  # validated before any data or model is opened
+    track = tracking.from_args(args)
     if args.objective == "kl":
         return run_kl(args)
     if args.hook and "," in args.hook:
@@ -189,7 +192,7 @@ def run(args: argparse.Namespace) -> int:
     model_spec = getattr(stream, "model_spec", None) or args.model
     cfg = make_config(args.arch, d_in=d_in, d_sae=width, d_out=d_out, hook=hook, target_hook=args.target,
                       model=model_spec, **opts)
-    trainer = Trainer({"": cfg}, stream, tcfg, args.out)
+    trainer = Trainer({"": cfg}, stream, tcfg, args.out, track)
     trainer.fit(resume=args.resume, progress=not args.no_progress, allow_changes=allowed_changes(args))
     last = trainer.out / "metrics.jsonl"
     if last.exists() and trainer.par.writer:
@@ -232,7 +235,7 @@ def run_kl(args: argparse.Namespace) -> int:
                        seed=args.seed, device=args.device, text_field=args.text_field,
                        checkpoint_every=args.checkpoint_every, log_every=args.log_every)
     ad = build(acfg)
-    fit(ad, acfg, out, resume=args.resume, progress=not args.no_progress)
+    fit(ad, acfg, out, resume=args.resume, progress=not args.no_progress, tracking=tracking.from_args(args))
     save(ad, acfg, out)
     ad.saes[0].save(out)
     print(f"saved {out} (end-to-end SAE on KL; also in {out}/saes/0)")
@@ -260,7 +263,7 @@ def run_crosscoder(args: argparse.Namespace) -> int:
     width = args.width if args.width is not None else args.expansion * d_in
     cfg = make_config("crosscoder", d_in=d_in, d_sae=width, hooks=hooks,
                       model=getattr(stream, "model_spec", None) or args.model, **opts)
-    trainer = Trainer({"": cfg}, stream, train_config_from_args(args), args.out)
+    trainer = Trainer({"": cfg}, stream, train_config_from_args(args), args.out, tracking.from_args(args))
     trainer.fit(resume=args.resume, progress=not args.no_progress, allow_changes=allowed_changes(args))
     if trainer.par.writer:
         print(f"saved crosscoder over {len(hooks)} hooks to {args.out}")

@@ -139,6 +139,15 @@ def _model(model: Any, saes: Mapping[str, SAE], tokenizer: str | None, device: A
 
 
 # ---- the API ----------------------------------------------------------------------------------------------
+def set_hook(sae: SAE, hook: str) -> None:
+    """Point ``sae`` at another input hook (``--hook``); a transcoder's target hook is left as it is."""
+    if getattr(sae.cfg, "hooks", None):
+        raise SaeforgeError(f"--hook {hook!r}: a crosscoder reads several hooks ({sae.cfg.hooks}); it cannot be moved")
+    if sae.cfg.target_hook in (None, "", sae.cfg.hook):
+        sae.cfg.target_hook = None if not sae.cfg.target_hook else hook
+    sae.cfg.hook = hook.strip()
+
+
 def evaluate_many(
     saes: Any,
     model: Any = None,
@@ -158,6 +167,7 @@ def evaluate_many(
     hook: str | None = None,
     config: EvalConfig | None = None,
     on_chunk: Callable[[str, int], None] | None = None,
+    hook: str | None = None,
     **options: Any,
 ) -> dict[str, Any]:
     """Evaluate several SAEs on one model; returns ``{"saes": {name: result}, "frontier": [...], ...}``.
@@ -166,7 +176,8 @@ def evaluate_many(
     :class:`~saeforge.models.LoadedModel`, a spec, or None for the SAEs' ``cfg.model``. Other keyword options
     are :class:`EvalConfig` fields (``dense_threshold``, ``downstream``, ``splice_all``, ``sample_tokens`` ...).
     ``run_all`` adds the optional modules (probes, N2G, ablation, scaling) and the report; ``report`` the report.
-    ``hook`` reads every SAE at that hook point instead of its ``cfg.hook`` (plain SAEs, not transcoders).
+    ``hook`` reads every SAE at that hook point instead of its ``cfg.hook`` (an alias, a module path or a
+    TransformerLens name; plain SAEs, not transcoders).
     """
     if not data:
         raise SaeforgeError("no eval data: pass --data with a held-out text file or data set")
@@ -186,9 +197,7 @@ def evaluate_many(
             if sae.cfg.target_hook and sae.cfg.target_hook != sae.cfg.hook:
                 raise SaeforgeError(f"--hook overrides the hook of plain SAEs; {name!r} is a transcoder "
                                     f"({sae.cfg.hook} -> {sae.cfg.target_hook}): evaluate it without --hook")
-            sae.cfg.hook = str(hook)
-            if sae.cfg.target_hook:
-                sae.cfg.target_hook = str(hook)
+            set_hook(sae, str(hook))
     from saeforge import distributed as dist
 
     dist.init(device)  # under torchrun: before the model lands on this rank's GPU

@@ -111,13 +111,15 @@ def load_sae(
     subfolder: str | None = None,
     revision: str | None = None,
     normalize_decoder: bool = False,
+    embedding: bool | None = None,
 ) -> SAE:
     """Load any supported checkpoint as a saeforge SAE.
 
     ``hookpoint`` picks one coder of a sparsify run folder; ``subfolder``/``revision`` address a folder inside
     a local path or a Hub repo; ``normalize_decoder`` reproduces dictionary_learning's ``load_dictionary``
-    (unit decoder columns for ``AutoEncoder``). The source format, library and version are recorded in
-    ``sae.cfg.metadata``.
+    (unit decoder columns for ``AutoEncoder``); ``embedding`` overrides whether a Gemma Scope file is an
+    embedding SAE (default: its folder name says so, as in sae_lens; docs/formats.md). The source format,
+    library and version are recorded in ``sae.cfg.metadata``.
     """
     path = _local_path(path_or_hub_id, subfolder, revision)
     fmt = canonical_format(format) if format else detect_format(path)
@@ -125,13 +127,16 @@ def load_sae(
         raise SaeforgeError(f"normalize_decoder applies to dictionary_learning checkpoints only (this is {fmt})")
     if path.is_file() and fmt not in (GEMMA_SCOPE, OPENAI):
         path = path.parent  # e.g. .../cfg.json or .../ae.pt: the folder is the checkpoint
+    if embedding is not None and fmt != GEMMA_SCOPE:
+        raise SaeforgeError(f"embedding= applies to Gemma Scope checkpoints only (this is {fmt})")
     if hookpoint is not None and fmt != SPARSIFY:
         raise SaeforgeError(f"hookpoint= selects a sparsify run's coder; this checkpoint is {fmt} (use subfolder=)")
     if fmt == SAEFORGE:
         sae = SAE.load(path, device=device)
     else:
         try:
-            sae = MODULES[fmt].load(path, device=device, hookpoint=hookpoint, normalize_decoder=normalize_decoder)
+            sae = MODULES[fmt].load(path, device=device, hookpoint=hookpoint, normalize_decoder=normalize_decoder,
+                                    **({} if embedding is None else {"embedding": embedding}))
         except KeyError as e:
             raise SaeforgeError(f"{path}: this {fmt} checkpoint lacks {e}; it is incomplete or not {fmt} "
                                 "(pass --from with the right format, or re-download it)") from None
@@ -155,7 +160,8 @@ def save_sae_as(sae: SAE, path: str | Path, to: str, **options: Any) -> Path:
     """
     fmt = canonical_format(to)
     path = Path(path)
-    unknown = sorted(set(options) - ({"hookpoint"} if fmt == SPARSIFY else set()))
+    takes = {SPARSIFY: {"hookpoint"}, GEMMA_SCOPE: {"embedding"}}.get(fmt, set())
+    unknown = sorted(set(options) - takes)
     if unknown:
         raise SaeforgeError(f"option(s) {unknown} do not apply to format {fmt}")
     if fmt == SAEFORGE:

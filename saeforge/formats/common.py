@@ -71,16 +71,28 @@ def torch_load_dict(path: Path) -> dict[str, Any]:
     return obj
 
 
+# log θ for a JumpReLU threshold θ <= 0: exp(-1000) is exactly 0.0 in float16/bfloat16/float32/float64, so the
+# latent computes relu(h) · 1[h > 0] = relu(h), which is what every reader (SAELens, Gemma Scope,
+# dictionary_learning: relu(h) · 1[h > θ]) computes for θ <= 0; finite, so saving, resuming and fine-tuning
+# (whose threshold gradient is then 0) accept it
+RELU_LOG_THRESHOLD = -1000.0
+
+
 def log_threshold(threshold: Tensor, where: str) -> Tensor:
-    """JumpReLU thresholds -> saeforge's ``log_threshold`` parameter (computed in float64)."""
+    """JumpReLU thresholds -> saeforge's ``log_threshold`` parameter (computed in float64).
+
+    A threshold <= 0 (SAELens's own training writes them) makes the latent exactly a ReLU, since the readers
+    compute ``relu(h) · 1[h > θ]``; it becomes :data:`RELU_LOG_THRESHOLD` (θ = 0 on export). NaN is refused.
+    """
     threshold = threshold.detach().double().reshape(-1)
-    bad = int((~(threshold > 0)).sum())
+    bad = int(torch.isnan(threshold).sum())
     if bad:
         raise SaeforgeError(
-            f"{where}: {bad} of {threshold.numel()} latents have a JumpReLU threshold <= 0 (or NaN); saeforge "
-            "stores log(threshold), so such a threshold cannot be represented (re-train or clamp it positive)"
+            f"{where}: {bad} of {threshold.numel()} latents have a NaN JumpReLU threshold; the file is damaged "
+            "(re-download or re-train it)"
         )
-    return threshold.log().float()
+    out = threshold.clamp_min(torch.finfo(torch.float64).tiny).log()
+    return torch.where(threshold > 0, out, torch.full_like(out, RELU_LOG_THRESHOLD)).float()
 
 
 def threshold_from_log(log_thr: Tensor) -> Tensor:

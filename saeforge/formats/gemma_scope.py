@@ -3,13 +3,22 @@
 Keys ``W_enc [d_in, d_sae]``, ``W_dec [d_sae, d_out]`` (rows = latents), ``b_enc``, ``b_dec``, ``threshold
 [d_sae]``; ``h = x @ W_enc + b_enc`` (**no** ``b_dec`` subtraction), ``f = relu(h) · 1[h > threshold]``,
 ``x̂ = f @ W_dec + b_dec``. Like sae_lens's ``gemma_2`` loader: ``w_*`` keys are renamed ``W_*`` and an all-ones
-``scaling_factor`` is dropped. Dimensions come from the array shapes. The ``W_enc / sqrt(d_in)`` rescaling
-sae_lens applies to *embedding* SAEs depends on the Hub folder name, not the file, so it is left to the caller.
+``scaling_factor`` is dropped. Dimensions come from the array shapes.
+
+*Embedding* SAEs (Gemma Scope's ``embedding/width_*/average_l0_*`` folders) were trained on the embedding
+scaled by √d_model, and sae_lens's ``gemma_2`` loader adapts them to the unscaled ``hook_embed`` by loading
+``W_enc / √d_in`` and ``W_dec · √d_in`` (b_enc, b_dec and the thresholds unchanged), deciding from the folder
+name (``"embedding" in folder_name``). saeforge does the same, from the file's folder path:
+:func:`is_embedding` (``embedding=True/False`` overrides it), and records ``gemma_scope_embedding_scale`` in the
+metadata. The writer applies the inverse when the destination folder is an embedding folder, so that a file it
+writes there reads back (here and in sae_lens) as the SAE it was given.
 """
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any
+
+import math
 
 import numpy as np
 import torch
@@ -35,7 +44,13 @@ def detect(path: Path) -> bool:
     return (path.is_file() and path.suffix == ".npz") or (path.is_dir() and (path / FILE).exists())
 
 
-def load(path: Path, device: str | torch.device = "cpu", **_: Any) -> SAE:
+def is_embedding(file: Path) -> bool:
+    """True for an embedding SAE's file: a folder holding it (up to three levels, Gemma Scope's
+    ``<site>/<width>/<l0>``) is named with ``embedding``, as sae_lens tests on the Hub sub-folder name."""
+    return any("embedding" in part for part in file.resolve().parent.parts[-3:])
+
+
+def load(path: Path, device: str | torch.device = "cpu", embedding: bool | None = None, **_: Any) -> SAE:
     file = path / FILE if path.is_dir() else path
     try:
         with np.load(file, allow_pickle=False) as z:
@@ -54,13 +69,21 @@ def load(path: Path, device: str | torch.device = "cpu", **_: Any) -> SAE:
     t = {k: torch.from_numpy(np.ascontiguousarray(arrays[k], dtype=np.float32)) for k in KEYS}
     t["log_threshold"] = log_threshold(t.pop("threshold"), str(file))
     d_in, d_sae = t["W_enc"].shape
-    md = source_metadata(GEMMA_SCOPE, "gemma_scope", None, file)
+    extra: dict[str, Any] = {}
+    if is_embedding(file) if embedding is None else embedding:
+        scale = np.sqrt(d_in)  # the same float32 operations as sae_lens's loader
+        t["W_enc"], t["W_dec"] = t["W_enc"] / scale, t["W_dec"] * scale
+        extra["gemma_scope_embedding_scale"] = float(scale)
+    md = source_metadata(GEMMA_SCOPE, "gemma_scope", None, file, **extra)
     return build_sae("jumprelu", t, device, where=str(file), d_in=int(d_in), d_sae=int(d_sae),
                      d_out=int(t["W_dec"].shape[1]), apply_b_dec_to_input=False, metadata=md)
 
 
-def save(sae: SAE, path: Path, **_: Any) -> Path:
-    """Write ``path`` (if it ends in .npz) or ``path/params.npz`` with ``np.savez`` (uncompressed), float32."""
+def save(sae: SAE, path: Path, embedding: bool | None = None, **_: Any) -> Path:
+    """Write ``path`` (if it ends in .npz) or ``path/params.npz`` with ``np.savez`` (uncompressed), float32.
+
+    Into an embedding folder (:func:`is_embedding`, or ``embedding=True``) the weights are written as Gemma
+    Scope stores them (``W_enc · √d_in``, ``W_dec / √d_in``), so the loaders' rescaling gives this SAE back."""
     cfg = sae.cfg
     require(cfg.arch in ("jumprelu", "batchtopk"), GEMMA_SCOPE, cfg.arch, "Gemma Scope files hold JumpReLU SAEs",
             "use --to saelens or saeforge")
@@ -70,6 +93,9 @@ def save(sae: SAE, path: Path, **_: Any) -> Path:
     thr = t["threshold"].expand(cfg.d_sae) if cfg.arch == "batchtopk" else t["threshold"]
     arrays = {"W_enc": t["W_enc"], "W_dec": t["W_dec"], "b_enc": t["b_enc"], "b_dec": t["b_dec"], "threshold": thr}
     file = path if path.suffix == ".npz" else path / FILE
+    if is_embedding(file) if embedding is None else embedding:
+        scale = math.sqrt(cfg.d_in)
+        arrays["W_enc"], arrays["W_dec"] = arrays["W_enc"].double() * scale, arrays["W_dec"].double() / scale
     file.parent.mkdir(parents=True, exist_ok=True)
     with atomic_open(file, "wb") as fh:
         np.savez(fh, **{k: v.detach().cpu().float().contiguous().numpy() for k, v in arrays.items()})

@@ -25,6 +25,7 @@ import torch
 from safetensors.torch import load_file
 
 from saeforge.errors import SaeforgeError
+from saeforge.hooknames import to_saeforge, to_transformerlens
 from saeforge.formats.common import (
     SAELENS,
     build_sae,
@@ -97,8 +98,9 @@ def load(path: Path, device: str | torch.device = "cpu", **_: Any) -> SAE:
     apply_b = bool(cfg.get("apply_b_dec_to_input", True))
     if transcoder and apply_b:
         raise SaeforgeError(f"{where}: a {arch_name} cannot have apply_b_dec_to_input=true (SAELens rejects it)")
-    hook = meta.get("hook_name") or cfg.get("hook_name")
-    target = meta.get("hook_name_out") or cfg.get("hook_name_out") or None
+    # TransformerLens names -> saeforge aliases where the table has one (saeforge/hooknames.py)
+    hook = to_saeforge(meta.get("hook_name") or cfg.get("hook_name"))
+    target = to_saeforge(meta.get("hook_name_out") or cfg.get("hook_name_out") or None)
     if transcoder and NORMS[norm] != "none" and not target and d_out == d_in:
         raise SaeforgeError(f"{where}: a {arch_name} with normalize_activations={norm!r} needs "
                             "metadata.hook_name_out so saeforge knows not to de-normalise its output")
@@ -201,9 +203,9 @@ def save(sae: SAE, path: Path, **_: Any) -> Path:
     meta.setdefault("sae_lens_version", WRITES_VERSION)
     meta.setdefault("sae_lens_training_version", WRITES_VERSION)
     meta["model_name"] = cfg.model
-    meta["hook_name"] = cfg.hook
+    meta["hook_name"] = to_transformerlens(cfg.hook)  # the names SAELens users hook (saeforge/hooknames.py)
     if cfg.target_hook and cfg.target_hook != cfg.hook:
-        meta["hook_name_out"] = cfg.target_hook
+        meta["hook_name_out"] = to_transformerlens(cfg.target_hook)
     if arch == "batchtopk":
         meta["training_architecture"] = "batchtopk"
         meta["training_architecture_details"] = {"k": cfg.k}

@@ -43,6 +43,7 @@ from saeforge.distributed.ops import total_variance
 from saeforge.errors import SaeforgeError
 from saeforge.sae.base import SAE, SAEConfig, TrainStepInput, create_sae
 from saeforge.train.checkpoint import load_checkpoint, save_checkpoint
+from saeforge.tracking import Tracker, TrackingConfig, open_tracker
 from saeforge.train.config import TrainConfig
 from saeforge.train import guard
 from saeforge.train.parallel import Parallel
@@ -115,10 +116,13 @@ class Trainer:
     With one SAE named ``""`` the SAE's files go straight into ``out``; otherwise into ``out/<name>``.
     """
 
-    def __init__(self, saes: dict[str, SAE | SAEConfig], stream: Any, cfg: TrainConfig, out: str | Path):
+    def __init__(self, saes: dict[str, SAE | SAEConfig], stream: Any, cfg: TrainConfig, out: str | Path,
+                 tracking: TrackingConfig | None = None):
         if not saes:
             raise SaeforgeError("nothing to train: give at least one SAE config")
         self.cfg = cfg
+        self.tracking = tracking  # --log-to: copies of the metric lines (saeforge/tracking.py)
+        self.tracker: Tracker = open_tracker(None, out)
         self.par = Parallel(cfg.shard_latents, cfg.spread, cfg.device)  # torchrun: docs/distributed.md
         self.source = stream  # the global batches (data-dependent init reads these)
         self.stream = self.par.stream(stream)  # this process's rows of each global batch
@@ -362,6 +366,7 @@ class Trainer:
                 run.out.mkdir(parents=True, exist_ok=True)
                 with open(run.out / "metrics.jsonl", "a") as fh:
                     fh.write(json.dumps(rec) + "\n")
+                self.tracker.log(run.name, run.out, rec)  # after the source of truth; rank 0 only
             lines[run.name] = rec
         if pbar is not None and lines:
             rec = next(iter(lines.values()))
@@ -376,7 +381,10 @@ class Trainer:
         from saeforge.lock import folder_lock
 
         with folder_lock(self.out, "train"):
-            return self._fit(resume, progress, tuple(allow_changes))
+            try:
+                return self._fit(resume, progress, tuple(allow_changes))
+            finally:
+                self.tracker.close()
 
     def _fit(self, resume: bool, progress: bool, allow_changes: tuple[str, ...]) -> dict[str, SAE]:
         if not (resume and self._resume(allow_changes)):
@@ -388,6 +396,8 @@ class Trainer:
             self._init_from_data()
         if self.par.writer:
             self.cfg.save(self.out / "train_cfg.json")
+        self.tracker = open_tracker(self.tracking, self.out, start_step=self.step, config={
+            "train": self.cfg.to_dict(), "saes": {n: r.sae.cfg.to_dict() for n, r in self.runs.items()}})
         for run in self.runs.values():
             run.sae.train()
         pbar = tqdm(total=self.total_steps, initial=self.step, unit="step",
@@ -434,9 +444,10 @@ def train(
     resume: bool = False,
     progress: bool = True,
     allow_changes: tuple[str, ...] = (),
+    tracking: TrackingConfig | None = None,
 ) -> SAE | dict[str, SAE]:
     """Python API mirroring ``saeforge train``: one SAE in -> one SAE out; a dict in -> a dict out."""
     single = not isinstance(saes, dict)
-    trainer = Trainer({"": saes} if single else saes, stream, cfg or TrainConfig(), out)
+    trainer = Trainer({"": saes} if single else saes, stream, cfg or TrainConfig(), out, tracking)
     result = trainer.fit(resume=resume, progress=progress, allow_changes=allow_changes)
     return result[""] if single else result
