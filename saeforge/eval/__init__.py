@@ -167,7 +167,6 @@ def evaluate_many(
     hook: str | None = None,
     config: EvalConfig | None = None,
     on_chunk: Callable[[str, int], None] | None = None,
-    hook: str | None = None,
     **options: Any,
 ) -> dict[str, Any]:
     """Evaluate several SAEs on one model; returns ``{"saes": {name: result}, "frontier": [...], ...}``.
