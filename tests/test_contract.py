@@ -158,3 +158,18 @@ def test_crosscoder_from_the_command_line(tmp_path, stories_model_path, tinystor
     assert sae.cfg.hooks == ["resid_post.1", "resid_post.2"] and sae.cfg.d_in == 128 and sae.cfg.d_sae == 96
     x = torch.randn(5, 2, 64)
     assert sae(x).shape == (5, 2, 64)
+
+
+def test_batchtopk_threshold_is_estimated_when_the_start_is_beyond_the_run(tmp_path):
+    """The published start (step 1000) on a 30-step run: the estimate starts within the run anyway, so the
+    saved SAE fires about k latents per row (it used to save θ = −1 and fire almost every latent)."""
+    stream = SuperpositionStream(d=D, n_features=64, p=0.08, noise=0.01, batch_size=BATCH, seed=0, hook="h")
+    cfg = make_config("batchtopk", d_in=D, d_sae=WIDTH, k=L0, hook="h", threshold_start_step=1000,
+                      threshold_beta=0.999)
+    tc = TrainConfig(total_tokens=30 * BATCH, batch_size=BATCH, log_every=10, checkpoint_every=0, device="cpu",
+                     dtype="float32", init_tokens=4096)
+    Trainer({"": cfg}, stream, tc, tmp_path).fit(progress=False)
+    loaded = SAE.load(tmp_path)
+    assert loaded.threshold.item() > 0
+    _, l0 = _metrics(loaded, _heldout(stream))
+    assert l0 < 3 * L0  # bounded by the estimate, not every positive pre-activation (~WIDTH / 2)

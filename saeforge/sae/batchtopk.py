@@ -5,10 +5,10 @@ average*). Inference needs no batch: one global threshold θ, f = h · 1[h > θ]
 estimated during training as a running average of the smallest kept activation of each batch (the
 paper's §3; the EMA form follows the reference code in dictionary_learning's ``BatchTopKTrainer``, whose
 constants β = 0.999 and "start after step 1000" are meant for runs of tens of thousands of steps). θ is a
-buffer, saved with the weights. By default both scale with the run, so that every run, short or long,
-ends with an estimated threshold: the EMA starts after min(1000, 10% of the steps) and averages over
-about a tenth of the remaining steps (β = min(0.999, 1 − 10 / remaining)). Setting
-``threshold_start_step`` / ``threshold_beta`` gives the fixed published constants.
+buffer, saved with the weights. By default both scale with the run: the EMA starts after min(1000, 10% of
+the steps) and averages over about a tenth of the remaining steps (β = min(0.999, 1 − 10 / remaining)).
+Setting ``threshold_start_step`` / ``threshold_beta`` gives the fixed published constants; a start beyond
+the run is moved to its second-to-last step, so every run, short or long, saves an estimated threshold.
 
 Everything else is Gao et al.'s TopK recipe: b_dec at the geometric median, W_enc = W_decᵀ at init,
 unit-norm decoder rows with the parallel gradient removed, AuxK (α = 1/32, k_aux = d_in/2),
@@ -93,6 +93,7 @@ class BatchTopKSAE(SAE):
         start = self.cfg.threshold_start_step
         if start is None:
             start = min(1000, total_steps // 10)
+        start = min(start, total_steps - 2)  # starts within the run: a saved SAE never has θ unset
         beta = self.cfg.threshold_beta
         if beta is None:
             beta = min(0.999, max(0.0, 1 - 10 / max(1, total_steps - start)))
@@ -102,8 +103,7 @@ class BatchTopKSAE(SAE):
     def update_threshold(self, f: Tensor, step: int, total_steps: int | None = None) -> None:
         """θ ← β θ + (1 − β) min{f > 0} (the first estimate is taken as is). No host sync."""
         start, beta = self.threshold_schedule(total_steps or 10**12)
-        # the run's last step estimates θ if nothing did before (one host read, once per run)
-        if step <= start and not (step == (total_steps or 0) - 1 and self.threshold.item() < 0):
+        if step <= start:
             return
         pos = f.float().masked_fill(f <= 0, float("inf")).amin()
         have = torch.isfinite(pos)

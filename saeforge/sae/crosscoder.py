@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from saeforge.errors import SaeforgeError
 from saeforge.sae.base import SAE, SAEConfig, TrainStepInput, TrainStepOutput, register
-from saeforge.sae.functional import fold_decoder_norms_, norm_scale, ramp, TargetL0
+from saeforge.sae.functional import TargetL0, fold_decoder_norms_, norm_scale, ramp
 
 
 @dataclass

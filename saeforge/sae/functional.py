@@ -233,12 +233,11 @@ class BrickenResampling:
     def resample_request(self, tokens_before: int, tokens_after: int, total_tokens: int = 0) -> int:
         """Rows of data the trainer should hand to :meth:`resample` after this step (0: none)."""
         cfg = self.cfg
-        every, _, rows = self.resample_schedule(total_tokens)
+        every, self._resample_window, rows = self.resample_schedule(total_tokens)
         if not self.resampling_enabled() or every <= 0 or cfg.resample_max <= 0:
             return 0
         k = tokens_after // every
         due = k > tokens_before // every and k <= cfg.resample_max
-        self._resample_window = self.resample_schedule(total_tokens)[1]
         return rows if due else 0
 
     @torch.no_grad()
@@ -276,14 +275,14 @@ class TargetL0:
         cfg = self.cfg
         field_ = cfg.SPARSITY_FIELD
         # steer only once the recipe's warm-up is over: during it L0 is high by design
-        if cfg.target_l0 is not None and metrics.get("l0") is not None and self.sparsity_ramp(step, total_steps) >= 1:
-            l0 = max(metrics["l0"], 1e-3)
-            prev = cfg.metadata.get("target_l0_last")  # in the config, so a resumed run steers the same
-            cfg.metadata["target_l0_last"] = l0
+        steering = cfg.target_l0 is not None and metrics.get("l0") is not None
+        if steering and self.sparsity_ramp(step, total_steps) >= 1:
+            error = math.log(max(metrics["l0"], 1e-3) / cfg.target_l0)  # log(L0 / target)
+            prev = cfg.metadata.get("target_l0_error")  # in the config, so a resumed run steers the same
+            cfg.metadata["target_l0_error"] = error
             # anti-windup: while L0 is already closing in on the target (error down by a tenth since the
             # last line), hold the coefficient; L0 lags the coefficient by tens of steps
-            closing = prev is not None and abs(math.log(l0 / cfg.target_l0)) < 0.9 * abs(math.log(prev / cfg.target_l0))
-            if not closing:
-                ratio = l0 / cfg.target_l0
-                setattr(cfg, field_, getattr(cfg, field_) * min(self.L0_STEP, max(1 / self.L0_STEP, ratio ** self.L0_GAIN)))
+            if prev is None or abs(error) >= 0.9 * abs(prev):
+                factor = min(self.L0_STEP, max(1 / self.L0_STEP, math.exp(self.L0_GAIN * error)))
+                setattr(cfg, field_, getattr(cfg, field_) * factor)
         metrics[field_] = getattr(cfg, field_)

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from saeforge.sae.base import SAE, SAEConfig, TrainStepInput, TrainStepOutput, register
-from saeforge.sae.functional import BrickenResampling, set_dataset_scales_, TargetL0
+from saeforge.sae.functional import BrickenResampling, TargetL0, set_dataset_scales_
 
 
 @dataclass

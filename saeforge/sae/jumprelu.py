@@ -24,7 +24,9 @@ from torch import Tensor, nn
 from saeforge.errors import SaeforgeError
 from saeforge.kernels import topk_autograd
 from saeforge.sae.base import SAE, SAEConfig, TrainStepInput, TrainStepOutput, register
-from saeforge.sae.functional import fold_decoder_norms_, jumprelu, jumprelu_log, ramp, set_dataset_scales_, step, TargetL0
+from saeforge.sae.functional import (
+    TargetL0, fold_decoder_norms_, jumprelu, jumprelu_log, ramp, set_dataset_scales_, step,
+)
 
 RECIPES = ("anthropic2025", "gemmascope")
 _DEFAULTS = {  # recipe -> (sparsity coefficient, bandwidth ε, initial log threshold)

@@ -20,7 +20,7 @@ from torch import Tensor
 
 from saeforge.errors import SaeforgeError
 from saeforge.sae.base import SAE, SAEConfig, TrainStepInput, TrainStepOutput, register
-from saeforge.sae.functional import BrickenResampling, fold_decoder_norms_, ramp, set_dataset_scales_, TargetL0
+from saeforge.sae.functional import BrickenResampling, TargetL0, fold_decoder_norms_, ramp, set_dataset_scales_
 from saeforge.sae.geometric_median import geometric_median
 
 RECIPES = ("anthropic2024", "monosemanticity")
