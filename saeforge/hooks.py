@@ -30,6 +30,9 @@ class HookPoint:
     name: str  # canonical user-facing key, e.g. "resid_post.2" or "model.layers.2.mlp:in"
     module: str  # dotted module path inside the model
     io: str  # "output" | "input"
+    # resid_mid: the norm's input is only a copy of the residual stream, which the block adds the MLP output to;
+    # a splice there also adds (new - old) to this block's output, as replacing TransformerLens hook_resid_mid does
+    residual_block: str | None = None
 
 
 @dataclass(frozen=True)
@@ -157,7 +160,8 @@ def _resolve(model: nn.Module, name: str, family: str | None) -> HookPoint:
         raise SaeforgeError(f"{name!r}: {family} blocks have no residual stream between attention and MLP "
                             f"(parallel or post-LN sublayers); use resid_pre.{layer} or resid_post.{layer}")
     sub, io = _split_io(getattr(layout, kind))
-    return _module_point(modules, f"{block}.{sub}", io, name=name)
+    point = _module_point(modules, f"{block}.{sub}", io, name=name)
+    return replace(point, residual_block=block) if kind == "resid_mid" else point
 
 
 def _example_block(modules: dict[str, nn.Module]) -> str:
@@ -298,15 +302,28 @@ def splice(model: nn.Module, hook: HookPoint | str, fn: Callable[[Tensor], Tenso
     if hp.module not in modules:
         raise SaeforgeError(f"hook {hp.name!r} names module {hp.module!r} that this model lacks; resolve it on this model")
 
+    delta: list[Tensor] = []  # resid_mid: what the splice changed, for the block's residual output
+
     def on_act(act: Tensor) -> Tensor:
         new = fn(act)
         if not isinstance(new, Tensor) or new.shape != act.shape:
             got = tuple(new.shape) if isinstance(new, Tensor) else type(new).__name__
             raise SaeforgeError(f"splice fn at {hp.name!r} returned {got}, expected shape {tuple(act.shape)}; return a same-shape tensor")
-        return new.to(act.dtype)
+        new = new.to(act.dtype)
+        if hp.residual_block is not None:
+            delta[:] = [new - act]
+        return new
 
-    handle = _register(modules[hp.module], hp.io, on_act)
+    def carry(out: Tensor) -> Tensor | None:
+        return out + delta.pop() if delta else None
+
+    handles = [_register(modules[hp.module], hp.io, on_act)]
+    if hp.residual_block is not None:
+        if hp.residual_block not in modules:
+            raise SaeforgeError(f"hook {hp.name!r} names block {hp.residual_block!r} that this model lacks; resolve it on this model")
+        handles.append(_register(modules[hp.residual_block], "output", carry))
     try:
         yield hp
     finally:
-        handle.remove()
+        for handle in handles:
+            handle.remove()

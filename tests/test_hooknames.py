@@ -94,3 +94,32 @@ def test_eval_hook_flag_moves_an_imported_sae(fixtures_dir, stories_model_path, 
     res = json.loads((tmp_path / "ev" / "eval.json").read_text())
     assert "blocks.2.hook_resid_post" in json.dumps(res), list(res)
     assert "fvu" in json.dumps(res)
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_splicing_resid_mid_replaces_the_residual_stream(family, stories_model_path):
+    """Replacing resid_mid changes the residual the MLP output is added to, not only the MLP's input (as
+    replacing TransformerLens hook_resid_mid does): adding v there = adding v to the attention output."""
+    import torch
+    import transformers
+
+    from saeforge.hooks import splice
+    from saeforge.models import load_model
+
+    if family == "llama":
+        m = load_model(str(stories_model_path)).model
+    else:
+        torch.manual_seed(0)
+        m = transformers.GPT2LMHeadModel(transformers.GPT2Config(vocab_size=97, n_positions=16, n_embd=32, n_layer=2,
+                                                                 n_head=4)).eval()
+    ids = torch.randint(3, 90, (2, 12), generator=torch.Generator().manual_seed(0))
+    d = m.config.hidden_size
+    v = torch.randn(d, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        clean = m(input_ids=ids).logits
+        with splice(m, "resid_mid.0", lambda a: a + v):
+            mid = m(input_ids=ids).logits
+        with splice(m, "attn_out.0", lambda a: a + v):
+            attn = m(input_ids=ids).logits
+    assert (mid - clean).abs().max() > 1e-3
+    assert torch.allclose(mid, attn, atol=1e-5)
