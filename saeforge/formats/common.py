@@ -29,6 +29,7 @@ from torch import Tensor
 
 from saeforge.errors import SaeforgeError
 from saeforge.sae import SAE, create_sae, get_arch, make_config
+from saeforge.sae.base import ExportSpec
 
 # Canonical format names (the keys of saeforge.formats.FORMATS).
 SAEFORGE, SAELENS, SPARSIFY, DICTIONARY_LEARNING, GEMMA_SCOPE, OPENAI = (
@@ -128,12 +129,13 @@ def build_sae(arch: str, tensors: dict[str, Tensor], device: str | torch.device 
     from its weights; a loaded JumpReLU gets the ``gemmascope`` recipe (threshold-only pseudo-gradients, the
     recipe Gemma Scope, SAELens and dictionary_learning train with), whose data init leaves ``b_enc`` alone.
     """
-    fields = {f.name for f in dataclasses.fields(get_arch(arch).config_class)}
+    cls = get_arch(arch)
+    fields = {f.name for f in dataclasses.fields(cls.config_class)}
     for name, value in _NO_DATA_INIT.items():  # keep loaded weights if a trainer calls init_from_data
         if name in fields:
             cfg_kw.setdefault(name, value)
-    if arch == "jumprelu" and "recipe" in fields:
-        cfg_kw.setdefault("recipe", "gemmascope")
+    for name, value in cls.IMPORT_DEFAULTS.items():  # e.g. JumpReLU's threshold-only recipe
+        cfg_kw.setdefault(name, value)
     cfg = make_config(arch, **cfg_kw)
     sae = create_sae(cfg)
     state = sae.state_dict()
@@ -167,19 +169,27 @@ def fold_decoder_norms(W_enc: Tensor, b_enc: Tensor, W_dec: Tensor) -> tuple[Ten
 @dataclass
 class Exported:
     """A saeforge SAE's tensors in the convention one foreign format needs (float32, CPU, saeforge names
-    and orientation; ``threshold`` replaces ``log_threshold``)."""
+    and orientation; ``threshold`` replaces ``log_threshold``), with the SAE's :class:`ExportSpec`."""
 
     arch: str
     cfg: Any
     tensors: dict[str, Tensor]
     subtract_b_dec: bool
+    spec: ExportSpec
 
 
-def _encoder_biases(arch: str, t: dict[str, Tensor]) -> list[tuple[str, Tensor]]:
+def spec_of(sae: SAE, fmt: str) -> ExportSpec:
+    """The SAE's declared :class:`ExportSpec`; an architecture that declares none cannot be written to ``fmt``."""
+    spec = sae.export_spec()
+    if spec is None:
+        raise SaeforgeError(f"format {fmt} cannot hold a {sae.cfg.arch} SAE (the architecture declares no export); "
+                            "save it with --to saeforge")
+    return spec
+
+
+def _encoder_biases(spec: ExportSpec, t: dict[str, Tensor]) -> list[tuple[str, Tensor]]:
     """(bias name, the encoder matrix it pairs with) for every pre-activation the SAE computes."""
-    if arch == "gated":
-        return [("b_gate", t["W_enc"]), ("b_mag", t["W_enc"] * t["r_mag"].exp())]
-    return [("b_enc", t["W_enc"])]
+    return [(bias, t["W_enc"] if scale is None else t["W_enc"] * t[scale].exp()) for bias, scale in spec.encoder_biases]
 
 
 def export_tensors(sae: SAE, fmt: str, subtract_b_dec: bool | None) -> Exported:
@@ -191,13 +201,10 @@ def export_tensors(sae: SAE, fmt: str, subtract_b_dec: bool | None) -> Exported:
     """
     cfg = sae.cfg
     arch = cfg.arch
+    spec = spec_of(sae, fmt)
     state = {k: v.detach().cpu() for k, v in sae.state_dict().items()}
-    known = ("W_enc", "b_enc", "W_dec", "b_dec", "W_skip", "b_gate", "r_mag", "b_mag")
-    t = {k: state[k].float() for k in known if k in state}
-    if arch == "jumprelu":
-        t["threshold"] = threshold_from_log(state["log_threshold"])
-    elif arch == "batchtopk":
-        t["threshold"] = state["threshold"].float().reshape(())
+    t = {k: state[k].float() for k in ("W_enc", "b_enc", "W_dec", "b_dec", "W_skip") if k in state}
+    t.update({k: v.float() for k, v in spec.tensors.items()})
     have = bool(cfg.apply_b_dec_to_input)
     want = have if subtract_b_dec is None else bool(subtract_b_dec)
     s_in, s_out = float(cfg.input_scale), float(cfg.output_scale)
@@ -207,25 +214,31 @@ def export_tensors(sae: SAE, fmt: str, subtract_b_dec: bool | None) -> Exported:
             f"(this {arch} SAE maps {cfg.d_in} -> {cfg.d_out}); choose a format that holds transcoders"
         )
     if have == want and s_in == s_out == 1.0:
-        return Exported(arch, cfg, t, want)
-    d = {k: v.double() for k, v in t.items()}
+        return Exported(arch, cfg, t, want, spec)
+    d = {k: v.double() for k, v in t.items() if k != "threshold"}
     if have == want and s_in == s_out:
         # (s·x − b) @ W = (x − b/s) @ (s·W): SAELens's fold_activation_norm_scaling_factor.
         d["W_enc"] = d["W_enc"] * s_in
         d["W_dec"], d["b_dec"] = d["W_dec"] / s_out, d["b_dec"] / s_out
     else:
         if have:  # h = (s·x − b) @ W + c  ->  x @ (s·W) + (c − b @ W)
-            for name, W in _encoder_biases(arch, d):
+            for name, W in _encoder_biases(spec, d):
                 d[name] = d[name] - d["b_dec"] @ W
         d["W_enc"] = d["W_enc"] * s_in
         d["W_dec"], d["b_dec"] = d["W_dec"] / s_out, d["b_dec"] / s_out
         if want:  # x @ W + c'  ->  (x − b) @ W + (c' + b @ W)
-            for name, W in _encoder_biases(arch, d):
+            for name, W in _encoder_biases(spec, d):
                 d[name] = d[name] + d["b_dec"] @ W
     out = {k: v.float() for k, v in d.items()}
     if "threshold" in t:
         out["threshold"] = t["threshold"]
-    return Exported(arch, cfg, out, want)
+    return Exported(arch, cfg, out, want, spec)
+
+
+def per_latent_threshold(ex: Exported) -> Tensor:
+    """The JumpReLU threshold ``[d_sae]``: a BatchTopK's one global threshold broadcast over the latents."""
+    thr = ex.tensors["threshold"]
+    return thr.expand(ex.cfg.d_sae).clone() if thr.dim() == 0 else thr
 
 
 def require(ok: bool, fmt: str, arch: str, why: str, fix: str = "") -> None:

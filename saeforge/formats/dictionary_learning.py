@@ -2,7 +2,7 @@
 
 ``trainSAE(save_dir=...)`` writes ``<save_dir>/trainer_<i>/{ae.pt, config.json}``; ``config.json`` is
 ``{"trainer": trainer.config, "buffer": buffer.config}`` and ``trainer.dict_class`` names the class.
-``ae.pt`` is a plain ``torch.save`` of the state dict. Per class (saeforge arch in brackets):
+``ae.pt`` is a plain ``torch.save`` of the state dict. Per class (the saeforge architecture in brackets):
 
 * ``AutoEncoder`` [relu]: ``encoder.weight [d_sae, d_in]``/``encoder.bias`` (nn.Linear), ``decoder.weight
   [d_in, d_sae]`` (nn.Linear: **columns** are latents), ``bias`` subtracted before encoding and added after.
@@ -18,6 +18,13 @@
   saved biases to raw activations and does not record the factor, so nothing is rescaled here.
 * ``GatedAutoEncoder`` [gated]: ``encoder.weight`` (no bias), ``decoder.weight``, ``decoder_bias``,
   ``gate_bias``, ``mag_bias``, ``r_mag``.
+* ``MatryoshkaBatchTopKSAE`` [matryoshka]: ``W_enc [d_in, d_sae]``, ``b_enc``, ``W_dec [d_sae, d_in]`` (rows,
+  not nn.Linear), ``b_dec`` (subtracted before encoding), ``k`` (int32), ``threshold`` (float32 scalar: the
+  BatchTopK inference rule), ``group_sizes`` (int64 ``[n_groups]``); ``config.json`` adds ``group_fractions``,
+  ``group_weights`` and ``group_sizes``.
+
+The writer picks the class from the SAE's declared :class:`~saeforge.sae.base.ExportSpec` (its activation, and
+nested groups), never from the architecture name.
 """
 from __future__ import annotations
 
@@ -39,17 +46,23 @@ from saeforge.formats.common import (
     require,
     require_plain_input,
     source_metadata,
+    spec_of,
     torch_load_dict,
 )
 from saeforge.io import atomic_open, write_json_atomic
 from saeforge.sae import SAE
+from saeforge.sae.base import ExportSpec
 
 AE, CFG = "ae.pt", "config.json"
 CLASSES = {"AutoEncoder": "relu", "AutoEncoderTopK": "topk", "BatchTopKSAE": "batchtopk",
-           "JumpReluAutoEncoder": "jumprelu", "GatedAutoEncoder": "gated"}
-DICT_CLASS = {v: k for k, v in CLASSES.items()}
+           "JumpReluAutoEncoder": "jumprelu", "GatedAutoEncoder": "gated", "MatryoshkaBatchTopKSAE": "matryoshka"}
+# ExportSpec activation -> class (a "batchtopk" with nested groups is a MatryoshkaBatchTopKSAE)
+DICT_CLASS = {"relu": "AutoEncoder", "topk": "AutoEncoderTopK", "batchtopk": "BatchTopKSAE",
+              "jumprelu": "JumpReluAutoEncoder", "gated": "GatedAutoEncoder"}
+MATRYOSHKA = "MatryoshkaBatchTopKSAE"
 TRAINER = {"AutoEncoder": "StandardTrainer", "AutoEncoderTopK": "TopKTrainer", "BatchTopKSAE": "BatchTopKTrainer",
-           "JumpReluAutoEncoder": "JumpReluTrainer", "GatedAutoEncoder": "GatedSAETrainer"}
+           "JumpReluAutoEncoder": "JumpReluTrainer", "GatedAutoEncoder": "GatedSAETrainer",
+           MATRYOSHKA: "MatryoshkaBatchTopKTrainer"}
 # The keys each trainer's .config writes (dictionary_learning 0.1.0), for a config.json written from scratch.
 _TAIL = ["seed", "activation_dim", "dict_size", "device", "layer", "lm_name", "wandb_name", "submodule_name"]
 _TOPK = ["trainer_class", "dict_class", "lr", "steps", "auxk_alpha", "warmup_steps", "decay_start",
@@ -65,6 +78,8 @@ TRAINER_KEYS = {
     "JumpReluAutoEncoder": ["trainer_class", "dict_class", "lr", "steps", *_TAIL, "bandwidth",
                             "sparsity_penalty", "sparsity_warmup_steps", "target_l0"],
     "GatedAutoEncoder": [*_L1, "sparsity_warmup_steps", "decay_start", *_L1_TAIL],
+    MATRYOSHKA: [*_TOPK, "top_k_aux", "seed", "activation_dim", "dict_size", "group_fractions", "group_weights",
+                 "group_sizes", "k", "device", "layer", "lm_name", "wandb_name", "submodule_name"],
 }
 BUFFER_KEYS = ["d_submodule", "io", "n_ctxs", "ctx_len", "refresh_batch_size", "out_batch_size", "device"]
 TOPK_INIT_THRESHOLD = -1.0  # AutoEncoderTopK/BatchTopKSAE register threshold = -1 before training sets it
@@ -133,6 +148,12 @@ def load(path: Path, device: str | torch.device = "cpu", normalize_decoder: bool
         else:
             extras["dictionary_learning_threshold"] = float(thr)
         used = set(names)
+    elif dict_class == MATRYOSHKA:
+        names = ["W_enc", "b_enc", "W_dec", "b_dec", "k", "threshold", "group_sizes"]
+        W_enc, b_enc, W_dec, b_dec, k, thr, sizes = _take(sd, names, where)
+        t = {"W_enc": W_enc, "b_enc": b_enc, "W_dec": W_dec, "b_dec": b_dec, "threshold": thr.reshape(())}
+        kw.update(_matryoshka_config(tr, int(k), [int(s) for s in sizes.reshape(-1).tolist()], path))
+        used = set(names)
     elif dict_class == "JumpReluAutoEncoder":
         names = ["W_enc", "b_enc", "W_dec", "b_dec", "threshold"]
         W_enc, b_enc, W_dec, b_dec, thr = _take(sd, names, where)
@@ -160,7 +181,24 @@ def load(path: Path, device: str | torch.device = "cpu", normalize_decoder: bool
                      metadata=md, **kw)
 
 
-def _trainer_config(sae: SAE, dict_class: str, src: dict[str, Any]) -> dict[str, Any]:
+def _matryoshka_config(tr: dict[str, Any], k: int, sizes: list[int], path: Path) -> dict[str, Any]:
+    """saeforge Matryoshka settings from ae.pt's ``k``/``group_sizes`` and config.json's group fields."""
+    for key, val in (("k", k), ("group_sizes", sizes)):
+        if tr.get(key) is not None and tr[key] != val:
+            raise SaeforgeError(f"{path}: {key} is {val} in ae.pt but {tr[key]} in config.json; the two files come "
+                                "from different runs: restore the pair")
+    kw: dict[str, Any] = {"k": k, "group_sizes": sizes}
+    weights = tr.get("group_weights")
+    if weights is not None:
+        if len(weights) != len(sizes):
+            raise SaeforgeError(f"{path / CFG}: group_weights has {len(weights)} entries for {len(sizes)} groups")
+        kw["group_weights"] = [float(w) for w in weights]
+    if tr.get("group_fractions") is not None:
+        kw["group_fractions"] = [float(f) for f in tr["group_fractions"]]
+    return kw
+
+
+def _trainer_config(sae: SAE, spec: ExportSpec, dict_class: str, src: dict[str, Any]) -> dict[str, Any]:
     cfg = sae.cfg
     old = src.get("trainer") or {}
     if old.get("dict_class") != dict_class:
@@ -168,7 +206,12 @@ def _trainer_config(sae: SAE, dict_class: str, src: dict[str, Any]) -> dict[str,
     tr = {key: old.get(key) for key in TRAINER_KEYS[dict_class]}
     tr.update(dict_class=dict_class, activation_dim=cfg.d_in, dict_size=cfg.d_sae)
     if "k" in tr:
-        tr["k"] = cfg.k
+        tr["k"] = spec.k
+    if dict_class == MATRYOSHKA and spec.groups:
+        tr["group_sizes"] = list(spec.groups)
+        tr["group_weights"] = list(spec.group_weights or [1.0 / len(spec.groups)] * len(spec.groups))
+        if tr.get("group_fractions") is None or len(tr["group_fractions"]) != len(spec.groups):
+            tr["group_fractions"] = [s / cfg.d_sae for s in spec.groups]
     if not old:
         tr.update(trainer_class=TRAINER[dict_class], device="cpu", wandb_name=dict_class, layer=first_int(cfg.hook),
                   lm_name=cfg.model, submodule_name=cfg.hook)
@@ -182,12 +225,11 @@ def save(sae: SAE, path: Path, **_: Any) -> Path:
     """Write ``path/ae.pt`` + ``path/config.json`` (the folder ``load_dictionary(path)`` reads)."""
     cfg = sae.cfg
     arch = cfg.arch
-    require(arch in DICT_CLASS, DICTIONARY_LEARNING, arch, "dictionary_learning has no such class",
-            f"it holds {', '.join(DICT_CLASS)}")
+    spec = spec_of(sae, DICTIONARY_LEARNING)
     require(not cfg.skip and not cfg.is_transcoder, DICTIONARY_LEARNING, arch,
             "dictionary_learning dictionaries are autoencoders (no transcoders, no skip connection)")
     require_plain_input(sae, DICTIONARY_LEARNING)
-    dict_class = DICT_CLASS[arch]
+    dict_class = MATRYOSHKA if spec.activation == "batchtopk" and spec.groups else DICT_CLASS[spec.activation]
     ex = export_tensors(sae, DICTIONARY_LEARNING, subtract_b_dec=dict_class != "JumpReluAutoEncoder")
     t = ex.tensors
     md = cfg.metadata or {}
@@ -200,8 +242,12 @@ def save(sae: SAE, path: Path, **_: Any) -> Path:
             thr = t["threshold"].reshape(())
         else:
             thr = torch.tensor(float(md.get("dictionary_learning_threshold", TOPK_INIT_THRESHOLD)))
-        sd = {"b_dec": t["b_dec"], "k": torch.tensor(cfg.k, dtype=torch.int32), "threshold": thr.float(),
+        sd = {"b_dec": t["b_dec"], "k": torch.tensor(spec.k, dtype=torch.int32), "threshold": thr.float(),
               "decoder.weight": dec, "encoder.weight": enc, "encoder.bias": t["b_enc"]}
+    elif dict_class == MATRYOSHKA:  # MatryoshkaBatchTopKSAE's own buffer and parameter order
+        sd = {"W_enc": t["W_enc"], "b_enc": t["b_enc"], "W_dec": t["W_dec"], "b_dec": t["b_dec"],
+              "k": torch.tensor(spec.k, dtype=torch.int32), "threshold": t["threshold"].reshape(()).float(),
+              "group_sizes": torch.tensor(list(spec.groups or []), dtype=torch.int64)}
     elif dict_class == "JumpReluAutoEncoder":
         sd = {k: t[k] for k in ("W_enc", "b_enc", "W_dec", "b_dec", "threshold")}
     else:
@@ -210,5 +256,5 @@ def save(sae: SAE, path: Path, **_: Any) -> Path:
     path.mkdir(parents=True, exist_ok=True)
     with atomic_open(path / AE, "wb") as fh:
         torch.save({k: v.detach().cpu().contiguous() for k, v in sd.items()}, fh)
-    write_json_atomic(path / CFG, _trainer_config(sae, dict_class, src), indent=4)
+    write_json_atomic(path / CFG, _trainer_config(sae, spec, dict_class, src), indent=4)
     return path

@@ -29,9 +29,11 @@ from saeforge.formats.common import (
     build_sae,
     export_tensors,
     log_threshold,
+    per_latent_threshold,
     require,
     require_plain_input,
     source_metadata,
+    spec_of,
 )
 from saeforge.io import atomic_open
 from saeforge.sae import SAE
@@ -85,13 +87,14 @@ def save(sae: SAE, path: Path, embedding: bool | None = None, **_: Any) -> Path:
     Into an embedding folder (:func:`is_embedding`, or ``embedding=True``) the weights are written as Gemma
     Scope stores them (``W_enc · √d_in``, ``W_dec / √d_in``), so the loaders' rescaling gives this SAE back."""
     cfg = sae.cfg
-    require(cfg.arch in ("jumprelu", "batchtopk"), GEMMA_SCOPE, cfg.arch, "Gemma Scope files hold JumpReLU SAEs",
-            "use --to saelens or saeforge")
+    require(spec_of(sae, GEMMA_SCOPE).activation in ("jumprelu", "batchtopk"), GEMMA_SCOPE, cfg.arch,
+            "Gemma Scope files hold JumpReLU SAEs", "use --to saelens or saeforge")
     require(not cfg.skip, GEMMA_SCOPE, cfg.arch, "params.npz has no skip connection (W_skip)")
     require_plain_input(sae, GEMMA_SCOPE)
-    t = export_tensors(sae, GEMMA_SCOPE, subtract_b_dec=False).tensors
-    thr = t["threshold"].expand(cfg.d_sae) if cfg.arch == "batchtopk" else t["threshold"]
-    arrays = {"W_enc": t["W_enc"], "W_dec": t["W_dec"], "b_enc": t["b_enc"], "b_dec": t["b_dec"], "threshold": thr}
+    ex = export_tensors(sae, GEMMA_SCOPE, subtract_b_dec=False)
+    t = ex.tensors
+    arrays = {"W_enc": t["W_enc"], "W_dec": t["W_dec"], "b_enc": t["b_enc"], "b_dec": t["b_dec"],
+              "threshold": per_latent_threshold(ex)}
     file = path if path.suffix == ".npz" else path / FILE
     if is_embedding(file) if embedding is None else embedding:
         scale = math.sqrt(cfg.d_in)

@@ -28,6 +28,7 @@ from saeforge.formats.common import (
     first_int,
     require,
     source_metadata,
+    spec_of,
     torch_load_dict,
 )
 from saeforge.io import atomic_open
@@ -94,12 +95,13 @@ def save(sae: SAE, path: Path, **_: Any) -> Path:
     """Write ``path`` (if it ends in .pt) or ``path/<layer>.pt`` as ``Autoencoder.from_state_dict`` reads it."""
     cfg = sae.cfg
     require(not cfg.skip and not cfg.is_transcoder, OPENAI, cfg.arch, "OpenAI autoencoders have no transcoders")
-    if cfg.arch == "topk":
+    spec = spec_of(sae, OPENAI)
+    if spec.activation == "topk":
         require(cfg.input_norm == "layer_norm", OPENAI, cfg.arch,
                 "OpenAI TopK autoencoders always layer-normalise their input (input_norm must be layer_norm)",
                 "use --to saelens or sparsify")
-        act, act_sd = "TopK", OrderedDict([("k", int(cfg.k)), ("postact_fn", "ReLU")])
-    elif cfg.arch == "relu":
+        act, act_sd = "TopK", OrderedDict([("k", int(spec.k)), ("postact_fn", "ReLU")])
+    elif spec.activation == "relu":
         require(cfg.input_norm == "none", OPENAI, cfg.arch,
                 "OpenAI ReLU autoencoders never normalise their input (input_norm must be none)")
         act, act_sd = "ReLU", OrderedDict()

@@ -18,6 +18,7 @@ sae-lens 6.54.12 fixtures):
 """
 from __future__ import annotations
 
+import itertools
 from pathlib import Path
 from typing import Any
 
@@ -32,12 +33,15 @@ from saeforge.formats.common import (
     export_tensors,
     fold_decoder_norms,
     log_threshold,
+    per_latent_threshold,
     read_json,
     require,
     source_metadata,
+    spec_of,
 )
 from saeforge.io import save_safetensors_atomic, write_json_atomic
 from saeforge.sae import SAE
+from saeforge.sae.base import ExportSpec
 
 CFG, WEIGHTS = "cfg.json", "sae_weights.safetensors"
 WRITES_VERSION = "6.54.12"  # the SAELens release whose layout the writer reproduces (tested on its fixtures)
@@ -53,6 +57,9 @@ ARCHS: dict[str, tuple[str, bool, bool]] = {
     "jumprelu_transcoder": ("jumprelu", True, False),
     "jumprelu_skip_transcoder": ("jumprelu", True, True),
 }
+# what each SAELens architecture stores besides W_enc/W_dec/b_dec (SAELens's own vocabulary)
+GATE_TENSORS = ("b_gate", "r_mag", "b_mag")  # "gated": no b_enc
+THRESHOLDED = {"jumprelu", "jumprelu_transcoder", "jumprelu_skip_transcoder"}  # threshold (or log_threshold)
 NORMS = {"none": "none", "layer_norm": "layer_norm", "constant_norm_rescale": "constant_norm_rescale",
          "expected_average_only_in": "none"}
 
@@ -63,18 +70,18 @@ def detect(path: Path) -> bool:
 
 def _architecture(cfg: dict[str, Any], where: Path) -> tuple[str, int | None]:
     """The SAELens architecture name, reading pre-6.0 configs (``activation_fn_str: "topk"``) too."""
-    arch = cfg.get("architecture") or "standard"
+    name = cfg.get("architecture") or "standard"
     act = cfg.get("activation_fn") or cfg.get("activation_fn_str") or "relu"
     kwargs = cfg.get("activation_fn_kwargs") or {}
-    if arch == "standard" and act == "topk":
+    if name == "standard" and act == "topk":
         return "topk", kwargs.get("k")
     if act not in ("relu", "topk"):
         raise SaeforgeError(f"{where}: SAELens activation_fn {act!r} has no saeforge equivalent (relu, topk)")
-    if arch not in ARCHS:
+    if name not in ARCHS:
         raise SaeforgeError(
-            f"{where}: SAELens architecture {arch!r} has no saeforge equivalent; supported: {', '.join(ARCHS)}"
+            f"{where}: SAELens architecture {name!r} has no saeforge equivalent; supported: {', '.join(ARCHS)}"
         )
-    return arch, cfg.get("k")
+    return name, cfg.get("k")
 
 
 def load(path: Path, device: str | torch.device = "cpu", **_: Any) -> SAE:
@@ -111,14 +118,10 @@ def load(path: Path, device: str | torch.device = "cpu", **_: Any) -> SAE:
         if name not in w:
             raise SaeforgeError(f"{path / WEIGHTS}: tensor {name} is missing; is this a SAELens checkpoint?")
         t[name] = w[name]
-    if arch == "gated":
-        for name in ("b_gate", "r_mag", "b_mag"):
-            t[name] = w[name]
-            taken.add(name)
-    else:
-        t["b_enc"] = w["b_enc"]
-        taken.add("b_enc")
-    if arch == "jumprelu":
+    for name in GATE_TENSORS if arch_name == "gated" else ("b_enc",):
+        t[name] = w[name]
+        taken.add(name)
+    if arch_name in THRESHOLDED:
         if "threshold" in w:
             thr, taken = w["threshold"], taken | {"threshold"}
         elif "log_threshold" in w:
@@ -140,7 +143,7 @@ def load(path: Path, device: str | torch.device = "cpu", **_: Any) -> SAE:
 
     kw: dict[str, Any] = {}
     rescaled = False
-    if arch == "topk":
+    if arch_name == "topk":
         if k is None:
             raise SaeforgeError(f"{where}: a topk SAE needs 'k'")
         kw["k"] = int(k)
@@ -167,35 +170,51 @@ def _source(sae: SAE) -> dict[str, Any]:
     return (md.get("source_config") or {}) if md.get("source_format") == SAELENS else {}
 
 
+# ExportSpec activation -> (SAELens SAE architecture, its transcoder architectures (plain, with W_skip))
+WRITES: dict[str, tuple[str, tuple[str, str] | None]] = {
+    "relu": ("standard", ("transcoder", "skip_transcoder")),
+    "jumprelu": ("jumprelu", ("jumprelu_transcoder", "jumprelu_skip_transcoder")),
+    "batchtopk": ("jumprelu", ("jumprelu_transcoder", "jumprelu_skip_transcoder")),  # SAELens saves it so
+    "topk": ("topk", None),
+    "gated": ("gated", None),
+}
+
+
+def _training_architecture(spec: ExportSpec) -> tuple[str, dict[str, Any]] | None:
+    """SAELens's ``metadata.training_architecture`` for an SAE it stores under another architecture: BatchTopK
+    and Matryoshka BatchTopK train with a batch top-k and are saved as ``jumprelu`` (as SAELens does)."""
+    if spec.activation != "batchtopk":
+        return None
+    if spec.groups:
+        widths = [int(w) for w in itertools.accumulate(spec.groups)]
+        return "matryoshka_batchtopk", {"k": spec.k, "matryoshka_widths": widths}
+    return "batchtopk", {"k": spec.k}
+
+
 def save(sae: SAE, path: Path, **_: Any) -> Path:
     cfg = sae.cfg
     arch = cfg.arch
+    spec = spec_of(sae, SAELENS)
     src = _source(sae)
     src_transcoder = ARCHS.get(src.get("architecture", ""), ("", False, False))[1]
     transcoder = cfg.is_transcoder or cfg.skip or src_transcoder
-    if arch == "relu":
-        name = ("skip_transcoder" if cfg.skip else "transcoder") if transcoder else "standard"
-    elif arch in ("jumprelu", "batchtopk"):
-        name = ("jumprelu_skip_transcoder" if cfg.skip else "jumprelu_transcoder") if transcoder else "jumprelu"
-    elif arch in ("topk", "gated"):
-        require(not transcoder, SAELENS, arch, "SAELens has no top-k or gated transcoder",
-                "use --to sparsify (top-k transcoders) or saeforge")
-        name = "topk" if arch == "topk" else "gated"
-    else:
-        raise SaeforgeError(f"format {SAELENS} cannot hold a {arch} SAE (it holds relu, topk, jumprelu, gated, "
-                            "batchtopk)")
+    plain, transcoders = WRITES[spec.activation]
     if transcoder:
+        require(transcoders is not None, SAELENS, arch, "SAELens has no top-k or gated transcoder",
+                "use --to sparsify (top-k transcoders) or saeforge")
+        name = transcoders[1] if cfg.skip else transcoders[0]
         require(cfg.input_norm == "none" or cfg.is_transcoder, SAELENS, arch,
                 "a SAELens transcoder never de-normalises its output")
+    else:
+        name = plain
     ex = export_tensors(sae, SAELENS, subtract_b_dec=False if transcoder else None)
     t = ex.tensors
     out = {"W_dec": t["W_dec"], "W_enc": t["W_enc"], "b_dec": t["b_dec"]}
-    if arch == "gated":
-        out.update(b_gate=t["b_gate"], b_mag=t["b_mag"], r_mag=t["r_mag"])
-    else:
-        out["b_enc"] = t["b_enc"]
-    if arch in ("jumprelu", "batchtopk"):
-        out["threshold"] = t["threshold"].expand(cfg.d_sae).clone() if arch == "batchtopk" else t["threshold"]
+    for bias, _scale in spec.encoder_biases:
+        out[bias] = t[bias]
+    out.update({k: t[k] for k in spec.tensors if k != "threshold"})  # gated: r_mag beside its biases
+    if "threshold" in spec.tensors:
+        out["threshold"] = per_latent_threshold(ex)
     if cfg.skip:
         out["W_skip"] = t["W_skip"]
 
@@ -206,16 +225,16 @@ def save(sae: SAE, path: Path, **_: Any) -> Path:
     meta["hook_name"] = to_transformerlens(cfg.hook)  # the names SAELens users hook (saeforge/hooknames.py)
     if cfg.target_hook and cfg.target_hook != cfg.hook:
         meta["hook_name_out"] = to_transformerlens(cfg.target_hook)
-    if arch == "batchtopk":
-        meta["training_architecture"] = "batchtopk"
-        meta["training_architecture_details"] = {"k": cfg.k}
+    trained_as = _training_architecture(spec)
+    if trained_as is not None:
+        meta["training_architecture"], meta["training_architecture_details"] = trained_as
     d: dict[str, Any] = {
         "d_in": cfg.d_in, "d_sae": cfg.d_sae, "dtype": "float32", "device": "cpu",
         "apply_b_dec_to_input": ex.subtract_b_dec, "normalize_activations": cfg.input_norm,
         "reshape_activations": (cfg.metadata or {}).get("reshape_activations", "none"), "metadata": meta,
     }
-    if arch == "topk":
-        d["k"] = cfg.k
+    if spec.activation == "topk":
+        d["k"] = spec.k
         d["rescale_acts_by_decoder_norm"] = False  # decoder norms are folded in
     if transcoder:
         d["d_out"] = cfg.d_out

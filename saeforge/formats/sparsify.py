@@ -30,6 +30,7 @@ from saeforge.formats.common import (
     require,
     require_plain_input,
     source_metadata,
+    spec_of,
 )
 from saeforge.io import save_safetensors_atomic, write_json_atomic
 from saeforge.sae import SAE
@@ -135,7 +136,8 @@ def save(sae: SAE, path: Path, hookpoint: str | None = None, **_: Any) -> Path:
     """Write one sparse coder into ``path`` (what ``SparseCoder.load_from_disk(path)`` reads) or, with
     ``hookpoint``, a run folder ``path/<hookpoint>/`` plus the run-level ``config.json``."""
     cfg = sae.cfg
-    require(cfg.arch == "topk", SPARSIFY, cfg.arch, "sparsify coders are top-k only", "use --to saelens")
+    spec = spec_of(sae, SPARSIFY)
+    require(spec.activation == "topk", SPARSIFY, cfg.arch, "sparsify coders are top-k only", "use --to saelens")
     require_plain_input(sae, SPARSIFY)
     require(cfg.d_out == cfg.d_in, SPARSIFY, cfg.arch,
             f"sparsify transcoders map d_in -> d_in (this one maps {cfg.d_in} -> {cfg.d_out})")
@@ -153,7 +155,7 @@ def save(sae: SAE, path: Path, hookpoint: str | None = None, **_: Any) -> Path:
         "activation": "topk",
         "expansion_factor": src_coder.get("expansion_factor", max(cfg.d_sae // cfg.d_in, 1)),
         "normalize_decoder": src_coder.get("normalize_decoder", True),
-        "num_latents": cfg.d_sae, "k": cfg.k, "multi_topk": bool(cfg.multi_topk),
+        "num_latents": cfg.d_sae, "k": spec.k, "multi_topk": bool(spec.details.get("multi_topk", False)),
         "skip_connection": bool(cfg.skip), "transcode": transcode,
     }
     folder = path if hookpoint is None else path / hookpoint

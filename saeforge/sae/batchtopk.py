@@ -26,7 +26,7 @@ from torch import Tensor
 from saeforge.errors import SaeforgeError
 from saeforge.kernels.topk_autograd import batch_topk_encode, sparse_decode
 from saeforge.kernels.sparse_losses import fired_latents, sparse_auxk_loss
-from saeforge.sae.base import SAE, SAEConfig, TrainStepInput, TrainStepOutput, register
+from saeforge.sae.base import ExportSpec, SAE, SAEConfig, TrainStepInput, TrainStepOutput, register
 from saeforge.sae.functional import auxk_loss
 from saeforge.sae.geometric_median import geometric_median
 
@@ -73,6 +73,10 @@ class BatchTopKSAE(SAE):
     def activate(self, h: Tensor) -> Tensor:
         h = h.relu()
         return h * (h > self.threshold)
+
+    def export_spec(self) -> ExportSpec:
+        return ExportSpec("batchtopk", tensors={"threshold": self.threshold.detach().cpu().float().reshape(())},
+                          k=self.cfg.k, training=self.arch)
 
     def published_lr(self) -> float:
         return 2e-4 / math.sqrt(self.cfg.d_sae / 2**14)

@@ -17,7 +17,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
-from saeforge.sae.base import SAE, SAEConfig, TrainStepInput, TrainStepOutput, register
+from saeforge.sae.base import ExportSpec, SAE, SAEConfig, TrainStepInput, TrainStepOutput, register
 from saeforge.sae.functional import BrickenResampling, TargetL0, set_dataset_scales_
 
 
@@ -65,6 +65,12 @@ class GatedSAE(TargetL0, BrickenResampling, SAE):
 
     def activate(self, h: Tensor) -> Tensor:  # only meaningful with the gate; see encode
         raise TypeError("GatedSAE needs the input for its gate; call encode(x)")
+
+    def export_spec(self) -> ExportSpec:
+        tensors = {"b_gate": self.b_gate, "r_mag": self.r_mag, "b_mag": self.b_mag}
+        tensors = {k: v.detach().cpu().float() for k, v in tensors.items()}
+        return ExportSpec("gated", tensors=tensors, encoder_biases=(("b_gate", None), ("b_mag", "r_mag")),
+                          training=self.arch)
 
     # ---- training ---------------------------------------------------------------------------------
     def published_lr(self) -> float:

@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from saeforge.errors import SaeforgeError
 from saeforge.kernels import topk_autograd
-from saeforge.sae.base import SAE, SAEConfig, TrainStepInput, TrainStepOutput, register
+from saeforge.sae.base import ExportSpec, SAE, SAEConfig, TrainStepInput, TrainStepOutput, register
 from saeforge.sae.functional import (
     TargetL0, fold_decoder_norms_, jumprelu, jumprelu_log, ramp, set_dataset_scales_, step,
 )
@@ -86,6 +86,13 @@ class JumpReLUSAE(TargetL0, SAE):
 
     def activate(self, h: Tensor) -> Tensor:
         return h.relu() * (h > self.threshold)
+
+    # read checkpoints train on with the threshold-only recipe Gemma Scope, SAELens and dictionary_learning use
+    IMPORT_DEFAULTS: ClassVar[dict[str, object]] = {"recipe": "gemmascope"}
+
+    def export_spec(self) -> ExportSpec:
+        threshold = self.log_threshold.detach().cpu().double().exp().float()  # float64 exp, as formats read it
+        return ExportSpec("jumprelu", tensors={"threshold": threshold}, training=self.arch)
 
     # ---- initialisation ---------------------------------------------------------------------------
     def reset_parameters(self) -> None:

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from torch import Tensor
 
 from saeforge.errors import SaeforgeError
-from saeforge.sae.base import TrainStepInput, TrainStepOutput, register
+from saeforge.sae.base import ExportSpec, TrainStepInput, TrainStepOutput, register
 from saeforge.sae.batchtopk import BatchTopKConfig, BatchTopKSAE, batch_topk
 from saeforge.sae.functional import auxk_loss
 
@@ -54,6 +54,11 @@ class MatryoshkaConfig(BatchTopKConfig):
 class MatryoshkaSAE(BatchTopKSAE):
     config_class = MatryoshkaConfig
     cfg: MatryoshkaConfig
+
+    def export_spec(self) -> ExportSpec:
+        spec = super().export_spec()
+        spec.groups, spec.group_weights = list(self.cfg.group_sizes), list(self.cfg.group_weights)
+        return spec
 
     def prefix_reconstructions(self, f: Tensor) -> list[Tensor]:
         """ŷ of every prefix (cumulative sums of the groups' contributions), smallest first."""

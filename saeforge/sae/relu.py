@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from saeforge.errors import SaeforgeError
-from saeforge.sae.base import SAE, SAEConfig, TrainStepInput, TrainStepOutput, register
+from saeforge.sae.base import ExportSpec, SAE, SAEConfig, TrainStepInput, TrainStepOutput, register
 from saeforge.sae.functional import BrickenResampling, TargetL0, fold_decoder_norms_, ramp, set_dataset_scales_
 from saeforge.sae.geometric_median import geometric_median
 
@@ -78,6 +78,9 @@ class ReLUSAE(TargetL0, BrickenResampling, SAE):
 
     def activate(self, h: Tensor) -> Tensor:
         return h.relu()
+
+    def export_spec(self) -> ExportSpec:
+        return ExportSpec("relu", training=self.arch)
 
     def published_lr(self) -> float:
         return 2e-4 if self._mono else 5e-5  # April 2024 update: lr 5e-5

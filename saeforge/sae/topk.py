@@ -25,7 +25,7 @@ from saeforge.errors import SaeforgeError
 from saeforge.kernels.sparse_losses import fired_latents, sparse_auxk_loss
 from saeforge.kernels.topk_autograd import sparse_decode as kernel_sparse_decode
 from saeforge.kernels.topk_autograd import topk_encode
-from saeforge.sae.base import SAE, SAEConfig, TrainStepInput, TrainStepOutput, register
+from saeforge.sae.base import ExportSpec, SAE, SAEConfig, TrainStepInput, TrainStepOutput, register
 from saeforge.sae.geometric_median import geometric_median
 from saeforge.sae.sparse import sparse_decode
 
@@ -62,6 +62,9 @@ class TopKSAE(SAE):
     def activate(self, h: Tensor) -> Tensor:
         vals, idx = topk_relu(h, self.cfg.k)
         return torch.zeros_like(h).scatter_(-1, idx, vals)
+
+    def export_spec(self) -> ExportSpec:
+        return ExportSpec("topk", k=self.cfg.k, training=self.arch, details={"multi_topk": self.cfg.multi_topk})
 
     def encode_sparse(self, x: Tensor) -> tuple[Tensor, Tensor]:
         x_n, self._norm_ctx = self.normalize_input(x)
