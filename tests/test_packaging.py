@@ -52,6 +52,7 @@ def test_wheel_installs_and_runs_outside_the_checkout(tmp_path: Path, stories_mo
     names = set(zipfile.ZipFile(whl).namelist())
     for f in ("index.html", "app.js", "style.css"):
         assert f"saeforge/dashboard/static/{f}" in names, f"{f} missing from the wheel"
+    assert "saeforge/releases.json" in names, "the release registry is missing from the wheel"
     assert not any(n.startswith("tests/") for n in names)
 
     # a fresh venv that sees this environment's torch etc., but not this checkout's editable install

@@ -17,7 +17,10 @@ from typing import Any
 
 import torch
 
+from saeforge import releases
 from saeforge.errors import SaeforgeError
+from saeforge.hooknames import to_saeforge
+from saeforge.paths import looks_local
 from saeforge.formats import dictionary_learning, gemma_scope, hub, openai, saelens, sparsify
 from saeforge.formats.common import (
     DICTIONARY_LEARNING,
@@ -121,7 +124,12 @@ def load_sae(
     embedding SAE (default: its folder name says so, as in sae_lens; docs/formats.md). The source format,
     library and version are recorded in ``sae.cfg.metadata``.
     """
-    path = _local_path(path_or_hub_id, subfolder, revision)
+    found = _release(path_or_hub_id, subfolder)
+    if found is not None:
+        path = releases.download(found, revision)
+        format = format or found.format  # noqa: A001
+    else:
+        path = _local_path(path_or_hub_id, subfolder, revision)
     fmt = canonical_format(format) if format else detect_format(path)
     if normalize_decoder and fmt != DICTIONARY_LEARNING:
         raise SaeforgeError(f"normalize_decoder applies to dictionary_learning checkpoints only (this is {fmt})")
@@ -146,9 +154,33 @@ def load_sae(
             raise SaeforgeError(f"{path}: the {fmt} tensors do not fit its config ({str(e).splitlines()[0]}); "
                                 "the checkpoint is inconsistent: re-download or re-export it") from None
         check_finite_weights(sae.state_dict(), path)
-    if hub.is_hub_id(path_or_hub_id):
+    if found is not None:
+        sae.cfg.metadata["source_release"] = {"release": found.release, "sae_id": found.sae_id,
+                                              "repo_id": found.repo_id, "path": found.path, "revision": revision}
+        if sae.cfg.hook is None and found.hook:  # Gemma Scope files name no hook or model; the release does
+            sae.cfg.hook = to_saeforge(found.hook)
+        if sae.cfg.model is None and found.model:
+            sae.cfg.model = found.model
+    elif hub.is_hub_id(path_or_hub_id):
         sae.cfg.metadata["source_hub"] = {"id": str(path_or_hub_id), "subfolder": subfolder, "revision": revision}
     return sae
+
+
+def _release(src: str | Path, subfolder: str | None) -> releases.Release | None:
+    """``release/sae_id`` (saeforge/releases.py) when ``src`` is not a local path; a near-miss of a release name
+    is an error naming it rather than a confusing Hub lookup."""
+    if isinstance(src, Path) or Path(str(src)).expanduser().exists() or looks_local(src):
+        return None
+    parts = releases.split(src)
+    if parts is None:
+        close = releases.close_release(src)
+        if close:
+            raise SaeforgeError(f"unknown SAE release {str(src).partition('/')[0]!r} (close: {', '.join(close)}); "
+                                "pass RELEASE/SAE_ID, a Hub id or a folder")
+        return None
+    if subfolder:
+        raise SaeforgeError(f"subfolder= does not apply to the release id {src}; the SAE id names the folder")
+    return releases.resolve(*parts)
 
 
 def save_sae_as(sae: SAE, path: str | Path, to: str, **options: Any) -> Path:

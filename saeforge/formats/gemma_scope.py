@@ -15,10 +15,10 @@ writes there reads back (here and in sae_lens) as the SAE it was given.
 """
 from __future__ import annotations
 
+import math
+import os
 from pathlib import Path
 from typing import Any
-
-import math
 
 import numpy as np
 import torch
@@ -48,8 +48,10 @@ def detect(path: Path) -> bool:
 
 def is_embedding(file: Path) -> bool:
     """True for an embedding SAE's file: a folder holding it (up to three levels, Gemma Scope's
-    ``<site>/<width>/<l0>``) is named with ``embedding``, as sae_lens tests on the Hub sub-folder name."""
-    return any("embedding" in part for part in file.resolve().parent.parts[-3:])
+    ``<site>/<width>/<l0>``) is named with ``embedding``, as sae_lens tests on the Hub sub-folder name. Symlinks
+    are not followed: in the Hugging Face cache the file links to ``blobs/<hash>``, the folder names are where
+    it is linked from."""
+    return any("embedding" in part for part in Path(os.path.abspath(file)).parent.parts[-3:])
 
 
 def load(path: Path, device: str | torch.device = "cpu", embedding: bool | None = None, **_: Any) -> SAE:
