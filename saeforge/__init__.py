@@ -3,7 +3,7 @@
 The Python API mirrors the CLI::
 
     from saeforge import load_model, harvest, HarvestConfig, CachedStream, make_config, train, TrainConfig
-    from saeforge import load_sae, evaluate
+    from saeforge import load_sae, evaluate, push
 """
 from __future__ import annotations
 
@@ -30,6 +30,7 @@ _LAZY = {
     "save_sae_as": "saeforge.formats",
     "evaluate": "saeforge.eval",
     "AdaptConfig": "saeforge.adapt",
+    "push": "saeforge.publish",
 }
 
 
