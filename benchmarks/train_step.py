@@ -16,7 +16,7 @@ counters and on-device metric accumulation.
 
 ``--impl sparse``  ``TopKSAE.training_forward`` as the trainer runs it by default (``TrainConfig.kernels =
 "sparse"``: the kernels of ``saeforge.kernels``) + the trainer's fused Adam (``make_adam``);
-``--impl reference``  the dense autograd path (``kernels = "dense"``, ``dense_training_forward``) + the
+``--impl reference``  the dense autograd path (``kernels = "dense"``, ``training_forward_with(sparse=False)``) + the
 unfused Adam, for comparison.
 
 bf16 on a CPU without AMX / AVX512-BF16 runs a scalar fallback hundreds of times slower than fp32, so

@@ -42,6 +42,8 @@ def sae_cfg(arch):
         return make_config("topk", d_in=D, d_sae=128, k=3, k_aux=8)
     if arch == "jumprelu":
         return make_config("jumprelu", d_in=D, d_sae=128, init_fire_count=8.0)
+    if arch in ("batchtopk", "matryoshka"):  # the threshold estimate starts at step 4 of 20
+        return make_config(arch, d_in=D, d_sae=128, k=3, k_aux=8, threshold_start_step=4)
     raise ValueError(arch)
 
 
@@ -62,6 +64,14 @@ def dp_topk(out):
 
 def dp_jumprelu(out):
     _train("jumprelu", out)
+
+
+def dp_batchtopk(out):
+    _train("batchtopk", out)
+
+
+def dp_matryoshka(out):
+    _train("matryoshka", out)
 
 
 def shard_topk(out):

@@ -173,3 +173,18 @@ def test_batchtopk_threshold_is_estimated_when_the_start_is_beyond_the_run(tmp_p
     assert loaded.threshold.item() > 0
     _, l0 = _metrics(loaded, _heldout(stream))
     assert l0 < 3 * L0  # bounded by the estimate, not every positive pre-activation (~WIDTH / 2)
+
+
+@pytest.mark.parametrize("arch", sorted(architectures()))
+def test_config_class_knows_its_architecture(arch):
+    """``create_sae(XConfig(...))`` builds arch X: the config class, not a default, says which."""
+    from saeforge.errors import SaeforgeError
+    from saeforge.sae import create_sae
+
+    cls = get_arch(arch)
+    kw = {k: v for k, v in _config(arch).to_dict().items() if k != "arch"}
+    cfg = cls.config_class.from_dict(kw)
+    assert cfg.arch == arch and type(create_sae(cfg)) is cls
+    other = next(a for a in sorted(architectures()) if a != arch)
+    with pytest.raises(SaeforgeError, match="is the config of arch"):
+        cls.config_class.from_dict({**kw, "arch": other})

@@ -15,7 +15,7 @@ from saeforge.errors import SaeforgeError
 from saeforge.io import atomic_open, sha256_file, write_json_atomic
 from saeforge.sae import SAE, TrainStepInput, create_sae, make_config
 from saeforge.sae.geometric_median import geometric_median
-from saeforge.sae.sparse import sparse_decode
+from saeforge.kernels.topk_autograd import sparse_decode
 from saeforge.sae.topk import topk_relu
 from saeforge.train.schedule import lr_factor
 

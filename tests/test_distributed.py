@@ -55,6 +55,8 @@ def single(tmp_path_factory):
     root = tmp_path_factory.mktemp("single")
     w._train("topk", root / "topk")
     w._train("jumprelu", root / "jumprelu")
+    w._train("batchtopk", root / "batchtopk")
+    w._train("matryoshka", root / "matryoshka")
     with pytest.raises(SaeforgeError, match="ran out"):  # a 1-process run cut after its step-10 checkpoint
         w._train("topk", root / "one_cut", n_batches=w.STEPS // 2, checkpoint_every=w.STEPS // 2)
     return root
@@ -66,7 +68,7 @@ def two(single, tmp_path_factory):
     root = tmp_path_factory.mktemp("two")
     shutil.copytree(single / "one_cut", root / "one_cut")
     live = ("live_dp",) if w.MODEL.exists() and w.TEXT.exists() else ()
-    _run_ranks(2, root, "dp_topk", "dp_jumprelu", "shard_forward", "shard_topk", "resume_cut", "resume_from_one",
+    _run_ranks(2, root, "dp_topk", "dp_jumprelu", "dp_batchtopk", "dp_matryoshka", "shard_forward", "shard_topk", "resume_cut", "resume_from_one",
                "spread", *live)
     return root / "w2"
 
@@ -87,6 +89,21 @@ def test_data_parallel_jumprelu_matches_one_process(single, two):
     _close(single / "jumprelu", two / "dp_jumprelu")
 
 
+@pytest.mark.parametrize("arch", ["batchtopk", "matryoshka"])
+def test_data_parallel_batchtopk_matches_one_process(single, two, arch):
+    """The batch top-k is taken over the global batch (an exact threshold across the ranks), the threshold
+    estimate and AuxK's normaliser too: 2 ranks train the 1-process SAE, threshold included."""
+    _close(single / arch, two / f"dp_{arch}")
+    thr = load_file(str(single / arch / "sae.safetensors"))["threshold"]
+    assert float(thr) > 0
+    one = [json.loads(l) for l in (single / arch / "metrics.jsonl").read_text().splitlines()]
+    dp = [json.loads(l) for l in (two / f"dp_{arch}" / "metrics.jsonl").read_text().splitlines()]
+    for a, b in zip(one, dp):
+        for k in ("loss", "fvu", "l0", "aux"):
+            assert b[k] == pytest.approx(a[k], rel=1e-5, abs=1e-6), k
+    assert any(r["aux"] > 0 for r in one)
+
+
 def test_latent_sharded_step_selects_the_same_latents(two):
     from saeforge.sae import create_sae
     from saeforge.sae.base import TrainStepInput
@@ -95,7 +112,7 @@ def test_latent_sharded_step_selects_the_same_latents(two):
     sae = create_sae(w.sae_cfg("topk"))
     sae.load_state_dict(got["state"])
     x = got["x"]
-    ref = sae.sparse_training_forward(TrainStepInput(x, x, 0, 10, got["dead"]))
+    ref = sae.training_forward_with(TrainStepInput(x, x, 0, 10, got["dead"]), sparse=True)
     ref.loss.backward()
     with torch.no_grad():
         dense = sae.activate(sae.pre_acts(x))

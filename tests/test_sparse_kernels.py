@@ -28,7 +28,7 @@ from saeforge.kernels import (
     triton_ops,
 )
 from saeforge.sae import TrainStepInput, create_sae, make_config
-from saeforge.sae.sparse import sparse_decode as sae_sparse_decode
+from saeforge.kernels.topk_autograd import sparse_decode as sae_sparse_decode
 
 
 def close(a: torch.Tensor, b: torch.Tensor, rtol: float = 1e-5) -> bool:
@@ -238,7 +238,7 @@ def test_topk_training_forward_matches_dense_and_the_sae(multi_topk, any_dead):
     dead = torch.zeros(512, dtype=torch.bool)
     dead[::3] = bool(any_dead)
     inp = TrainStepInput(x, x, 0, 10, None if any_dead is None else dead)  # None: the trainer skips AuxK
-    outs = [saes[0].sparse_training_forward(inp, chunk_rows=9), saes[1].dense_training_forward(inp)]
+    outs = [saes[0].training_forward_with(inp, sparse=True, chunk_rows=9), saes[1].training_forward_with(inp, sparse=False)]
     if not multi_topk:
         outs.append(type("O", (), {"loss": _dense_training_loss(saes[2], x, dead)})())
     for o in outs[1:]:
@@ -263,7 +263,7 @@ def test_twenty_adam_steps_give_the_same_weights_as_the_dense_step():
     dead[200:] = True
     for step in range(20):
         x = torch.randn(48, 12, generator=gen)
-        for s, opt, fwd in ((a, opts[0], lambda s, i: s.sparse_training_forward(i, chunk_rows=16)),
+        for s, opt, fwd in ((a, opts[0], lambda s, i: s.training_forward_with(i, sparse=True, chunk_rows=16)),
                             (b, opts[1], lambda s, i: _dense_training_loss(s, i.x, i.dead_mask))):
             out = fwd(s, TrainStepInput(x, x, step, 20, dead))
             (out.loss if hasattr(out, "loss") else out).backward()
@@ -377,7 +377,7 @@ def test_batchtopk_sparse_training_forward_matches_dense(any_dead):
     dead = torch.zeros(384, dtype=torch.bool)
     dead[1::4] = bool(any_dead)
     inp = TrainStepInput(x, x, 5, 10, None if any_dead is None else dead)
-    oa, ob = a.training_forward(inp), b.dense_training_forward(inp)
+    oa, ob = a.training_forward(inp), b.training_forward_with(inp, sparse=False)
     assert close(oa.loss, ob.loss) and close(oa.y_hat, ob.y_hat)
     assert torch.equal(oa.fired, ob.fired) and torch.isclose(oa.l0, ob.l0)
     assert set(oa.losses) == set(ob.losses)

@@ -72,3 +72,25 @@ def sum_partials(t: Tensor, group: dist.Group) -> Tensor:
 def sum_grad(t: Tensor, group: dist.Group) -> Tensor:
     """``t`` unchanged; the backward sums its gradient over ``group``."""
     return t if group.size == 1 else _SumGrad.apply(t, group)
+
+
+@torch.no_grad()
+def batch_topk_threshold(v: Tensor, k: int, group: dist.Group | None = None) -> Tensor:
+    """The smallest of the top ``rows · k`` entries of ``v [rows, n]`` over the *global* batch (the rows of
+    every process of the data group): BatchTopK's selection is ``v >= threshold``. Each process offers its
+    own top ``N`` values (``N`` = global rows · k, the most any one process can contribute), padded with
+    −inf; one all-gather and a top-``N`` of the union give the exact global threshold on every process. With
+    one process (or ``N`` ≥ every value) it is the ``N``-th largest value of ``v`` itself."""
+    g = group if group is not None else dist.data_group()
+    flat = v.detach().flatten()
+    if g.size == 1 or not dist.active():
+        n = min(flat.numel(), v.shape[0] * k)
+        return flat.topk(n, sorted=False).values.min()
+    rows = v.new_tensor([v.shape[0]], dtype=torch.float64)
+    dist.all_reduce(rows, group=g)
+    n = int(rows.item()) * k
+    local = flat.topk(min(n, flat.numel()), sorted=False).values
+    if local.numel() < n:
+        local = torch.cat([local, local.new_full((n - local.numel(),), float("-inf"))])
+    union = torch.cat(dist.all_gather(local.contiguous(), group=g))
+    return union.topk(n, sorted=False).values.min()

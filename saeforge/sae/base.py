@@ -12,7 +12,8 @@ Conventions (the same as SAELens, so its users read our weights without surprise
   ``decode`` (the convention of SAELens's skip transcoders and sparsify).
 
 An architecture subclasses :class:`SAE`, sets its config class, implements ``activate`` (pre-activations to
-dense codes) and ``training_forward`` (one training step's losses), and registers itself with
+dense codes) and, for training, ``training_codes`` (and where needed ``training_decode`` and ``penalties``;
+the shared ``training_forward`` builds the step's losses from them), and registers itself with
 ``@register("name")``. Saving writes ``cfg.json`` + ``sae.safetensors``; ``load`` reads them back.
 """
 from __future__ import annotations
@@ -31,6 +32,8 @@ from saeforge.config import JsonConfig
 from saeforge.errors import CorruptFileError, NonFiniteError, SaeforgeError
 from saeforge.io import load_safetensors_verified, save_safetensors_atomic, write_json_atomic
 from saeforge.kernels.rows import remove_parallel_component_
+from saeforge.kernels.sparse_losses import fired_latents
+from saeforge.kernels.topk_autograd import sparse_decode
 
 FORMAT = "saeforge/1"
 INPUT_NORMS = ("none", "layer_norm", "constant_norm_rescale")
@@ -42,7 +45,7 @@ class SAEConfig(JsonConfig):
 
     FLAGS: ClassVar[dict[str, str]] = {"d_sae": "--width", "d_in": "--set d_in", "d_out": "--set d_out"}
 
-    arch: str = "topk"
+    arch: str = ""  # the architecture; each architecture's config class fills in its own (ARCH)
     d_in: int = 0
     d_sae: int = 0
     d_out: int | None = None  # width of the target; None means d_in (an SAE, not a transcoder)
@@ -58,6 +61,8 @@ class SAEConfig(JsonConfig):
     metadata: dict[str, Any] = field(default_factory=dict)  # provenance: source format, trainer, ...
     format: str = FORMAT
 
+    # the architecture this config class belongs to (set by @register on the SAE class that uses it)
+    ARCH: ClassVar[str | None] = None
     # the config field that sets sparsity (k, or a penalty coefficient); a sweep varies it
     SPARSITY_FIELD: ClassVar[str | None] = None
     # named published recipes the architecture implements (the ``recipe`` field), if any
@@ -65,6 +70,15 @@ class SAEConfig(JsonConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        own = type(self).ARCH
+        if not self.arch:
+            if own is None:
+                raise SaeforgeError(f"{type(self).__name__} belongs to no architecture: build the config with "
+                                    "make_config(arch, ...) or the architecture's own config class")
+            self.arch = own
+        elif own is not None and self.arch != own:
+            raise SaeforgeError(f"{type(self).__name__} is the config of arch {own!r}, not {self.arch!r}; "
+                                f"use make_config({self.arch!r}, ...)")
         if self.d_out is None:
             self.d_out = self.d_in
         self.require_finite("input_scale", "output_scale", positive=True)
@@ -147,6 +161,41 @@ class ExportSpec:
             raise SaeforgeError(f"export activation {self.activation!r} is not one of {', '.join(self.ACTIVATIONS)}")
 
 
+@dataclass
+class Codes:
+    """One training step's latent codes, as an architecture's :meth:`SAE.training_codes` returns them:
+    sparse (``vals``/``idx``, the k kept values of each row and their latents) or dense (``f``)."""
+
+    f: Tensor | None = None  # [B, d_sae] dense codes, or
+    vals: Tensor | None = None  # [B, k] kept values ...
+    idx: Tensor | None = None  # [B, k] ... and their latent indices
+    h: Tensor | None = None  # [B, d_sae] dense pre-activations, when the architecture computed them
+    selection: Any = None  # the sparse kernels' selection (saeforge.kernels.selectors.TopKCodes): AuxK pairs
+    extra: dict[str, Any] = field(default_factory=dict)  # what an architecture's penalties need besides
+    fired: Tensor | None = None  # set by architectures that count firing themselves (latent sharding)
+    l0: Tensor | None = None
+
+    @property
+    def sparse(self) -> bool:
+        return self.vals is not None
+
+    def active(self) -> Tensor:
+        return (self.vals if self.sparse else self.f) > 0
+
+
+@dataclass
+class StepState:
+    """What the shared :meth:`SAE.training_forward` hands an architecture's :meth:`SAE.penalties`."""
+
+    inp: TrainStepInput
+    x: Tensor  # working-space input
+    y: Tensor  # working-space target (the skip term already subtracted)
+    codes: Codes
+    y_hat: Tensor  # reconstruction in the working space
+    e: Tensor  # y - y_hat
+    denom: Tensor | None  # the reconstruction loss's denominator (None: mean over rows)
+
+
 _REGISTRY: dict[str, type["SAE"]] = {}
 
 
@@ -156,7 +205,11 @@ def register(name: str):
     def deco(cls: type[SAE]) -> type[SAE]:
         if name in _REGISTRY and _REGISTRY[name] is not cls:
             raise RuntimeError(f"architecture {name!r} registered twice")
+        owner = cls.config_class.__dict__.get("ARCH")
+        if owner is not None and owner != name:
+            raise RuntimeError(f"{cls.config_class.__name__} already belongs to architecture {owner!r}")
         cls.arch = name
+        cls.config_class.ARCH = name
         _REGISTRY[name] = cls
         return cls
 
@@ -178,12 +231,13 @@ def get_arch(name: str) -> type["SAE"]:
 
 def make_config(arch: str, **kwargs: Any) -> SAEConfig:
     """Build the typed config of ``arch`` from keyword arguments (unknown keys are an error)."""
-    cls = get_arch(arch)
-    return cls.config_class.from_dict({"arch": arch, **kwargs})
+    return get_arch(arch).config_class.from_dict(kwargs)
 
 
 def create_sae(cfg: SAEConfig | dict[str, Any], device: str | torch.device = "cpu") -> "SAE":
     if isinstance(cfg, dict):
+        if "arch" not in cfg:
+            raise SaeforgeError("an SAE config needs its 'arch' (one of " + ", ".join(sorted(architectures())) + ")")
         cfg = make_config(cfg["arch"], **{k: v for k, v in cfg.items() if k != "arch"})
     return get_arch(cfg.arch)(cfg).to(device)
 
@@ -196,6 +250,7 @@ class SAE(nn.Module):
     # Architectures with a sparse training path (saeforge/kernels) use it while this is True; the
     # trainer sets it from TrainConfig.kernels ("sparse" | "dense"). Same numbers either way.
     sparse_kernels: bool = True
+    chunk_rows: int | None = None  # rows per chunk of the sparse kernels (None: their default)
     has_b_enc: ClassVar[bool] = True
 
     def __init__(self, cfg: SAEConfig):
@@ -313,8 +368,73 @@ class SAE(nn.Module):
             raise SaeforgeError(f"the stream has no target hook {target!r} (it has {sorted(acts)})")
         return x, acts[target]
 
+    # ---- one training step: the shared body and the four parts an architecture defines ----------------
     def training_forward(self, inp: TrainStepInput) -> TrainStepOutput:
-        raise NotImplementedError
+        """One step's losses, built the same way for every architecture: working inputs → the arch's
+        :meth:`training_codes` (sparse or dense) → :meth:`training_decode` → one reconstruction loss (squared
+        error over :meth:`reconstruction_denominator`, or per row) → the arch's :meth:`penalties`, each with
+        its weight → one :class:`TrainStepOutput` with the latents fired and the mean L0."""
+        x, y = self.working_inputs(inp)
+        codes = self.training_codes(x, inp)
+        y_hat = self.training_decode(codes).reshape(y.shape)
+        e = y - y_hat
+        denom = self.reconstruction_denominator(y)
+        mse = self.reconstruction_loss(e, denom)
+        state = StepState(inp, x, y, codes, y_hat, e, denom)
+        losses, loss = {"mse": mse}, mse * self.reconstruction_weight()
+        for name, (weight, value) in self.penalties(state).items():
+            losses[name] = value
+            if weight is not None:
+                loss = loss + weight * value
+        if codes.fired is not None:
+            fired, l0 = codes.fired, codes.l0
+        else:
+            active = codes.active()
+            fired = fired_latents(codes.idx, active, self.cfg.d_sae) if codes.sparse else \
+                active.reshape(-1, active.shape[-1]).any(0)
+            l0 = active.sum(-1).float().mean()
+        B = y.shape[0]
+        return TrainStepOutput(loss=loss, losses=losses, y_hat=y_hat.reshape(B, -1), y=y.reshape(B, -1),
+                               fired=fired, l0=l0)
+
+    def training_codes(self, x: Tensor, inp: TrainStepInput) -> Codes:
+        """The codes of a working-space batch ``x`` with what the penalties need (pre-activations, AuxK
+        candidates of ``inp.dead_mask``). The default: dense ``activate(pre_acts(x))``."""
+        h = self.pre_acts(x)
+        return Codes(f=self.activate(h), h=h)
+
+    def training_decode(self, codes: Codes) -> Tensor:
+        """ŷ in the working space: a sparse decode of (vals, idx), else ``decode_normalized(f)``."""
+        if codes.sparse:
+            return sparse_decode(codes.vals, codes.idx, self.W_dec, self.b_dec)
+        return self.decode_normalized(codes.f)
+
+    def reconstruction_denominator(self, y: Tensor) -> Tensor | None:
+        """None: the reconstruction loss is ‖e‖² summed over features, averaged over rows (most recipes).
+        A tensor: ‖e‖² summed over the batch and divided by it (Gao et al.'s normalised MSE)."""
+        return None
+
+    def reconstruction_loss(self, e: Tensor, denom: Tensor | None) -> Tensor:
+        return e.pow(2).sum(-1).mean() if denom is None else e.pow(2).sum() / denom
+
+    def reconstruction_weight(self) -> float:
+        """The reconstruction term's weight in the loss (Matryoshka: the whole dictionary's prefix weight)."""
+        return 1.0
+
+    def penalties(self, s: StepState) -> dict[str, tuple[float | Tensor | None, Tensor]]:
+        """The recipe's other loss terms, name → (weight, value); weight None: logged, not trained on."""
+        return {}
+
+    def training_forward_with(self, inp: TrainStepInput, sparse: bool, chunk_rows: int | None = None
+                              ) -> TrainStepOutput:
+        """:meth:`training_forward` on the sparse kernels or on plain autograd (tests and benchmarks compare
+        the two; the trainer picks with ``TrainConfig.kernels``)."""
+        prev = self.sparse_kernels, self.chunk_rows
+        self.sparse_kernels, self.chunk_rows = sparse, chunk_rows
+        try:
+            return self.training_forward(inp)
+        finally:
+            self.sparse_kernels, self.chunk_rows = prev
 
     # ---- the training contract: what the trainer asks of every architecture (defaults here) ----------
     def published_lr(self) -> float:

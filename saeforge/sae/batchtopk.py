@@ -23,11 +23,12 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
+from saeforge import distributed as dist
+from saeforge.distributed.ops import batch_topk_threshold, total_variance
 from saeforge.errors import SaeforgeError
-from saeforge.kernels.topk_autograd import batch_topk_encode, sparse_decode
-from saeforge.kernels.sparse_losses import fired_latents, sparse_auxk_loss
-from saeforge.sae.base import ExportSpec, SAE, SAEConfig, TrainStepInput, TrainStepOutput, register
-from saeforge.sae.functional import auxk_loss
+from saeforge.kernels.topk_autograd import batch_topk_encode
+from saeforge.sae.base import ExportSpec, SAE, Codes, SAEConfig, StepState, TrainStepInput, register
+from saeforge.sae.functional import auxk
 from saeforge.sae.geometric_median import geometric_median
 
 
@@ -58,6 +59,20 @@ def batch_topk(h: Tensor, k: int) -> Tensor:
     n = min(flat.numel(), h.shape[0] * k)
     vals, idx = flat.topk(n, sorted=False)
     return torch.zeros_like(flat).scatter_(0, idx, vals).view_as(h)
+
+
+def global_batch_topk(h: Tensor, k: int) -> Tensor:
+    """:func:`batch_topk` over the global batch under data parallelism (the rows of every process of the
+    data group; an exact threshold from one all-gather, :func:`~saeforge.distributed.ops.batch_topk_threshold`).
+    With one process it is :func:`batch_topk`."""
+    if dist.data_group().size == 1 or not dist.active():
+        return batch_topk(h, k)
+    v = h.relu()
+    return v * (v >= batch_topk_threshold(v, k))
+
+
+def data_parallel() -> bool:
+    return dist.active() and dist.data_group().size > 1
 
 
 @register("batchtopk")
@@ -110,60 +125,35 @@ class BatchTopKSAE(SAE):
         if step <= start:
             return
         pos = f.float().masked_fill(f <= 0, float("inf")).amin()
+        if data_parallel():  # the smallest kept value of the global batch
+            pos = dist.all_reduce(pos.reshape(1).clone(), op="min", group=dist.data_group())[0]
         have = torch.isfinite(pos)
         new = torch.where(self.threshold < 0, pos, beta * self.threshold + (1 - beta) * pos)
         self.threshold.copy_(torch.where(have, new, self.threshold))
 
-    def training_forward(self, inp: TrainStepInput) -> TrainStepOutput:
+    def training_codes(self, x: Tensor, inp: TrainStepInput) -> Codes:
         """On CPU the sparse kernels (chunked exact batch top-k, sparse decode and gradients) unless
         ``self.sparse_kernels`` is False. Their exact selection reads one flag back from the device per
-        step, so on GPUs the dense path (no host sync) is used. Same loss and gradients either way."""
-        if self.sparse_kernels and inp.x.device.type == "cpu":
-            return self._sparse_training_forward(inp)
-        return self.dense_training_forward(inp)
-
-    def _sparse_training_forward(self, inp: TrainStepInput) -> TrainStepOutput:
+        step, so on GPUs the dense path (no host sync) is used. Same loss and gradients either way. The
+        threshold estimate is updated from the kept values."""
         cfg = self.cfg
-        x, y = self.working_inputs(inp)
-        lead = x.shape[:-1]
-        x2, y2 = x.reshape(-1, x.shape[-1]), y.reshape(-1, y.shape[-1])
-        dead = inp.dead_mask if (inp.dead_mask is not None and cfg.aux_coef > 0) else None
-        codes, _ = batch_topk_encode(x2, self.W_enc, self.b_enc, cfg.k,
-                                     b_pre=self.b_dec if cfg.apply_b_dec_to_input else None,
-                                     dead_mask=dead, k_aux=min(cfg.k_aux, cfg.d_sae))
-        vals, idx = codes.vals, codes.idx
-        self.update_threshold(vals, inp.step, inp.total_steps)
-        y_hat = sparse_decode(vals, idx, self.W_dec, self.b_dec)
-        e = y2 - y_hat
-        mse = e.pow(2).sum(-1).mean()
-        losses = {"mse": mse}
-        loss = mse
-        if dead is not None:
-            denom = (e - e.mean(0)).pow(2).sum().clamp_min(1e-12)  # as dense_training_forward
-            aux = sparse_auxk_loss(codes, e, dead, self.W_dec, denom)
-            losses["aux"] = aux
-            loss = loss + cfg.aux_coef * aux
-        active = vals > 0
-        return TrainStepOutput(loss=loss, losses=losses, y_hat=y_hat.reshape(*lead, -1), y=y,
-                               fired=fired_latents(idx, active, cfg.d_sae), l0=active.sum(-1).float().mean())
+        if self.sparse_kernels and x.device.type == "cpu" and not data_parallel():
+            x2 = x.reshape(-1, x.shape[-1])
+            dead = inp.dead_mask if (inp.dead_mask is not None and cfg.aux_coef > 0) else None
+            sel, _ = batch_topk_encode(x2, self.W_enc, self.b_enc, cfg.k,
+                                       b_pre=self.b_dec if cfg.apply_b_dec_to_input else None,
+                                       dead_mask=dead, k_aux=min(cfg.k_aux, cfg.d_sae))
+            codes = Codes(vals=sel.vals, idx=sel.idx, selection=sel)
+        else:
+            h = self.pre_acts(x)
+            codes = Codes(f=global_batch_topk(h, cfg.k), h=h)
+        self.update_threshold(codes.vals if codes.sparse else codes.f, inp.step, inp.total_steps)
+        return codes
 
-    def dense_training_forward(self, inp: TrainStepInput) -> TrainStepOutput:
-        """Plain-autograd reference of :meth:`training_forward` (dense codes and gradients)."""
-        x, y = self.working_inputs(inp)
-        h = self.pre_acts(x)
-        f = batch_topk(h, self.cfg.k)
-        self.update_threshold(f, inp.step, inp.total_steps)
-        y_hat = f @ self.W_dec + self.b_dec
-        e = y - y_hat
-        mse = e.pow(2).sum(-1).mean()
-        losses = {"mse": mse}
-        loss = mse
-        if inp.dead_mask is not None and self.cfg.aux_coef > 0:
-            denom = (e - e.mean(0)).pow(2).sum().clamp_min(1e-12)  # normalised as OpenAI's kernels.py
-            aux = auxk_loss(h, e, inp.dead_mask, self.cfg.k_aux, self.W_dec, denom)
-            losses["aux"] = aux
-            loss = loss + self.cfg.aux_coef * aux
-        active = f > 0
-        return TrainStepOutput(loss=loss, losses=losses, y_hat=y_hat, y=y, fired=active.any(0),
-                               l0=active.sum(-1).float().mean())
-
+    def penalties(self, s: StepState) -> dict[str, tuple[float | None, Tensor]]:
+        if s.inp.dead_mask is None or self.cfg.aux_coef <= 0:
+            return {}
+        # the residual's variance, a constant as in dictionary_learning (which passes e.detach()); of the global
+        # batch under data parallelism
+        denom = total_variance(s.e.detach()).clamp_min(1e-12)
+        return {"aux": (self.cfg.aux_coef, auxk(s, self.cfg.k_aux, self.W_dec, denom))}

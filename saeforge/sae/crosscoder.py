@@ -25,7 +25,7 @@ import torch
 from torch import Tensor, nn
 
 from saeforge.errors import SaeforgeError
-from saeforge.sae.base import SAE, SAEConfig, TrainStepInput, TrainStepOutput, register
+from saeforge.sae.base import SAE, SAEConfig, StepState, register
 from saeforge.sae.functional import TargetL0, fold_decoder_norms_, norm_scale, ramp
 
 
@@ -142,22 +142,17 @@ class CrosscoderSAE(TargetL0, SAE):
         x = self._stack(x)
         self.cfg.hook_scales = [norm_scale(x[:, l]) for l in range(x.shape[1])]
 
-    def training_forward(self, inp: TrainStepInput) -> TrainStepOutput:
-        cfg = self.cfg
-        x, _ = self.normalize_input(inp.x)
-        y = x if inp.y is inp.x else self.normalize_target(inp.y)
-        f = self.pre_acts(x).relu()
-        y_hat = self.decode_normalized(f)
-        per_hook = (y - y_hat).pow(2).sum(-1).mean(0)  # [L]
-        mse = per_hook.sum()
-        sparsity = (f * self.decoder_norms()).sum(-1).mean()
-        lam = cfg.l1_coefficient * self.sparsity_ramp(inp.step, inp.total_steps)
-        losses = {"mse": mse, "sparsity": sparsity}
-        losses.update({f"mse:{h}": per_hook[i] for i, h in enumerate(cfg.hooks)})
-        active = f > 0
-        B = x.shape[0]
-        return TrainStepOutput(loss=mse + lam * sparsity, losses=losses, y_hat=y_hat.reshape(B, -1),
-                               y=y.reshape(B, -1), fired=active.any(0), l0=active.sum(-1).float().mean())
+    def reconstruction_loss(self, e: Tensor, denom: Tensor | None) -> Tensor:
+        """Σ_l ‖x_l − x̂_l‖², averaged over rows."""
+        return e.pow(2).sum(-1).mean(0).sum()
+
+    def penalties(self, s: StepState) -> dict[str, tuple[float | None, Tensor]]:
+        """λ Σ_i f_i Σ_l ‖W_dec,i^l‖, and each hook's reconstruction error (logged)."""
+        sparsity = (s.codes.f * self.decoder_norms()).sum(-1).mean()
+        out = {"sparsity": (self.cfg.l1_coefficient * self.sparsity_ramp(s.inp.step, s.inp.total_steps), sparsity)}
+        per_hook = s.e.detach().pow(2).sum(-1).mean(0)
+        out.update({f"mse:{h}": (None, per_hook[i]) for i, h in enumerate(self.cfg.hooks)})
+        return out
 
     def sparsity_ramp(self, step: int, total_steps: int) -> float:
         return ramp(step, self.cfg.l1_warmup_frac * total_steps)

@@ -11,6 +11,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from saeforge.kernels.sparse_losses import sparse_auxk_loss
+from saeforge.kernels.topk_autograd import sparse_decode
+
 
 # ---- straight-through estimators ------------------------------------------------------------------
 def rectangle(u: Tensor) -> Tensor:
@@ -18,17 +21,19 @@ def rectangle(u: Tensor) -> Tensor:
     return ((u > -0.5) & (u < 0.5)).to(u.dtype)
 
 
-class _JumpReLULog(torch.autograd.Function):
-    """Anthropic, January 2025: f = h · 1[h > e^t] with t the per-latent *log* threshold.
+class _JumpReLU(torch.autograd.Function):
+    """f = h · 1[h > θ] with the straight-through pseudo-derivatives ∂f/∂h = 1[h > θ] and
+    ∂f/∂p = −(θ/ε) K((h − θ)/ε) for the threshold parameter p handed in (K: the rectangle kernel).
 
-    Pseudo-derivatives (quoted from the update): ∂f/∂h = 1[h > e^t]; ∂f/∂t = −e^t/ε when
-    |h − e^t| < ε/2, else 0. The t-derivative is taken with respect to t itself (not chained
-    through exp), exactly as written there.
+    * ``log_param=False``: p = θ (Rajamanoharan et al. 2024b, Gemma Scope, eq. 11). When θ is itself
+      exp(log θ), autograd chains through the exp.
+    * ``log_param=True``: p = t with θ = e^t, and the derivative is taken with respect to t itself (not
+      chained through exp), exactly as Anthropic's January 2025 update writes it.
     """
 
     @staticmethod
-    def forward(ctx: Any, h: Tensor, log_t: Tensor, eps: float) -> Tensor:
-        theta = log_t.exp()
+    def forward(ctx: Any, h: Tensor, p: Tensor, eps: float, log_param: bool) -> Tensor:
+        theta = p.exp() if log_param else p
         ctx.save_for_backward(h, theta)
         ctx.eps = eps
         return h * (h > theta).to(h.dtype)
@@ -38,27 +43,8 @@ class _JumpReLULog(torch.autograd.Function):
         h, theta = ctx.saved_tensors
         eps = ctx.eps
         grad_h = g * (h > theta).to(g.dtype)
-        grad_t = (-(theta / eps) * rectangle((h - theta) / eps) * g).reshape(-1, theta.shape[-1]).sum(0)
-        return grad_h, grad_t, None
-
-
-class _JumpReLUTheta(torch.autograd.Function):
-    """Rajamanoharan et al. 2024b (Gemma Scope): f = h · 1[h > θ]; ∂f/∂h = 1[h > θ];
-    ∂f/∂θ = −(θ/ε) K((h − θ)/ε) (their eq. 11). θ may itself be exp(log θ): autograd chains."""
-
-    @staticmethod
-    def forward(ctx: Any, h: Tensor, theta: Tensor, eps: float) -> Tensor:
-        ctx.save_for_backward(h, theta)
-        ctx.eps = eps
-        return h * (h > theta).to(h.dtype)
-
-    @staticmethod
-    def backward(ctx: Any, g: Tensor):
-        h, theta = ctx.saved_tensors
-        eps = ctx.eps
-        grad_h = g * (h > theta).to(g.dtype)
-        grad_theta = (-(theta / eps) * rectangle((h - theta) / eps) * g).reshape(-1, theta.shape[-1]).sum(0)
-        return grad_h, grad_theta, None
+        grad_p = (-(theta / eps) * rectangle((h - theta) / eps) * g).reshape(-1, theta.shape[-1]).sum(0)
+        return grad_h, grad_p, None, None
 
 
 class _Step(torch.autograd.Function):
@@ -80,11 +66,11 @@ class _Step(torch.autograd.Function):
 
 
 def jumprelu_log(h: Tensor, log_threshold: Tensor, eps: float) -> Tensor:
-    return _JumpReLULog.apply(h, log_threshold, eps)
+    return _JumpReLU.apply(h, log_threshold, eps, True)
 
 
 def jumprelu(h: Tensor, threshold: Tensor, eps: float) -> Tensor:
-    return _JumpReLUTheta.apply(h, threshold, eps)
+    return _JumpReLU.apply(h, threshold, eps, False)
 
 
 def step(h: Tensor, threshold: Tensor, eps: float) -> Tensor:
@@ -117,13 +103,20 @@ def auxk_loss(h: Tensor, e: Tensor, dead: Tensor, k_aux: int, W_dec: Tensor, den
     No host sync: live latents are masked to −inf, so rows pick zeros (after ReLU) when fewer latents are
     dead; the loss is forced to 0 when no latent is dead.
     """
-    from saeforge.sae.sparse import sparse_decode
-
     k = min(k_aux, h.shape[-1])
     av, ai = h.masked_fill(~dead, float("-inf")).topk(k, dim=-1, sorted=False)
     e_hat = sparse_decode(av.relu(), ai, W_dec, None)
     aux = (e_hat - e.detach()).pow(2).sum() / denom
     return torch.where(dead.any(), aux, torch.zeros_like(aux))
+
+
+def auxk(s: Any, k_aux: int, W_dec: Tensor, denom: Tensor) -> Tensor:
+    """AuxK of one training step (a :class:`saeforge.sae.base.StepState`): from the sparse kernels' AuxK
+    candidates when the codes came from them, else from the dense pre-activations (:func:`auxk_loss`)."""
+    dead = s.inp.dead_mask
+    if s.codes.selection is not None:
+        return sparse_auxk_loss(s.codes.selection, s.e, dead, W_dec, denom)
+    return auxk_loss(s.codes.h, s.e, dead, k_aux, W_dec, denom)
 
 
 # ---- folding --------------------------------------------------------------------------------------

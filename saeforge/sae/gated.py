@@ -17,7 +17,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
-from saeforge.sae.base import ExportSpec, SAE, SAEConfig, TrainStepInput, TrainStepOutput, register
+from saeforge.sae.base import ExportSpec, SAE, Codes, SAEConfig, StepState, TrainStepInput, register
 from saeforge.sae.functional import BrickenResampling, TargetL0, set_dataset_scales_
 
 
@@ -90,21 +90,15 @@ class GatedSAE(TargetL0, BrickenResampling, SAE):
     def after_optimizer_step(self, step: int, total_steps: int) -> None:
         self.set_decoder_norm_to_unit()
 
-    def training_forward(self, inp: TrainStepInput) -> TrainStepOutput:
-        x, y = self.working_inputs(inp)
+    def training_codes(self, x: Tensor, inp: TrainStepInput) -> Codes:
         pi_gate = self.gate_pre_acts(x)
-        f = (pi_gate > 0) * self.pre_acts(x).relu()
-        y_hat = f @ self.W_dec + self.b_dec
-        recon = (y - y_hat).pow(2).sum(-1).mean()
-        gate = pi_gate.relu()
-        sparsity = gate.sum(-1).mean()
-        aux = (y - (gate @ self.W_dec.detach() + self.b_dec.detach())).pow(2).sum(-1).mean()
-        active = f > 0
-        return TrainStepOutput(
-            loss=recon + self.cfg.l1_coefficient * sparsity + aux,
-            losses={"mse": recon, "sparsity": sparsity, "aux": aux}, y_hat=y_hat, y=y,
-            fired=active.any(0), l0=active.sum(-1).float().mean(),
-        )
+        return Codes(f=(pi_gate > 0) * self.pre_acts(x).relu(), extra={"pi_gate": pi_gate})
+
+    def penalties(self, s: StepState) -> dict[str, tuple[float | None, Tensor]]:
+        """λ ‖ReLU(π_gate)‖₁ and the auxiliary reconstruction from the gate through a frozen decoder (eq. 8)."""
+        gate = s.codes.extra["pi_gate"].relu()
+        aux = (s.y - (gate @ self.W_dec.detach() + self.b_dec.detach())).pow(2).sum(-1).mean()
+        return {"sparsity": (self.cfg.l1_coefficient, gate.sum(-1).mean()), "aux": (1.0, aux)}
 
     def folded(self) -> "GatedSAE":
         """Decoder norms folded into the magnitude path (r_mag += log n, b_mag *= n); the gate is unchanged."""

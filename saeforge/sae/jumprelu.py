@@ -23,7 +23,7 @@ from torch import Tensor, nn
 
 from saeforge.errors import SaeforgeError
 from saeforge.kernels import topk_autograd
-from saeforge.sae.base import ExportSpec, SAE, SAEConfig, TrainStepInput, TrainStepOutput, register
+from saeforge.sae.base import ExportSpec, SAE, Codes, SAEConfig, StepState, TrainStepInput, register
 from saeforge.sae.functional import (
     TargetL0, fold_decoder_norms_, jumprelu, jumprelu_log, ramp, set_dataset_scales_, step,
 )
@@ -145,32 +145,23 @@ class JumpReLUSAE(TargetL0, SAE):
         if not self._anthropic:
             self.set_decoder_norm_to_unit()
 
-    def training_forward(self, inp: TrainStepInput) -> TrainStepOutput:
-        cfg = self.cfg
-        x, y = self.working_inputs(inp)
+    def training_codes(self, x: Tensor, inp: TrainStepInput) -> Codes:
         h = self.pre_acts(x)
         if self._anthropic:
-            f = jumprelu_log(h, self.log_threshold, cfg.bandwidth)
-        else:
-            f = jumprelu(h, self.threshold, cfg.bandwidth)
-        y_hat = self._decode_codes(f)
-        mse = (y - y_hat).pow(2).sum(-1).mean()
-        losses = {"mse": mse}
+            return Codes(f=jumprelu_log(h, self.log_threshold, self.cfg.bandwidth), h=h)
+        return Codes(f=jumprelu(h, self.threshold, self.cfg.bandwidth), h=h)
+
+    def penalties(self, s: StepState) -> dict[str, tuple[float | None, Tensor]]:
+        """anthropic2025: λ_S Σ tanh(c |f_i| ‖W_d,i‖) + λ_P Σ ReLU(e^t_i − h_i) ‖W_d,i‖; gemmascope: λ L0
+        through the step function (its pseudo-gradient trains only θ)."""
+        cfg, h = self.cfg, s.codes.h
+        lam = cfg.sparsity_coefficient * self.sparsity_ramp(s.inp.step, s.inp.total_steps)
         if self._anthropic:
             dn = self.W_dec.norm(dim=1)
-            sparsity = torch.tanh(cfg.tanh_scale * f.abs() * dn).sum(-1).mean()
+            sparsity = torch.tanh(cfg.tanh_scale * s.codes.f.abs() * dn).sum(-1).mean()
             pre_act = ((self.threshold - h).relu() * dn).sum(-1).mean()
-            lam = cfg.sparsity_coefficient * self.sparsity_ramp(inp.step, inp.total_steps)
-            loss = mse + lam * sparsity + cfg.pre_act_coefficient * pre_act
-            losses.update(sparsity=sparsity, pre_act=pre_act)
-        else:
-            l0 = step(h, self.threshold, cfg.bandwidth).sum(-1).mean()
-            lam = cfg.sparsity_coefficient * self.sparsity_ramp(inp.step, inp.total_steps)
-            loss = mse + lam * l0
-            losses["l0_loss"] = l0
-        active = f != 0
-        return TrainStepOutput(loss=loss, losses=losses, y_hat=y_hat, y=y, fired=active.any(0),
-                               l0=active.sum(-1).float().mean())
+            return {"sparsity": (lam, sparsity), "pre_act": (cfg.pre_act_coefficient, pre_act)}
+        return {"l0_loss": (lam, step(h, self.threshold, cfg.bandwidth).sum(-1).mean())}
 
     def sparsity_ramp(self, step: int, total_steps: int) -> float:
         """anthropic2025: λ_S ramps linearly over all of training, or over its first 5% when a target L0
@@ -181,12 +172,13 @@ class JumpReLUSAE(TargetL0, SAE):
         warm = self.cfg.sparsity_warmup_steps
         return ramp(step, min(10_000, total_steps // 10) if warm is None else warm)
 
-    def _decode_codes(self, f: Tensor) -> Tensor:
+    def training_decode(self, codes: Codes) -> Tensor:
         """``f @ W_dec + b_dec``; on CPU with ``sparse_kernels``, once the codes are sparse (the busiest row
         has at most 1/8 of the latents active), as a gather-sum of the active decoder rows whose backward
         touches only those rows (the straight-through estimators stay on the dense encoder side). Counting
         the active latents is a host read, which costs nothing on CPU; GPUs keep the dense product. While codes
         are still dense the O(B·m) count is wasted, next to the O(B·m·d) product it decides against."""
+        f = codes.f
         if self.sparse_kernels and f.device.type == "cpu" and f.dim() == 2:
             vals, idx = topk_autograd.dense_to_sparse(f)  # width = the busiest row's count
             if idx.shape[-1] * 8 <= f.shape[-1]:

@@ -18,9 +18,8 @@ from dataclasses import dataclass, field
 from torch import Tensor
 
 from saeforge.errors import SaeforgeError
-from saeforge.sae.base import ExportSpec, TrainStepInput, TrainStepOutput, register
-from saeforge.sae.batchtopk import BatchTopKConfig, BatchTopKSAE, batch_topk
-from saeforge.sae.functional import auxk_loss
+from saeforge.sae.base import ExportSpec, Codes, StepState, TrainStepInput, register
+from saeforge.sae.batchtopk import BatchTopKConfig, BatchTopKSAE, global_batch_topk
 
 # dictionary_learning's demo configuration for Matryoshka BatchTopK (our default; the paper sweeps it)
 DEFAULT_FRACTIONS = [1 / 32, 1 / 16, 1 / 8, 1 / 4, 1 / 2 + 1 / 32]
@@ -69,24 +68,27 @@ class MatryoshkaSAE(BatchTopKSAE):
             start += size
         return outs
 
-    def training_forward(self, inp: TrainStepInput) -> TrainStepOutput:
-        cfg = self.cfg
-        x, y = self.working_inputs(inp)
+    def training_codes(self, x: Tensor, inp: TrainStepInput) -> Codes:
+        """BatchTopK's dense codes (the prefix losses need the dense code of every group)."""
         h = self.pre_acts(x)
-        f = batch_topk(h, cfg.k)
+        f = global_batch_topk(h, self.cfg.k)
         self.update_threshold(f, inp.step, inp.total_steps)
-        recons = self.prefix_reconstructions(f)
-        prefix_losses = [(y - r).pow(2).sum(-1).mean() for r in recons]
-        loss = sum(w * l for w, l in zip(cfg.group_weights, prefix_losses))
-        y_hat = recons[-1]
-        e = y - y_hat
-        losses = {"mse": prefix_losses[-1], "mse_prefix_min": prefix_losses[0]}
-        if inp.dead_mask is not None and cfg.aux_coef > 0:
-            denom = (e - e.mean(0)).pow(2).sum().clamp_min(1e-12)
-            aux = auxk_loss(h, e, inp.dead_mask, cfg.k_aux, self.W_dec, denom)
-            losses["aux"] = aux
-            loss = loss + cfg.aux_coef * aux
-        active = f > 0
-        return TrainStepOutput(loss=loss, losses=losses, y_hat=y_hat, y=y, fired=active.any(0),
-                               l0=active.sum(-1).float().mean())
+        return Codes(f=f, h=h)
 
+    def training_decode(self, codes: Codes) -> Tensor:
+        """The whole dictionary's ŷ, the last of the prefix reconstructions (kept for the prefix losses)."""
+        codes.extra["prefixes"] = self.prefix_reconstructions(codes.f)
+        return codes.extra["prefixes"][-1]
+
+    def reconstruction_weight(self) -> float:
+        return self.cfg.group_weights[-1]
+
+    def penalties(self, s: StepState) -> dict[str, tuple[float | None, Tensor]]:
+        """The smaller prefixes' losses, each with its group weight (the whole dictionary's is ``mse``), and
+        AuxK on the whole dictionary's residual."""
+        cfg = self.cfg
+        out = {}
+        for j, r in enumerate(s.codes.extra["prefixes"][:-1]):
+            out["mse_prefix_min" if j == 0 else f"mse_prefix{j}"] = (cfg.group_weights[j],
+                                                                      (s.y - r).pow(2).sum(-1).mean())
+        return {**out, **super().penalties(s)}

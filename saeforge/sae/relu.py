@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from saeforge.errors import SaeforgeError
-from saeforge.sae.base import ExportSpec, SAE, SAEConfig, TrainStepInput, TrainStepOutput, register
+from saeforge.sae.base import ExportSpec, SAE, SAEConfig, StepState, register
 from saeforge.sae.functional import BrickenResampling, TargetL0, fold_decoder_norms_, ramp, set_dataset_scales_
 from saeforge.sae.geometric_median import geometric_median
 
@@ -100,20 +100,11 @@ class ReLUSAE(TargetL0, BrickenResampling, SAE):
         if self._mono:
             self.set_decoder_norm_to_unit()
 
-    def training_forward(self, inp: TrainStepInput) -> TrainStepOutput:
-        cfg = self.cfg
-        x, y = self.working_inputs(inp)
-        f = self.pre_acts(x).relu()
-        y_hat = f @ self.W_dec + self.b_dec
-        mse = (y - y_hat).pow(2).sum(-1).mean()
+    def penalties(self, s: StepState) -> dict[str, tuple[float | None, Tensor]]:
+        """λ Σ_i f_i ‖W_d,i‖ (anthropic2024) or λ Σ_i f_i (monosemanticity, unit-norm decoder rows)."""
         weights = 1.0 if self._mono else self.W_dec.norm(dim=1)
-        sparsity = (f * weights).sum(-1).mean()
-        lam = cfg.l1_coefficient * self.sparsity_ramp(inp.step, inp.total_steps)
-        active = f > 0
-        return TrainStepOutput(
-            loss=mse + lam * sparsity, losses={"mse": mse, "sparsity": sparsity}, y_hat=y_hat, y=y,
-            fired=active.any(0), l0=active.sum(-1).float().mean(),
-        )
+        sparsity = (s.codes.f * weights).sum(-1).mean()
+        return {"sparsity": (self.cfg.l1_coefficient * self.sparsity_ramp(s.inp.step, s.inp.total_steps), sparsity)}
 
     def sparsity_ramp(self, step: int, total_steps: int) -> float:
         return ramp(step, self.cfg.l1_warmup_frac * total_steps)

@@ -25,11 +25,11 @@ import torch
 from torch import Tensor, nn
 
 from saeforge import distributed as dist
-from saeforge.distributed.ops import sum_grad, sum_partials, total_variance
+from saeforge.distributed.ops import sum_grad, sum_partials
 from saeforge.errors import SaeforgeError
 from saeforge.kernels.topk_autograd import sparse_decode, topk_encode
 from saeforge.kernels.sparse_losses import fired_latents
-from saeforge.sae.base import SAE, TrainStepInput, TrainStepOutput, create_sae
+from saeforge.sae.base import SAE, Codes, StepState, TrainStepInput, create_sae
 from saeforge.sae.topk import TopKSAE
 
 # parameter name -> the dimension it is split along (absent: replicated)
@@ -136,41 +136,38 @@ class ShardedTopKSAE(TopKSAE):
         raise SaeforgeError("a sharded SAE only trains; call gathered() for inference")
 
     # ---- one training step --------------------------------------------------------------------------
-    def training_forward(self, inp: TrainStepInput) -> TrainStepOutput:
+    def training_codes(self, x: Tensor, inp: TrainStepInput) -> Codes:
+        """This shard's top-k candidates, kept where they are among the row's global top k (exact)."""
         cfg, g = self.cfg, self.group
-        x, y = self.working_inputs(inp)
         x2 = x.reshape(-1, x.shape[-1])
-        y2 = y.reshape(-1, y.shape[-1])
-        B = x2.shape[0]
         dead_full = inp.dead_mask if (inp.dead_mask is not None and cfg.aux_coef > 0) else None
         dead = dead_full[self.lo:self.hi] if dead_full is not None else None
-        k_aux = min(cfg.k_aux, cfg.d_sae)
         b_pre = sum_grad(self.b_dec, g) if cfg.apply_b_dec_to_input else None
-        codes = topk_encode(x2, self.W_enc, self.b_enc, min(cfg.k, self.n_local), b_pre=b_pre, dead_mask=dead,
-                            k_aux=min(k_aux, self.n_local))
-        mine, top_v = _global_select(codes.vals, cfg.k, g)
-        vals = codes.vals * mine
-        y_hat = sum_partials(sparse_decode(vals, codes.idx, self.W_dec, None), g) + self.b_dec
-        e = y2 - y_hat
-        total_var = total_variance(y2).clamp_min(1e-12)
-        mse = e.pow(2).sum() / total_var
-        losses = {"mse": mse}
-        loss = mse
-        if dead is not None:
-            av, ai = codes.aux_vals, codes.aux_idx
-            w = min(k_aux, self.n_local)
-            if av.shape[1] < w:  # CPU: only this shard's dead latents were searched; pad to a common width
-                pad = w - av.shape[1]
-                av = torch.cat([av, av.new_full((B, pad), -1.0)], 1)
-                ai = torch.cat([ai, ai.new_zeros(B, pad)], 1)
-            amine, _ = _global_select(av, k_aux, g)
-            e_hat = sum_partials(sparse_decode(av.clamp_min(0) * amine, ai, self.W_dec, None), g)
-            aux = (e_hat - e.detach()).pow(2).sum() / total_var
-            aux = torch.where(dead_full.any(), aux, torch.zeros_like(aux))
-            losses["aux"] = aux
-            loss = loss + cfg.aux_coef * aux
-        active = mine & (vals.detach() > 0)
+        sel = topk_encode(x2, self.W_enc, self.b_enc, min(cfg.k, self.n_local), b_pre=b_pre, dead_mask=dead,
+                          k_aux=min(cfg.k_aux, cfg.d_sae, self.n_local))
+        mine, top_v = _global_select(sel.vals, cfg.k, g)
+        vals = sel.vals * mine
         fired = torch.zeros(cfg.d_sae, dtype=torch.bool, device=x2.device)
-        fired[self.lo:self.hi] = fired_latents(codes.idx, active, self.n_local)
-        return TrainStepOutput(loss=loss, losses=losses, y_hat=y_hat.reshape(*y.shape[:-1], -1), y=y,
-                               fired=fired, l0=(top_v > 0).sum(-1).float().mean())
+        fired[self.lo:self.hi] = fired_latents(sel.idx, mine & (vals.detach() > 0), self.n_local)
+        return Codes(vals=vals, idx=sel.idx, selection=sel, fired=fired, l0=(top_v > 0).sum(-1).float().mean())
+
+    def training_decode(self, codes: Codes) -> Tensor:
+        """The shards' partial sums, all-reduced, plus b_dec."""
+        return sum_partials(sparse_decode(codes.vals, codes.idx, self.W_dec, None), self.group) + self.b_dec
+
+    def penalties(self, s: StepState) -> dict[str, tuple[float | None, Tensor]]:
+        """AuxK over the global top-k_aux of the dead latents of all shards."""
+        cfg, g = self.cfg, self.group
+        if s.inp.dead_mask is None or cfg.aux_coef <= 0:
+            return {}
+        k_aux = min(cfg.k_aux, cfg.d_sae)
+        av, ai = s.codes.selection.aux_vals, s.codes.selection.aux_idx
+        w = min(k_aux, self.n_local)
+        if av.shape[1] < w:  # CPU: only this shard's dead latents were searched; pad to a common width
+            pad = w - av.shape[1]
+            av = torch.cat([av, av.new_full((av.shape[0], pad), -1.0)], 1)
+            ai = torch.cat([ai, ai.new_zeros(ai.shape[0], pad)], 1)
+        amine, _ = _global_select(av, k_aux, g)
+        e_hat = sum_partials(sparse_decode(av.clamp_min(0) * amine, ai, self.W_dec, None), g)
+        aux = (e_hat - s.e.detach()).pow(2).sum() / s.denom
+        return {"aux": (cfg.aux_coef, torch.where(s.inp.dead_mask.any(), aux, torch.zeros_like(aux)))}

@@ -22,12 +22,10 @@ from torch import Tensor
 
 from saeforge.distributed.ops import total_variance
 from saeforge.errors import SaeforgeError
-from saeforge.kernels.sparse_losses import fired_latents, sparse_auxk_loss
-from saeforge.kernels.topk_autograd import sparse_decode as kernel_sparse_decode
-from saeforge.kernels.topk_autograd import topk_encode
-from saeforge.sae.base import ExportSpec, SAE, SAEConfig, TrainStepInput, TrainStepOutput, register
+from saeforge.kernels.topk_autograd import sparse_decode, topk_encode
+from saeforge.sae.base import ExportSpec, SAE, Codes, SAEConfig, StepState, TrainStepInput, register
+from saeforge.sae.functional import auxk
 from saeforge.sae.geometric_median import geometric_median
-from saeforge.sae.sparse import sparse_decode
 
 
 @dataclass
@@ -37,6 +35,7 @@ class TopKConfig(SAEConfig):
     aux_coef: float = 1 / 32
     multi_topk: bool = False  # add L(4k)/8 (Gao et al. §A.3)
     init_b_dec_geometric_median: bool = True
+    init_dec_from_data: bool = False  # decoder rows = normalised data rows (minus b_dec) at init
 
     SPARSITY_FIELD: ClassVar[str] = "k"
 
@@ -81,6 +80,16 @@ class TopKSAE(SAE):
     def init_from_data(self, x: Tensor, y: Tensor) -> None:
         if self.cfg.init_b_dec_geometric_median and not self.cfg.is_transcoder:
             self.b_dec.copy_(geometric_median(self.normalize_input(x)[0].float()))
+        if self.cfg.init_dec_from_data and not self.cfg.is_transcoder:
+            xn = self.normalize_input(x)[0].float() - self.b_dec.float()
+            g = torch.Generator(device="cpu").manual_seed(0)
+            n = xn.shape[0]
+            idx = torch.randperm(n, generator=g)[: self.cfg.d_sae] if n >= self.cfg.d_sae else \
+                torch.randint(n, (self.cfg.d_sae,), generator=g)
+            rows = xn[idx.to(xn.device)]
+            rows = rows / rows.norm(dim=1, keepdim=True).clamp_min(1e-12)
+            self.W_dec.copy_(rows.to(self.W_dec.dtype))
+            self.W_enc.copy_(self.W_dec.T)
 
     def before_optimizer_step(self) -> None:
         self.remove_parallel_decoder_grad()
@@ -88,87 +97,41 @@ class TopKSAE(SAE):
     def after_optimizer_step(self, step: int, total_steps: int) -> None:
         self.set_decoder_norm_to_unit()
 
-    def training_forward(self, inp: TrainStepInput) -> TrainStepOutput:
-        """The sparse kernels (chunked exact top-k, sparse decode, sparse encoder/decoder gradients; see
-        saeforge/kernels) unless ``self.sparse_kernels`` is False; both give the same loss and gradients."""
-        if self.sparse_kernels:
-            return self.sparse_training_forward(inp)
-        return self.dense_training_forward(inp)
-
-    def sparse_training_forward(self, inp: TrainStepInput, chunk_rows: int | None = None) -> TrainStepOutput:
-        """:meth:`training_forward` on the sparse kernels: the encoder runs through
-        :func:`~saeforge.kernels.topk_autograd.topk_encode` (chunked pre-activations, exact fast top-k, AuxK
-        selected in the same pass, a backward of O(B·k·d) sparse products: no dense ``[B, d_sae]`` gradient,
-        no dense ``xᵀ G`` product). Same losses and gradients as :meth:`dense_training_forward` (tested,
-        and the weights after 20 optimizer steps)."""
+    # ---- training: codes, then Gao et al.'s normalised MSE, Multi-TopK and AuxK ------------------------
+    def training_codes(self, x: Tensor, inp: TrainStepInput) -> Codes:
+        """The sparse kernels (chunked exact top-k with the AuxK candidates selected in the same pass, sparse
+        decode, sparse encoder/decoder gradients; saeforge/kernels) unless ``self.sparse_kernels`` is False,
+        then plain autograd on dense pre-activations; both give the same losses and gradients (tested, and
+        the weights after 20 optimizer steps). With Multi-TopK the top 4k are kept in ``extra``."""
         cfg = self.cfg
-        x, y = self.working_inputs(inp)
-        lead = x.shape[:-1]
         x2 = x.reshape(-1, x.shape[-1])
-        dead = inp.dead_mask if (inp.dead_mask is not None and cfg.aux_coef > 0) else None
         k_sel = min(4 * cfg.k, cfg.d_sae) if cfg.multi_topk else cfg.k
-        b_pre = self.b_dec if cfg.apply_b_dec_to_input else None
-        b_enc = self.b_enc
-        codes = topk_encode(x2, self.W_enc, b_enc, k_sel, b_pre=b_pre, dead_mask=dead,
-                            k_aux=min(cfg.k_aux, cfg.d_sae), chunk_rows=chunk_rows)
-        if cfg.multi_topk:  # the top-k of the top-4k are the top-k
-            v4, i4 = codes.vals, codes.idx
-            top, j = v4.topk(cfg.k, dim=-1, sorted=False)
-            vals, idx = top, i4.gather(-1, j)
+        if self.sparse_kernels:
+            dead = inp.dead_mask if (inp.dead_mask is not None and cfg.aux_coef > 0) else None
+            sel = topk_encode(x2, self.W_enc, self.b_enc, k_sel,
+                              b_pre=self.b_dec if cfg.apply_b_dec_to_input else None, dead_mask=dead,
+                              k_aux=min(cfg.k_aux, cfg.d_sae), chunk_rows=self.chunk_rows)
+            codes = Codes(vals=sel.vals, idx=sel.idx, selection=sel)
         else:
-            vals, idx = codes.vals, codes.idx
-        y2 = y.reshape(-1, y.shape[-1])
-        y_hat = kernel_sparse_decode(vals, idx, self.W_dec, self.b_dec)
-        e = y2 - y_hat
-        # a constant (skip terms train through y); of the global batch under data parallelism
-        total_var = total_variance(y2).clamp_min(1e-12).detach()
-        mse = e.pow(2).sum() / total_var
-        losses = {"mse": mse}
-        loss = mse
-        if cfg.multi_topk:
-            mse4 = (y2 - kernel_sparse_decode(v4, i4, self.W_dec, self.b_dec)).pow(2).sum() / total_var
-            losses["mse_4k"] = mse4
-            loss = loss + mse4 / 8
-        if dead is not None:
-            aux = sparse_auxk_loss(codes, e, dead, self.W_dec, total_var)
-            losses["aux"] = aux
-            loss = loss + cfg.aux_coef * aux
-        active = vals > 0
-        return TrainStepOutput(loss=loss, losses=losses, y_hat=y_hat.reshape(*lead, -1), y=y,
-                               fired=fired_latents(idx, active, cfg.d_sae), l0=active.sum(-1).float().mean())
+            h = self.pre_acts(x2)
+            vals, idx = topk_relu(h, k_sel)
+            codes = Codes(vals=vals, idx=idx, h=h)
+        if cfg.multi_topk:  # the top-k of the top-4k are the top-k
+            codes.extra["top4k"] = (codes.vals, codes.idx)
+            top, j = codes.vals.topk(cfg.k, dim=-1, sorted=False)
+            codes.vals, codes.idx = top, codes.idx.gather(-1, j)
+        return codes
 
-
-    def dense_training_forward(self, inp: TrainStepInput) -> TrainStepOutput:
-        """The plain-autograd reference of :meth:`training_forward` (dense pre-activations and gradients)."""
-        cfg = self.cfg
-        x, y = self.working_inputs(inp)
-        h = self.pre_acts(x)
-        vals, idx = topk_relu(h, cfg.k)
-        y_hat = sparse_decode(vals, idx, self.W_dec, self.b_dec)
-        e = y - y_hat
+    def reconstruction_denominator(self, y: Tensor) -> Tensor:
         # a constant (skip terms train through y); of the global batch under data parallelism
-        total_var = total_variance(y).clamp_min(1e-12).detach()
-        mse = e.pow(2).sum() / total_var
-        losses = {"mse": mse}
-        loss = mse
+        return total_variance(y.reshape(-1, y.shape[-1])).clamp_min(1e-12).detach()
+
+    def penalties(self, s: StepState) -> dict[str, tuple[float | None, Tensor]]:
+        cfg, out = self.cfg, {}
         if cfg.multi_topk:
-            v4, i4 = topk_relu(h, min(4 * cfg.k, cfg.d_sae))
-            mse4 = (y - sparse_decode(v4, i4, self.W_dec, self.b_dec)).pow(2).sum() / total_var
-            losses["mse_4k"] = mse4
-            loss = loss + mse4 / 8
-        if inp.dead_mask is not None and cfg.aux_coef > 0:
-            # AuxK: the top-k_aux dead latents model the residual e (Gao et al. §A.2). No host sync:
-            # live latents are masked to -inf, so rows with fewer dead latents pick zeros after ReLU.
-            dead = inp.dead_mask
-            k_aux = min(cfg.k_aux, cfg.d_sae)
-            h_dead = h.masked_fill(~dead, float("-inf"))
-            av, ai = h_dead.topk(k_aux, dim=-1, sorted=False)
-            av = av.relu()
-            e_hat = sparse_decode(av, ai, self.W_dec, None)
-            aux = (e_hat - e.detach()).pow(2).sum() / total_var
-            aux = torch.where(dead.any(), aux, torch.zeros_like(aux))
-            losses["aux"] = aux
-            loss = loss + cfg.aux_coef * aux
-        active = vals > 0
-        return TrainStepOutput(loss=loss, losses=losses, y_hat=y_hat, y=y,
-                               fired=fired_latents(idx, active, cfg.d_sae), l0=active.sum(-1).float().mean())
+            v4, i4 = s.codes.extra["top4k"]
+            out["mse_4k"] = (1 / 8, self.reconstruction_loss(s.y - sparse_decode(v4, i4, self.W_dec, self.b_dec),
+                                                             s.denom))
+        if s.inp.dead_mask is not None and cfg.aux_coef > 0:
+            out["aux"] = (cfg.aux_coef, auxk(s, cfg.k_aux, self.W_dec, s.denom))
+        return out

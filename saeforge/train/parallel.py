@@ -24,8 +24,11 @@ from typing import Any
 import torch
 
 from saeforge import distributed as dist
+from saeforge.activations.stream import RankSlice
 from saeforge.distributed import split_bounds  # noqa: F401  (re-exported)
 from saeforge.errors import SaeforgeError
+from saeforge.sae.base import SAE
+from saeforge.sae.sharded import ShardedTopKSAE
 
 
 class _Frozen:
@@ -84,26 +87,23 @@ class Parallel:
             stream.split_forward(dist.Group(list(range(self.world))))
         if self.replicas == 1:
             return stream
-        from saeforge.activations.stream import RankSlice
-
         return RankSlice(stream, self.mesh.replica, self.replicas)
 
-    def sae(self, sae: Any) -> Any:
+    def sae(self, sae: SAE) -> SAE:
         if self.shards == 1:
             return sae
-        from saeforge.sae.sharded import ShardedTopKSAE
-
         return ShardedTopKSAE(sae, self.mesh.shard)
 
     @torch.no_grad()
-    def after_init(self, sae: Any) -> None:
+    def after_init(self, sae: SAE) -> None:
         """After data-dependent init: make every process hold rank 0's weights, then take the local slice."""
         if self.spread or self.world == 1:
             return
-        full = getattr(sae, "template", None) or sae
+        sharded = isinstance(sae, ShardedTopKSAE)
+        full = sae.template if sharded and sae.template is not None else sae
         for t in list(full.parameters()) + list(full.buffers()):
             dist.broadcast(t.data)
-        if hasattr(sae, "reslice"):
+        if sharded:
             sae.reslice()
 
     # ---- per step ---------------------------------------------------------------------------------
@@ -175,21 +175,21 @@ class Parallel:
     # ---- state ------------------------------------------------------------------------------------
     def full_states(self, sae: Any, opt: torch.optim.Optimizer) -> tuple[_Frozen, _Frozen]:
         """The unsharded model and optimizer state (collective when sharded)."""
-        if hasattr(sae, "full_state_dict"):
+        if isinstance(sae, ShardedTopKSAE):
             return _Frozen(sae.full_state_dict()), _Frozen(sae.full_optimizer_state(opt.state_dict()))
         return _Frozen(sae.state_dict()), _Frozen(opt.state_dict())
 
     def load_states(self, sae: Any, opt: torch.optim.Optimizer, model: dict, opt_state: dict) -> None:
-        if hasattr(sae, "load_full_state_dict"):
+        if isinstance(sae, ShardedTopKSAE):
             sae.load_full_state_dict(model)
             opt.load_state_dict(sae.local_optimizer_state(opt_state))
         else:
             sae.load_state_dict(model)
             opt.load_state_dict(opt_state)
 
-    def full_sae(self, sae: Any) -> Any:
+    def full_sae(self, sae: SAE) -> SAE:
         """The ordinary SAE to save and return (collective when sharded)."""
-        return sae.gathered() if hasattr(sae, "gathered") else sae
+        return sae.gathered() if isinstance(sae, ShardedTopKSAE) else sae
 
     def comm_seconds(self) -> float | None:
         """Seconds this process has spent in collectives so far (None with one process: nothing to report)."""
