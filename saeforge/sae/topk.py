@@ -35,7 +35,6 @@ class TopKConfig(SAEConfig):
     aux_coef: float = 1 / 32
     multi_topk: bool = False  # add L(4k)/8 (Gao et al. §A.3)
     init_b_dec_geometric_median: bool = True
-    init_dec_from_data: bool = False  # decoder rows = normalised data rows (minus b_dec) at init
 
     SPARSITY_FIELD: ClassVar[str] = "k"
 
@@ -80,16 +79,6 @@ class TopKSAE(SAE):
     def init_from_data(self, x: Tensor, y: Tensor) -> None:
         if self.cfg.init_b_dec_geometric_median and not self.cfg.is_transcoder:
             self.b_dec.copy_(geometric_median(self.normalize_input(x)[0].float()))
-        if self.cfg.init_dec_from_data and not self.cfg.is_transcoder:
-            xn = self.normalize_input(x)[0].float() - self.b_dec.float()
-            g = torch.Generator(device="cpu").manual_seed(0)
-            n = xn.shape[0]
-            idx = torch.randperm(n, generator=g)[: self.cfg.d_sae] if n >= self.cfg.d_sae else \
-                torch.randint(n, (self.cfg.d_sae,), generator=g)
-            rows = xn[idx.to(xn.device)]
-            rows = rows / rows.norm(dim=1, keepdim=True).clamp_min(1e-12)
-            self.W_dec.copy_(rows.to(self.W_dec.dtype))
-            self.W_enc.copy_(self.W_dec.T)
 
     def before_optimizer_step(self) -> None:
         self.remove_parallel_decoder_grad()
