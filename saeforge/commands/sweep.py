@@ -134,7 +134,7 @@ def run_sweep(grid: dict[str, Any], stream: Any, train_cfg: Any, out: str | Path
     if trainer.par.spread:  # each process trained (and knows) only its own SAEs
         found = {e["name"]: e for part in dist.all_gather_object(entries) for e in part}
         entries = [found[n] for n in trainer.names]
-    index = {"format": "saeforge-sweep/1", "tokens": trainer.tokens, "steps": trainer.step,
+    index = {"format": "saeforge-sweep/1", "tokens": trainer.tokens, "steps": trainer.global_step,
              "train": train_cfg.to_dict(), "saes": entries}
     if trainer.par.writer:
         write_json_atomic(Path(out) / "sweep.json", index)
