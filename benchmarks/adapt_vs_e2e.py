@@ -164,7 +164,7 @@ def plot(curves: dict[str, list[dict]], L: dict, target: float, clock: str, path
 
 
 def main(argv: list[str] | None = None) -> int:
-    from saeforge.commands.train import parse_size
+    from saeforge.config import parse_size
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/bench_adapt", help="output folder (shares OUT/sae with adapt_ranks.py)")

@@ -41,11 +41,11 @@ def test_count_flags_share_one_parser(argv, dest, want):
 
 
 def test_sweep_widths_and_bad_counts():
-    from saeforge.commands.sweep import _csv
+    from saeforge.train.sweep import parse_list
 
-    assert _csv("512,16k", "count") == [512, 16_000]
+    assert parse_list("512,16k", "count") == [512, 16_000]
     with pytest.raises(SaeforgeError, match="count"):
-        _csv("512,lots", "count")
+        parse_list("512,lots", "count")
     with pytest.raises(SystemExit):
         build_parser().parse_args(["harvest", "--model", "m", "--data", "d", "--hooks", "h", "--out", "o",
                                    "--max-tokens", "2.5"])

@@ -323,12 +323,12 @@ def test_every_fixture_format_evaluates(fixtures_dir):
     """Codes and reconstructions of every peer-library checkpoint match the library's own outputs."""
     from safetensors.torch import load_file
 
-    from saeforge.eval import load_sae_any
+    from saeforge.formats import load_sae
 
     cases = json.loads((fixtures_dir / "index.json").read_text())["cases"]
     for case in cases:
         d = fixtures_dir / case["path"]
-        sae = load_sae_any(d / "checkpoint")
+        sae = load_sae(d / "checkpoint")
         x = load_file(d / "inputs.safetensors")["x"]
         exp = load_file(d / "expected.safetensors")
         f, y_hat = encode_decode(sae, x)

@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from saeforge.commands.sweep import build_grid, run_sweep
+from saeforge.train.sweep import build_grid, run_sweep
 from saeforge.errors import SaeforgeError
 from saeforge.sae import make_config
 from saeforge.synthetic import SuperpositionStream

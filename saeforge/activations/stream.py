@@ -21,6 +21,8 @@ from typing import Any, Callable, Iterable, Iterator, Protocol, runtime_checkabl
 
 import torch
 
+from saeforge import distributed as dist
+from saeforge.config import JsonConfig
 from saeforge.activations.cache import MANIFEST, ActivationCache, context_batches, forward_rows
 from saeforge.device import resolve_device
 from saeforge.errors import SaeforgeError
@@ -404,12 +406,38 @@ class RankSlice:
         return self.iterate()
 
 
-def open_stream(source: str | Path, **kw: Any) -> ActivationStream:
-    """Open an activation stream on ``source``: a cache folder gives a :class:`CachedStream`."""
-    path = Path(source)
-    if (path / MANIFEST).exists():
-        return CachedStream(ActivationCache(path), **kw)
-    raise SaeforgeError(
-        f"{source} is not an activation cache folder (no {MANIFEST}); harvest one with `saeforge harvest` "
-        "or build a LiveStream from a model and data"
-    )
+@dataclass
+class StreamConfig(JsonConfig):
+    """Where a training run's activations come from: a cache folder from ``saeforge harvest``, or text
+    (``.txt/.jsonl/.parquet``/HF data set) run through ``model`` as it goes (no cache)."""
+
+    data: str  # a cache folder or a text source
+    model: str | None = None  # needed with text data: HF hub id, local folder or llama2.c .bin
+    tokenizer: str | None = None  # llama2.c tokenizer .bin (default: tok*.bin beside the model)
+    context_len: int = 128  # tokens per context when streaming text
+    text_field: str = "text"  # text field of .jsonl/.parquet/HF data
+    shuffle_buffer: int = 262144  # rows held in the shuffle buffer; bounds memory (ranges: checked by the stream)
+
+
+def open_stream(source: str | Path | StreamConfig, hooks: list[str] | None = None, batch_size: int = 4096,
+                seed: int = 0, device: Any = None, **kw: Any) -> ActivationStream:
+    """Open an activation stream: a cache folder gives a :class:`CachedStream`; text with a model (a
+    :class:`StreamConfig` naming one) a :class:`LiveStream`. Under ``torchrun`` the process group starts first
+    (before the model lands on this rank's GPU). ``kw`` goes to the stream (e.g. ``epochs``)."""
+    cfg = source if isinstance(source, StreamConfig) else StreamConfig(data=str(source))
+    if isinstance(source, StreamConfig):
+        kw.setdefault("shuffle_buffer", cfg.shuffle_buffer)
+    dist.init(device)
+    path = Path(cfg.data)
+    if path.is_dir() and (path / MANIFEST).exists():
+        return CachedStream(ActivationCache(path), batch_size=batch_size, hooks=hooks, seed=seed, **kw)
+    if cfg.model is None:
+        raise SaeforgeError(
+            f"{cfg.data} is not an activation cache; pass --model to stream from text (or harvest a cache "
+            "with `saeforge harvest`)"
+        )
+    from saeforge.models import load_model
+
+    model = load_model(cfg.model, tokenizer=cfg.tokenizer, device=resolve_device(device))
+    return LiveStream(model, hooks, cfg.data, batch_size=batch_size, context_len=cfg.context_len, seed=seed,
+                      text_field=cfg.text_field, **kw)

@@ -23,6 +23,7 @@ from saeforge.adapt.objective import next_token_kl
 from saeforge.adapt.splice import SpliceState, layer_index, resolve_sae_hooks, spliced
 from saeforge.device import resolve_device
 from saeforge.errors import CorruptFileError, NonFiniteError, SaeforgeError
+from saeforge.formats import load_sae
 from saeforge.io import load_safetensors_verified, save_safetensors_atomic, write_json_atomic
 from saeforge.models import LoadedModel, check_context_len, load_model
 from saeforge.sae.base import SAE
@@ -30,14 +31,6 @@ from saeforge.train.checkpoint import flatten_optimizer, unflatten_optimizer
 from saeforge.train.schedule import LR_SCHEDULES, schedule_factor
 
 CHECKPOINT = "adapt_checkpoint.safetensors"
-
-
-def load_any_sae(path: str, device) -> SAE:
-    try:
-        from saeforge.formats import load_sae
-    except ImportError:  # formats package not installed in a trimmed build
-        return SAE.load(path, device=device)
-    return load_sae(path, device=device)
 
 
 @dataclass
@@ -70,7 +63,7 @@ def build(cfg: AdaptConfig) -> Adapted:
         raise SaeforgeError(f"{cfg.model} is not a causal LM; adaptation needs next-token distributions")
     if not cfg.saes:
         raise SaeforgeError("no SAE given; pass --sae PATH (repeatable)")
-    saes = [load_any_sae(p, device).eval() for p in cfg.saes]
+    saes = [load_sae(p, device=device).eval() for p in cfg.saes]
     from saeforge.paths import warn_model_mismatch
 
     warn_model_mismatch({str(p): s.cfg.model for p, s in zip(cfg.saes, saes)}, cfg.model, "adapt", "--model")
@@ -322,7 +315,7 @@ def load(path: str | Path, device: str = "auto") -> Adapted:
 
     mdt = DTYPES.get((manifest.get("config") or {}).get("model_dtype", "float32"), torch.float32)
     loaded = load_model(manifest["model"], tokenizer=manifest.get("tokenizer"), device=dev, dtype=mdt)
-    saes = [SAE.load(path / s["path"], device=dev).eval() for s in manifest["saes"]]
+    saes = [load_sae(path / s["path"], device=dev).eval() for s in manifest["saes"]]
     hooks = resolve_sae_hooks(loaded.model, saes, loaded.family)
     ad = Adapted(loaded, saes, hooks, ranks=manifest.get("lora_ranks") or {})
     if manifest.get("adapter"):

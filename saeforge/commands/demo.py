@@ -11,11 +11,11 @@ import json
 import time
 from pathlib import Path
 
+from saeforge.config import parse_size
 from saeforge.errors import SaeforgeError
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from saeforge.config import parse_size
 
     p = sub.add_parser(
         "demo", help="harvest, train and evaluate a TopK SAE on the shared stories260K model",
@@ -40,7 +40,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     from saeforge.activations.cache import HarvestConfig, harvest
     from saeforge.activations.stream import CachedStream
-    from saeforge.commands.train import parse_size
     from saeforge.eval import evaluate, format_table
     from saeforge.models import load_model
     from saeforge.sae import make_config

@@ -14,7 +14,7 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, ClassVar, Iterator
 
 import torch
 from torch import Tensor
@@ -22,6 +22,7 @@ from torch import Tensor
 from saeforge.config import JsonConfig
 from saeforge.dashboard.stream import Halo, LatentStats
 from saeforge.errors import SaeforgeError
+from saeforge.formats import load_sae
 from saeforge.io import save_safetensors_atomic
 
 STATE_FILE = "state.safetensors"
@@ -32,6 +33,9 @@ class DashboardConfig(JsonConfig):
     """What to build. The fields in :meth:`identity` decide the streamed statistics (a checkpoint made with
     other values is refused); the rest (``out``, ``device``, ``explanations`` and the display knobs: bands,
     histogram bins, logits, neighbours, shard size) only shape the site, so changing them reuses the pass."""
+
+    FLAGS: ClassVar[dict[str, str]] = {"sae_format": "--format", "n_bands": "--bands", "n_logits": "--logits",
+                                       "n_neighbors": "--neighbors"}
 
     sae: str
     data: str
@@ -94,19 +98,6 @@ def _fingerprint(sae: Any) -> str:
         h.update(name.encode())
         h.update(t.detach().float().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()[:16]
-
-
-def load_any_sae(path: str, fmt: str | None = None, device: str | torch.device = "cpu"):
-    """Any SAE saeforge reads (``saeforge.formats.load_sae``), else a native folder (``SAE.load``)."""
-    try:
-        from saeforge.formats import load_sae
-    except ImportError:
-        load_sae = None
-    if load_sae is not None:
-        return load_sae(path, format=fmt, device=device)
-    from saeforge.sae.base import SAE
-
-    return SAE.load(path, device=device)
 
 
 @dataclass
@@ -332,7 +323,7 @@ def _build_locked(cfg: DashboardConfig, progress: bool, overwrite: bool) -> Path
     if overwrite and state_dir.exists():
         shutil.rmtree(state_dir)
     explanations = load_explanations(cfg.explanations) if cfg.explanations else {}
-    sae = load_any_sae(cfg.sae, cfg.sae_format, device).eval()
+    sae = load_sae(cfg.sae, format=cfg.sae_format, device=device).eval()
     hook = cfg.hook or sae.cfg.hook
     if not hook:
         raise SaeforgeError("the SAE names no input hook; pass --hook (e.g. resid_post.2)")

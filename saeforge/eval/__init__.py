@@ -21,32 +21,19 @@ from saeforge.eval.features import FeatureStats, decoder_max_cos, feature_summar
 from saeforge.eval.recon import ReconStats, encode_decode, reconstruction_metrics
 from saeforge.eval.report import Section, build_report, format_table, frontier_points, sections_from_result, text_table
 from saeforge.eval.runner import EvalConfig, EvalRunner, jsonable
+from saeforge.formats import load_sae
 from saeforge.io import write_json_atomic
 from saeforge.sae.base import SAE
 
 __all__ = [
-    "EvalConfig", "EvalRunner", "evaluate", "evaluate_many", "load_sae_any", "expand_sources", "format_table",
+    "EvalConfig", "EvalRunner", "evaluate", "evaluate_many", "expand_sources", "format_table",
     "text_table", "build_report", "Section", "sections_from_result", "ReconStats", "FeatureStats",
     "DownstreamStats", "reconstruction_metrics", "encode_decode", "feature_summary", "latent_quantiles",
     "decoder_max_cos", "downstream_batch", "frontier_points", "jsonable",
 ]
 
 
-# ---- loading SAEs -----------------------------------------------------------------------------------------
-def load_sae_any(source: str | Path, device: Any = "cpu") -> SAE:
-    """Load an SAE in any format saeforge reads (``saeforge.formats.load_sae``; saeforge folders otherwise)."""
-    loader = _loader()
-    sae = loader(str(source), device=device) if loader is not None else SAE.load(source, device=device)
-    if not isinstance(sae, SAE):
-        raise SaeforgeError(f"{source} did not load as an SAE; pass an SAE folder or checkpoint")
-    return sae
-
-
-def _loader() -> Callable | None:
-    fm = _module("saeforge.formats")
-    return getattr(fm, "load_sae", None) if fm is not None else None
-
-
+# ---- naming SAEs (loading them: saeforge.formats.load_sae, the one loader) -------------------------------
 def _sweep_members(folder: Path) -> list[tuple[str, str]]:
     """SAEs listed by ``folder/sweep.json`` (``{"runs": [...]}``, ``{"saes": ...}`` or a list; each entry a path
     or a dict with ``out``/``path``/``dir`` and optional ``name``); else sub-folders holding ``cfg.json``."""
@@ -111,7 +98,7 @@ def _named_saes(saes: Any, device: Any) -> tuple[dict[str, SAE], dict[str, str]]
         if isinstance(s, SAE):
             loaded[name] = s
         else:
-            loaded[name] = load_sae_any(s, device=device)
+            loaded[name] = load_sae(s, device=device)
             sources[name] = str(s)
     return loaded, sources
 

@@ -88,9 +88,7 @@ class EvalConfig(JsonConfig):
     probe_tokens: int | None = None  # text tokens for the built-in probe tasks (None: n_tokens)
     ablation_positions: int = 64  # positions sampled for ablation sparsity
 
-    FLAGS = {"extras": "--extras", "n2g_latents": "--n2g-latents", "n2g_contexts": "--n2g-contexts",
-             "probe_tasks": "--probe-tasks", "probe_task_file": "--probe-task-file",
-             "probe_tokens": "--probe-tokens", "ablation_positions": "--ablation-positions"}
+    FLAGS = {"n_tokens": "--tokens", "batch_contexts": "--batch-size"}  # the others: --<field-name>
 
     def __post_init__(self) -> None:
         super().__post_init__()
