@@ -51,12 +51,12 @@ class _Budget(Exception):
 
 
 def eval_batches(tokenizer, n_tokens: int, batch: int = 16) -> list:
-    from saeforge.adapt.data import context_batches
+    from saeforge.data import context_batches
 
     out, seen = [], 0
-    for tokens, keep in context_batches(str(VALID), tokenizer, 128, batch):
-        out.append((tokens, keep))
-        seen += int(keep.sum())
+    for cb in context_batches(tokenizer, str(VALID), context_len=128, batch_size=batch):
+        out.append((cb.tokens, cb.keep))
+        seen += int(cb.keep.sum())
         if seen >= n_tokens:
             break
     return out

@@ -30,8 +30,8 @@ import torch
 from safetensors import safe_open
 
 from saeforge.config import JsonConfig
-from saeforge.data.packing import batch_contexts, pack
-from saeforge.data.text import iter_documents
+from saeforge.data.batches import context_batches
+from saeforge.data.packing import ContextBatch
 from saeforge.device import resolve_device
 from saeforge import faults
 from saeforge.errors import CorruptFileError, NonFiniteError, SaeforgeError
@@ -121,49 +121,16 @@ class HarvestConfig(JsonConfig):
 # ----------------------------------------------------------------------------- shared with LiveStream
 
 
-def context_batches(
-    tokenizer: Any,
-    data: str,
-    *,
-    context_len: int,
-    batch_size: int,
-    text_field: str = "text",
-    split: str = "train",
-    keep_special: bool = False,
-    max_tokens: int | None = None,
-) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """Packed ``(tokens, doc, pos, keep)`` batches of ``data``, stopping once ``max_tokens`` kept rows exist.
-
-    The keep mask of the last context is cut so that exactly ``max_tokens`` rows are kept in total.
-    """
-    contexts = pack(iter_documents(data, text_field=text_field, split=split), tokenizer,
-                    context_len=context_len, keep_special=keep_special)
-
-    def capped() -> Iterator[Any]:
-        kept = 0
-        for ctx in contexts:
-            n = int(ctx.keep.sum())
-            if max_tokens is not None and kept + n >= max_tokens:
-                idx = torch.nonzero(ctx.keep).flatten()
-                ctx.keep[idx[max_tokens - kept:]] = False
-                yield ctx
-                return
-            kept += n
-            yield ctx
-
-    yield from batch_contexts(capped(), batch_size)
-
-
 def forward_rows(
     model: torch.nn.Module,
     hook_points: list[Any],
-    batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
+    batch: ContextBatch,
     device: torch.device,
 ) -> dict[str, torch.Tensor]:
     """One forward pass; returns the kept rows: ``acts.<hook>`` [N, d] (model dtype, CPU) and metadata."""
     from saeforge.hooks import capture
 
-    tokens, doc, pos, keep = batch
+    tokens, doc, pos, keep = batch.tokens, batch.doc, batch.pos, batch.keep
     real = doc >= 0  # False only at padding of the final partial context
     mask = None if bool(real.all()) else real.long().to(device)
     with torch.no_grad():
@@ -463,7 +430,7 @@ def _harvest_locked(cfg: HarvestConfig, out: Path, progress: bool) -> Path:
                 for h in names:
                     d_seen.setdefault(h, int(rows[f"acts.{h}"].shape[-1]))
                 pending.append(rows)
-                pending_contexts += int(batch[0].shape[0])
+                pending_contexts += int(batch.tokens.shape[0])
             if b % sb == sb - 1 or last:  # shard i is complete
                 if pending:
                     write_shard(i)

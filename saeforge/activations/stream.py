@@ -23,7 +23,9 @@ import torch
 
 from saeforge import distributed as dist
 from saeforge.config import JsonConfig
-from saeforge.activations.cache import MANIFEST, ActivationCache, context_batches, forward_rows
+from saeforge.data.batches import context_batches
+from saeforge.data.packing import ContextBatch
+from saeforge.activations.cache import MANIFEST, ActivationCache, forward_rows
 from saeforge.device import resolve_device
 from saeforge.errors import SaeforgeError
 
@@ -343,7 +345,7 @@ class LiveStream(_BufferedStream):
     def _probe_widths(self) -> dict[str, int]:
         bos = self.loaded.tokenizer.bos_id
         tok = torch.tensor([[bos if bos is not None else 0, 0]])
-        batch = (tok, torch.zeros_like(tok), torch.zeros_like(tok), torch.ones_like(tok, dtype=torch.bool))
+        batch = ContextBatch(tok, torch.zeros_like(tok), torch.zeros_like(tok), torch.ones_like(tok, dtype=torch.bool))
         rows = forward_rows(self.loaded.model, self.hook_points, batch, self._model_device())
         return {h: int(rows[f"acts.{h}"].shape[-1]) for h in self.hooks}
 

@@ -17,10 +17,10 @@ import torch
 from tqdm.auto import tqdm
 
 from saeforge.adapt.config import AdaptConfig
-from saeforge.adapt.data import context_batches
 from saeforge.adapt.lora import add_lora
 from saeforge.adapt.objective import next_token_kl
 from saeforge.adapt.splice import SpliceState, layer_index, resolve_sae_hooks, spliced
+from saeforge.data.batches import context_batches
 from saeforge.device import resolve_device
 from saeforge.errors import CorruptFileError, NonFiniteError, SaeforgeError
 from saeforge.formats import load_sae
@@ -201,8 +201,8 @@ def _loop(ad: Adapted, cfg: AdaptConfig, out: Path, progress: bool, on_log, trac
     ckpt, tok_per_step = out / CHECKPOINT, cfg.batch_contexts * cfg.context_len
     model = ad.loaded.model
     model.train()
-    batches = context_batches(cfg.data, ad.loaded.tokenizer, cfg.context_len, cfg.batch_contexts,
-                              cfg.text_field, loop=True, skip=step)
+    batches = context_batches(ad.loaded.tokenizer, cfg.data, context_len=cfg.context_len,
+                              batch_size=cfg.batch_contexts, text_field=cfg.text_field, loop=True, skip=step)
     device = next(model.parameters()).device
     records, acc, n_acc = [], torch.zeros((), device=device), 0
     t0 = time.perf_counter() - elapsed0
@@ -210,8 +210,8 @@ def _loop(ad: Adapted, cfg: AdaptConfig, out: Path, progress: bool, on_log, trac
     while step < total:
         for group in opt.param_groups:
             group["lr"] = cfg.lr * schedule_factor(cfg.lr_schedule, step, total, cfg.warmup_frac)
-        tokens, keep = next(batches)
-        tokens, keep = tokens.to(device), keep.to(device)
+        batch = next(batches)
+        tokens, keep = batch.tokens.to(device), batch.keep.to(device)
         with torch.no_grad(), ad.adapter_off():
             model.eval()
             clean = model(input_ids=tokens).logits

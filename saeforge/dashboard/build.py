@@ -152,7 +152,8 @@ def open_source(cfg: DashboardConfig, sae: Any, hook: str, device: torch.device)
         desc = {"cache": str(data), "harvest": mcfg}
         return Source("cache", desc, total, chunks, loaded)
 
-    from saeforge.activations.cache import context_batches, forward_rows
+    from saeforge.activations.cache import forward_rows
+    from saeforge.data.batches import context_batches
     from saeforge.hooks import resolve_hook
 
     spec = cfg.model or sae.cfg.model

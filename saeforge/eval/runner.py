@@ -33,7 +33,7 @@ import math
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import numpy as np
 import torch
@@ -41,6 +41,8 @@ from tqdm.auto import tqdm
 
 from saeforge import distributed as dist
 from saeforge.config import JsonConfig
+from saeforge.data.batches import context_batches
+from saeforge.data.packing import ContextBatch
 from saeforge.errors import SaeforgeError
 from saeforge.eval.downstream import DownstreamStats, SpliceTarget, downstream_batch
 from saeforge.eval.features import FeatureStats, feature_summary, sparse_rows
@@ -333,9 +335,7 @@ class EvalRunner:
         write_json_atomic(self.out / STATE, {"sha256": digest, "state": body}, indent=None)
 
     # ---- passes -----------------------------------------------------------------------------------------------
-    def _batches(self):
-        from saeforge.activations.cache import context_batches
-
+    def _batches(self) -> Iterator[ContextBatch]:
         c = self.cfg
         return context_batches(self.lm.tokenizer, self.data, context_len=c.context_len, batch_size=c.batch_contexts,
                                text_field=c.text_field, split=c.split, keep_special=False, max_tokens=c.n_tokens)
@@ -368,7 +368,7 @@ class EvalRunner:
             if chunk < ph["chunks_done"] or chunk % W != me:
                 continue
             pending.append(step(batch, b))
-            n = int(batch[3].sum())
+            n = int(batch.keep.sum())
             ph["tokens"] += n
             bar.update(n)
             if (b + 1) % cb == 0:
@@ -409,8 +409,8 @@ class EvalRunner:
         dist.barrier()  # every chunk file is written before anyone reads them
 
     @torch.no_grad()
-    def _recon_step(self, batch: tuple, b: int) -> dict[str, np.ndarray]:
-        tokens, doc, _pos, keep = batch
+    def _recon_step(self, batch: ContextBatch, b: int) -> dict[str, np.ndarray]:
+        tokens, doc, keep = batch.tokens, batch.doc, batch.keep
         valid = doc >= 0
         am = None if bool(valid.all()) else valid.long()
         acts = capture(self.lm.model, self.points, tokens, attention_mask=am, stop_early=True)
@@ -441,7 +441,7 @@ class EvalRunner:
             out[f"{i}_sample_idx"] = np.concatenate(idx) if idx else np.zeros(0, np.int32)
         return out
 
-    def _down_step(self, batch: tuple, b: int) -> dict[str, np.ndarray]:
+    def _down_step(self, batch: ContextBatch, b: int) -> dict[str, np.ndarray]:
         means = {}
         for i, t in enumerate(self.targets):
             means.setdefault(t.out.name, torch.from_numpy(self.recon[i].mean).float())
