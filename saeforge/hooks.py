@@ -24,6 +24,7 @@ import torch
 from torch import Tensor, nn
 
 from saeforge.errors import SaeforgeError
+from saeforge.hooknames import to_saeforge
 from saeforge.models.families import FAMILIES, base_prefix, family_of
 
 
@@ -72,8 +73,6 @@ def resolve_hook(model: nn.Module, name: str, family: str | None = None) -> Hook
 
     TransformerLens names (``blocks.2.hook_resid_post``, ``hook_embed``: the table in saeforge/hooknames.py)
     resolve as their saeforge alias; the point keeps the name it was asked for."""
-    from saeforge.hooknames import to_saeforge
-
     asked = name.strip()
     alias = to_saeforge(asked)
     point = _resolve(model, alias, family)

@@ -22,12 +22,16 @@ from typing import Any, Callable, Iterable, Iterator, Protocol, runtime_checkabl
 import torch
 
 from saeforge import distributed as dist
+from saeforge.activations.cache import MANIFEST, ActivationCache, forward_rows
 from saeforge.config import JsonConfig
 from saeforge.data.batches import context_batches
+from saeforge.data.fingerprint import data_fingerprint
 from saeforge.data.packing import ContextBatch
-from saeforge.activations.cache import MANIFEST, ActivationCache, forward_rows
 from saeforge.device import resolve_device
+from saeforge.distributed import split_bounds
 from saeforge.errors import SaeforgeError
+from saeforge.hooks import resolve_hook
+from saeforge.models import check_context_len, load_model
 
 META_KEYS = ("token_id", "doc", "pos")
 
@@ -303,14 +307,10 @@ class LiveStream(_BufferedStream):
         max_tokens: int | None = None,
         tokenizer: str | None = None,
     ):
-        from saeforge.hooks import resolve_hook
-        from saeforge.models import load_model
-
         super().__init__(batch_size, shuffle_buffer, epochs, seed, device)
         if isinstance(model, (str, Path)):
             model = load_model(str(model), tokenizer=tokenizer, device=self.device)
         self.loaded = model
-        from saeforge.models import check_context_len
 
         check_context_len(self.loaded, context_len)
         if not hooks:
@@ -331,8 +331,6 @@ class LiveStream(_BufferedStream):
         self._forward_group = group if group is not None and group.size > 1 else None
 
     def identity(self) -> dict[str, Any]:
-        from saeforge.data.fingerprint import data_fingerprint
-
         return {"model": self.model_spec, "data": data_fingerprint(self.data), "hooks": self.hooks,
                 "context_len": self.context_len, "batch_contexts": self.batch_contexts, "batch_size": self.batch_size,
                 "shuffle_buffer": self.shuffle_buffer, "epochs": self.epochs, "seed": self.seed,
@@ -359,7 +357,6 @@ class LiveStream(_BufferedStream):
             for batch in batches:
                 yield forward_rows(self.loaded.model, self.hook_points, batch, dev)
             return
-        from saeforge import distributed as dist
 
         done = False
         while not done:  # rounds of g.size forward batches; process r runs the r-th of each round
@@ -396,8 +393,6 @@ class RankSlice:
         return getattr(self.source, name)
 
     def iterate(self, skip_batches: int = 0) -> Iterator[ActivationBatch]:
-        from saeforge.distributed import split_bounds
-
         for b in self.source.iterate(skip_batches):
             n = len(next(iter(b.acts.values())))
             lo, hi = split_bounds(n, self.index, self.count)
@@ -422,7 +417,7 @@ class StreamConfig(JsonConfig):
 
 
 def open_stream(source: str | Path | StreamConfig, hooks: list[str] | None = None, batch_size: int = 4096,
-                seed: int = 0, device: Any = None, **kw: Any) -> ActivationStream:
+                seed: int = 0, device: Any = None, **kw: Any) -> CachedStream | LiveStream:
     """Open an activation stream: a cache folder gives a :class:`CachedStream`; text with a model (a
     :class:`StreamConfig` naming one) a :class:`LiveStream`. Under ``torchrun`` the process group starts first
     (before the model lands on this rank's GPU). ``kw`` goes to the stream (e.g. ``epochs``)."""
@@ -438,7 +433,6 @@ def open_stream(source: str | Path | StreamConfig, hooks: list[str] | None = Non
             f"{cfg.data} is not an activation cache; pass --model to stream from text (or harvest a cache "
             "with `saeforge harvest`)"
         )
-    from saeforge.models import load_model
 
     model = load_model(cfg.model, tokenizer=cfg.tokenizer, device=resolve_device(device))
     return LiveStream(model, hooks, cfg.data, batch_size=batch_size, context_len=cfg.context_len, seed=seed,

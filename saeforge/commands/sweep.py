@@ -64,7 +64,7 @@ def run(args: argparse.Namespace) -> int:
         parse_list(args.arch), parse_list(args.width, "count"), parse_list(args.k, int), parse_list(args.lam, float),
         d=stream.d,
         hook=hook, target=args.target, hooks=hooks, sets=parse_sets(args.set), recipe=args.recipe,
-        model=getattr(stream, "model_spec", None) or args.model,
+        model=stream.model_spec or args.model,
     )
     index = run_sweep(grid, stream, train_cfg, args.out, resume=args.resume, progress=not args.no_progress,
                       allow_changes=allowed_changes(args), tracking=track)

@@ -87,7 +87,7 @@ def run(args: argparse.Namespace) -> int:
         opts["recipe"] = args.recipe
     if args.target and args.target != hook:
         opts.setdefault("apply_b_dec_to_input", False)
-    model_spec = getattr(stream, "model_spec", None) or args.model
+    model_spec = stream.model_spec or args.model
     cfg = make_config(args.arch, d_in=d_in, d_sae=width, d_out=d_out, hook=hook, target_hook=args.target,
                       model=model_spec, **opts)
     trainer = Trainer({"": cfg}, stream, tcfg, args.out, track)
@@ -147,7 +147,7 @@ def run_crosscoder(args: argparse.Namespace) -> int:
         opts["recipe"] = args.recipe
     width = args.width if args.width is not None else args.expansion * d_in
     cfg = make_config("crosscoder", d_in=d_in, d_sae=width, hooks=hooks,
-                      model=getattr(stream, "model_spec", None) or args.model, **opts)
+                      model=stream.model_spec or args.model, **opts)
     trainer = Trainer({"": cfg}, stream, tcfg, args.out, tracking.from_args(args))
     trainer.fit(resume=args.resume, progress=not args.no_progress, allow_changes=allowed_changes(args))
     if trainer.par.writer:

@@ -43,13 +43,15 @@ from saeforge import distributed as dist
 from saeforge.config import JsonConfig
 from saeforge.data.batches import context_batches
 from saeforge.data.packing import ContextBatch
-from saeforge.errors import SaeforgeError
+from saeforge.errors import CorruptFileError, SaeforgeError
 from saeforge.eval.downstream import DownstreamStats, SpliceTarget, downstream_batch
 from saeforge.eval.features import FeatureStats, feature_summary, sparse_rows
+from saeforge.eval.probe_tasks import BUILTIN_TASKS
 from saeforge.eval.recon import ReconStats, encode_decode, rows_per_step
 from saeforge.hooks import capture, resolve_hook
 from saeforge.io import write_bytes_atomic, write_json_atomic
-from saeforge.sae.base import SAE
+from saeforge.models import check_context_len
+from saeforge.sae.base import SAE, check_finite_weights
 
 STATE = "eval_state.json"
 STATE_VERSION = 2  # 2: the state is wrapped as {"sha256", "state"}
@@ -102,8 +104,6 @@ class EvalConfig(JsonConfig):
                 raise SaeforgeError(f"unknown optional section(s) {bad}; pass --extras as a comma-separated "
                                     f"subset of {', '.join(EXTRA_SECTIONS)}")
         if self.probe_tasks is not None:
-            from saeforge.eval.probe_tasks import BUILTIN_TASKS
-
             names = [t.name for t in BUILTIN_TASKS]
             bad = [t for t in self.probe_tasks if t not in names]
             if bad:
@@ -197,8 +197,6 @@ class ChunkStore:
                 data = p.read_bytes()
                 want = self.sha.get(p.name)
                 if want is not None and hashlib.sha256(data).hexdigest() != want:
-                    from saeforge.errors import CorruptFileError
-
                     raise CorruptFileError(f"{p} fails its checksum (damaged on disk); rerun without --resume")
                 z = dict(np.load(io.BytesIO(data)))
             for k in keys:
@@ -231,8 +229,6 @@ class EvalRunner:
         self.lm, self.data, self.cfg = lm, str(data), cfg
         self.out = Path(out) if out is not None else None
         dev = lm.device
-        from saeforge.models import check_context_len
-        from saeforge.sae.base import check_finite_weights
 
         check_context_len(lm, cfg.context_len)
         for n, s in saes.items():
@@ -309,8 +305,6 @@ class EvalRunner:
     def _read_state(path: Path) -> dict[str, Any]:
         """The packed state, after checking the checksum it was written with."""
         import json
-
-        from saeforge.errors import CorruptFileError
 
         fix = "delete it (or drop --resume) to evaluate from the start"
         try:
@@ -528,8 +522,6 @@ class EvalRunner:
                     shas[str((d / fname).relative_to(self.out))] = hashlib.sha256(data).hexdigest()
 
     def read_arrays(self) -> None:
-        from saeforge.errors import CorruptFileError
-
         shas = getattr(self, "state", {}).get("arrays_sha", {})
         for name in self.names:
             d = self.sae_dir(name)
