@@ -164,7 +164,7 @@ def markdown(rows: list[dict], meta: dict) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from saeforge.commands.train import parse_size
+    from saeforge.config import parse_size
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/bench_adapt", help="output folder (the SAE goes to OUT/sae)")

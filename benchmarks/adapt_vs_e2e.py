@@ -51,12 +51,12 @@ class _Budget(Exception):
 
 
 def eval_batches(tokenizer, n_tokens: int, batch: int = 16) -> list:
-    from saeforge.adapt.data import context_batches
+    from saeforge.data import context_batches
 
     out, seen = [], 0
-    for tokens, keep in context_batches(str(VALID), tokenizer, 128, batch):
-        out.append((tokens, keep))
-        seen += int(keep.sum())
+    for cb in context_batches(tokenizer, str(VALID), context_len=128, batch_size=batch):
+        out.append((cb.tokens, cb.keep))
+        seen += int(cb.keep.sum())
         if seen >= n_tokens:
             break
     return out
@@ -164,7 +164,7 @@ def plot(curves: dict[str, list[dict]], L: dict, target: float, clock: str, path
 
 
 def main(argv: list[str] | None = None) -> int:
-    from saeforge.commands.train import parse_size
+    from saeforge.config import parse_size
 
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", default="runs/bench_adapt", help="output folder (shares OUT/sae with adapt_ranks.py)")

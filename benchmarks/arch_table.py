@@ -2,7 +2,7 @@
 """Every architecture on stories260K's block-2 residual stream (``resid_post.2``) at matched L0 (≈ 16).
 
 1. harvest ``resid_post.2`` activations of TinyStories train (``--train-tokens``; resumable, reused);
-2. train every architecture/recipe from ONE shuffled pass over the cache (``saeforge.commands.sweep``): the
+2. train every architecture/recipe from ONE shuffled pass over the cache (``saeforge.train.sweep``): the
    k-architectures at k = ``--l0``, the penalised ones at a few λ values each (``LAMBDAS``), because their L0
    is an outcome, not a setting;
 3. evaluate all of them in one model pass on TinyStories valid (``saeforge.eval.evaluate_many``): FVU, L0,
@@ -54,7 +54,7 @@ def _size(text: str) -> int:
 
 
 def build(width: int, l0: int, d: dict[str, int], model: str, steps: int) -> dict:
-    from saeforge.commands.sweep import build_grid
+    from saeforge.train.sweep import build_grid
 
     grid = {}
     for arch, recipe, extra in K_ARCHS:
@@ -149,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
 
     from saeforge.activations.cache import HarvestConfig, harvest
     from saeforge.activations.stream import CachedStream
-    from saeforge.commands.sweep import run_sweep
+    from saeforge.train.sweep import run_sweep
     from saeforge.eval import evaluate_many
     from saeforge.sae import SAE
     from saeforge.train import TrainConfig

@@ -37,7 +37,7 @@ def main() -> None:
 
     from saeforge.activations.cache import HarvestConfig, harvest
     from saeforge.activations.stream import CachedStream
-    from saeforge.commands.train import parse_size
+    from saeforge.config import parse_size
     from saeforge.dashboard import DashboardConfig, build_dashboard, read_payload
     from saeforge.sae import make_config
     from saeforge.train import TrainConfig, Trainer

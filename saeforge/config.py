@@ -241,3 +241,64 @@ def finite_float(text: str) -> float:
     if not math.isfinite(value):
         raise ArgError(f"{text!r} is not a finite number; write e.g. 2e-4 or 0.5")
     return value
+
+
+# ---- CLI flags generated from config fields ------------------------------------------------------------------
+def _field(cls: type[JsonConfig], name: str) -> dataclasses.Field:
+    for f in dataclasses.fields(cls):
+        if f.name == name:
+            return f
+    raise KeyError(f"{cls.__name__} has no field {name!r}")
+
+
+def field_default(cls: type[JsonConfig], name: str) -> Any:
+    """The default of field ``name`` of dataclass ``cls`` (its factory called), or None when it has none."""
+    f = _field(cls, name)
+    if f.default is not dataclasses.MISSING:
+        return f.default
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return None
+
+
+def flag_of(cls: type[JsonConfig], name: str) -> str:
+    """The CLI flag of config field ``name``: ``cls.FLAGS[name]`` or ``--<field-name>``."""
+    return cls.FLAGS.get(name, _flag(name))
+
+
+def _dest(cls: type[JsonConfig], name: str) -> str:
+    return flag_of(cls, name)[2:].replace("-", "_")
+
+
+def _flag_type(cls: type[JsonConfig], name: str) -> Any:
+    tp = typing.get_type_hints(cls)[name]
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        tp = args[0] if len(args) == 1 else str
+    return {int: int, float: finite_float, str: str}.get(tp)
+
+
+def config_flag(parser: Any, cls: type[JsonConfig], name: str, help: str, **kw: Any) -> argparse.Action:
+    """Add the flag of config field ``cls.name`` to ``parser`` (a parser or argument group): its name from
+    ``cls.FLAGS`` (else ``--<field-name>``), its default the field's (so no default is typed twice), its type from
+    the annotation (int, a finite float, str; a bool defaulting to False is a ``store_true`` switch) unless
+    ``type=`` is given. Further argparse keywords (``choices``, ``metavar``, ``nargs`` ...) pass through."""
+    default = field_default(cls, name)
+    if typing.get_type_hints(cls)[name] is bool and default is False and "type" not in kw:
+        return parser.add_argument(flag_of(cls, name), action="store_true", help=help, **kw)
+    kw.setdefault("type", _flag_type(cls, name))
+    if kw["type"] is None:
+        raise TypeError(f"{cls.__name__}.{name}: give the flag's type=")
+    return parser.add_argument(flag_of(cls, name), default=default, help=help, **kw)
+
+
+def config_flags(parser: Any, cls: type[JsonConfig], helps: dict[str, str], **kw: dict[str, Any]) -> None:
+    """:func:`config_flag` for each ``field: help`` of ``helps`` (in order); ``kw[field]`` holds that flag's
+    extra argparse keywords."""
+    for name, text in helps.items():
+        config_flag(parser, cls, name, text, **kw.get(name, {}))
+
+
+def config_values(cls: type[JsonConfig], args: argparse.Namespace, names: typing.Iterable[str]) -> dict[str, Any]:
+    """``{field: value}`` of the parsed flags that :func:`config_flag` made for ``names``."""
+    return {n: getattr(args, _dest(cls, n)) for n in names}

@@ -4,7 +4,8 @@ A hook point is a module plus which side of it we look at:
 
 * ``model.layers.2.mlp``       -- the module's output (first element if it returns a tuple)
 * ``model.layers.2.mlp:in``    -- the module's first input (positional, or the ``hidden_states`` keyword)
-* ``resid_post.2`` etc.        -- family aliases resolved to the above (table in docs/models.md)
+* ``resid_post.2`` etc.        -- family aliases resolved to the above (saeforge/models/families.py;
+                                   docs/models.md)
 
 ``capture`` aborts the forward pass as soon as the last requested activation exists (``stop_early``): harvesting
 layer 1 of a 24-layer model then costs ~2 layers, not 24 plus the LM head. Decoder layers return a tuple in
@@ -23,6 +24,8 @@ import torch
 from torch import Tensor, nn
 
 from saeforge.errors import SaeforgeError
+from saeforge.hooknames import to_saeforge
+from saeforge.models.families import FAMILIES, base_prefix, family_of
 
 
 @dataclass(frozen=True)
@@ -34,40 +37,6 @@ class HookPoint:
     # a splice there also adds (new - old) to this block's output, as replacing TransformerLens hook_resid_mid does
     residual_block: str | None = None
 
-
-@dataclass(frozen=True)
-class _Layout:
-    """Where a family keeps things. ``blocks``/``embed`` are relative to the base model; the rest to a block."""
-
-    blocks: str
-    embed: str
-    attn_out: str
-    mlp_out: str
-    mlp_in: str
-    # the residual stream between the attention and MLP sublayers (TransformerLens hook_resid_mid): the input of
-    # the norm that reads it; None where a family has no such point (parallel attention+MLP, post-LN)
-    resid_mid: str | None = None
-
-
-_LLAMA = _Layout("layers", "embed_tokens", "self_attn", "mlp", "mlp:in", "post_attention_layernorm:in")
-# Gemma 2/3 normalise each sublayer's output before adding it to the residual; like TransformerLens'
-# hook_attn_out/hook_mlp_out we hook "that which is added to the residual stream".
-_GEMMA2 = _Layout("layers", "embed_tokens", "post_attention_layernorm", "post_feedforward_layernorm", "mlp:in",
-                  "pre_feedforward_layernorm:in")
-# BERT is post-LN: the projections before add & LayerNorm are the sublayer contributions.
-_BERT = _Layout("encoder.layer", "embeddings", "attention.output.dense", "output.dense", "intermediate:in")
-
-LAYOUTS: dict[str, _Layout] = {
-    **{f: _LLAMA for f in ("llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "gemma",
-                           "phi3", "olmo", "olmo2", "granite", "smollm3", "cohere", "stablelm", "starcoder2")},
-    # no resid_mid alias where post_attention_layernorm does not read the residual (OLMo 2: post-norm
-    # sublayers; Cohere: parallel attention and MLP)
-    **{f: replace(_LLAMA, resid_mid=None) for f in ("olmo2", "cohere")},
-    **{f: _GEMMA2 for f in ("gemma2", "gemma3", "gemma3_text")},
-    "gpt2": _Layout("h", "wte", "attn", "mlp", "mlp:in", "ln_2:in"),
-    "gpt_neox": _Layout("layers", "embed_in", "attention", "mlp", "mlp:in"),
-    **{f: _BERT for f in ("bert", "roberta", "xlm-roberta", "camembert", "electra")},
-}
 
 _ALIAS = re.compile(r"^(resid_pre|resid_mid|resid_post|attn_out|mlp_out|mlp_in)\.(-?\d+)$")
 ALIASES = ("resid_pre.L", "resid_mid.L", "resid_post.L", "attn_out.L", "mlp_out.L", "mlp_in.L", "embed")
@@ -82,16 +51,6 @@ def _unwrap(model: Any) -> tuple[nn.Module, str | None]:
     if not isinstance(model, nn.Module) and isinstance(getattr(model, "model", None), nn.Module):
         return model.model, getattr(model, "family", None)
     return model, None
-
-
-def _family_of(model: nn.Module) -> str | None:
-    cfg = getattr(model, "config", None)
-    return getattr(cfg, "model_type", None)
-
-
-def _find_blocks(modules: dict[str, nn.Module], rel: str) -> str | None:
-    hits = [n for n, m in modules.items() if isinstance(m, nn.ModuleList) and (n == rel or n.endswith("." + rel))]
-    return min(hits, key=len) if hits else None
 
 
 def _split_io(name: str) -> tuple[str, str]:
@@ -117,8 +76,6 @@ def resolve_hook(model: nn.Module, name: str, family: str | None = None) -> Hook
 
     TransformerLens names (``blocks.2.hook_resid_post``, ``hook_embed``: the table in saeforge/hooknames.py)
     resolve as their saeforge alias; the point keeps the name it was asked for."""
-    from saeforge.hooknames import to_saeforge
-
     asked = name.strip()
     alias = to_saeforge(asked)
     point = _resolve(model, alias, family)
@@ -127,7 +84,7 @@ def resolve_hook(model: nn.Module, name: str, family: str | None = None) -> Hook
 
 def _resolve(model: nn.Module, name: str, family: str | None) -> HookPoint:
     model, fam = _unwrap(model)
-    family = family or fam or _family_of(model)
+    family = family or fam or family_of(model)
     name = name.strip()
     modules = dict(model.named_modules())
     m = _ALIAS.match(name)
@@ -135,16 +92,16 @@ def _resolve(model: nn.Module, name: str, family: str | None) -> HookPoint:
         path, io = _split_io(name)
         return _module_point(modules, path, io)
 
-    layout = LAYOUTS.get(family or "")
+    layout = FAMILIES.get(family or "")
     if layout is None:
         raise SaeforgeError(
             f"no hook aliases for model family {family!r}; use a module path such as "
-            f"{_example_block(modules)} (known families: {', '.join(sorted(set(LAYOUTS)))})"
+            f"{_example_block(modules)} (known families: {', '.join(sorted(set(FAMILIES)))})"
         )
-    blocks = _find_blocks(modules, layout.blocks)
-    if blocks is None:
+    base = base_prefix(modules, layout)  # "" or e.g. "model."
+    if base is None:
         raise SaeforgeError(f"cannot find the {family} block list '{layout.blocks}' in this model; use a module path instead of {name!r}")
-    base = blocks[: -len(layout.blocks)]  # "" or e.g. "model."
+    blocks = base + layout.blocks
     if name == "embed":
         return _module_point(modules, base + layout.embed, "output", name="embed")
     kind, layer = m.group(1), int(m.group(2))

@@ -7,19 +7,13 @@ from zero), and ε ~ N(0, I).
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Iterator
 
 import torch
-from torch import Tensor
 
+from saeforge.activations.stream import ActivationBatch
 
-@dataclass
-class SyntheticBatch:
-    acts: dict[str, Tensor]
-    token_id: Tensor | None = None
-    doc: Tensor | None = None
-    pos: Tensor | None = None
+SyntheticBatch = ActivationBatch  # the name this module's streams were first written with
 
 
 class SuperpositionStream:

@@ -85,13 +85,14 @@ def test_rank_is_capped_at_half_the_smaller_side(adapted, stories_model_path):
 
 def test_report_base_ce_matches_plain_cross_entropy(adapted, tinystories_valid, stories_model_path):
     """L_base of the report equals torch's cross-entropy of the untouched model on the same contexts."""
-    from saeforge.adapt.data import context_batches
+    from saeforge.data import context_batches
     from saeforge.models import load_model
 
     rep = json.loads((adapted / "report.json").read_text())
     lm = load_model(str(stories_model_path))
     total, n, seen = 0.0, 0, 0
-    for tokens, keep in context_batches(str(tinystories_valid), lm.tokenizer, CTX, 16):
+    for batch in context_batches(lm.tokenizer, str(tinystories_valid), context_len=CTX, batch_size=16):
+        tokens, keep = batch.tokens, batch.keep
         with torch.no_grad():
             logits = lm.model(input_ids=tokens).logits
         targets = tokens[:, 1:].masked_fill(~keep[:, 1:], -100)  # BOS/special targets do not count

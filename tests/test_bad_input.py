@@ -616,12 +616,12 @@ def test_eval_resume_refuses_a_damaged_chunk(w, tmp_path):
 
 
 def test_an_unexpected_error_is_one_line_asking_for_a_report(w, tmp_path, capsys, monkeypatch):
-    import saeforge.commands.convert as convert
+    import saeforge.formats
 
-    def boom(args):
+    def boom(*args, **kwargs):
         raise ZeroDivisionError("a bug")
 
-    monkeypatch.setattr(convert, "run", boom)
+    monkeypatch.setattr(saeforge.formats, "convert", boom)
     capsys.readouterr()
     rc = main(["convert", str(w.sae), str(tmp_path / "o"), "--to", "saelens"])
     err = capsys.readouterr().err.strip().splitlines()

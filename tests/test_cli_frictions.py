@@ -41,11 +41,11 @@ def test_count_flags_share_one_parser(argv, dest, want):
 
 
 def test_sweep_widths_and_bad_counts():
-    from saeforge.commands.sweep import _csv
+    from saeforge.train.sweep import parse_list
 
-    assert _csv("512,16k", "count") == [512, 16_000]
+    assert parse_list("512,16k", "count") == [512, 16_000]
     with pytest.raises(SaeforgeError, match="count"):
-        _csv("512,lots", "count")
+        parse_list("512,lots", "count")
     with pytest.raises(SystemExit):
         build_parser().parse_args(["harvest", "--model", "m", "--data", "d", "--hooks", "h", "--out", "o",
                                    "--max-tokens", "2.5"])
@@ -195,3 +195,31 @@ def test_eval_hook_override(stories_model_path, tinystories_valid, tmp_path):
     assert main(["eval", "--sae", str(tmp_path / "sae"), "--data", str(tinystories_valid), "--tokens", "256",
                  "--context-len", "32", "--no-downstream", "--no-progress", "--hook", "resid_post.0",
                  "--out", str(tmp_path / "e")]) == 0
+
+
+# ---- flags generated from the configs: one default each -----------------------------------------------------
+def test_flag_defaults_are_the_config_defaults():
+    """Every flag made from a config field (saeforge.config.config_flag) defaults to that field's default."""
+    from saeforge.adapt.config import AdaptConfig
+    from saeforge.config import config_values, field_default
+    from saeforge.dashboard.build import DashboardConfig
+    from saeforge.eval import EvalConfig
+    from saeforge.train import TrainConfig
+
+    cases = [
+        (["train", "--data", "c"], TrainConfig, ["total_tokens", "batch_size", "lr", "lr_rule", "warmup_steps",
+                                                 "decay_frac", "grad_clip", "dead_tokens", "log_every",
+                                                 "checkpoint_every", "seed", "device", "dtype", "kernels",
+                                                 "shard_latents"]),
+        (["eval", "--sae", "s", "--data", "d"], EvalConfig, ["n_tokens", "context_len", "batch_contexts",
+                                                              "chunk_batches", "dense_threshold", "sample_tokens",
+                                                              "n2g_latents", "n2g_contexts", "ablation_positions"]),
+        (["adapt", "train", "--sae", "s", "--data", "d"], AdaptConfig, ["rank", "alpha", "dropout", "lr", "tokens",
+                                                                        "batch_contexts", "context_len", "seed"]),
+        (["dashboard", "build", "s", "--data", "d", "--out", "o"], DashboardConfig,
+         ["top_k", "n_bands", "n_logits", "n_neighbors", "checkpoint_rows", "device"]),
+    ]
+    parser = build_parser()
+    for argv, cls, names in cases:
+        got = config_values(cls, parser.parse_args(argv), names)
+        assert got == {n: field_default(cls, n) for n in names}, argv[0]

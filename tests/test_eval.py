@@ -2,10 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
-import importlib.machinery
 import json
-import sys
-import types
 
 import numpy as np
 import pytest
@@ -297,15 +294,13 @@ def test_cli_prints_table_and_writes_json(stories_model_path, tinystories_valid,
     torch.manual_seed(1)
     sae = create_sae(make_config("topk", d_in=64, d_sae=128, k=4, hook=HOOK, model=str(stories_model_path)))
     sae.save(tmp_path / "topk")
-    # --all runs whatever optional modules exist; stand one in so the test does not depend on them
-    fake = types.ModuleType("fake_eval_extra")
-    fake.__spec__ = importlib.machinery.ModuleSpec("fake_eval_extra", None)
-    fake.run = lambda sae, model, data, n_tokens=0, out=None: {"summary": {"score": 0.5, "n": n_tokens},
-                                                               "tasks": [{"task": "x", "loss": 0.1}]}
-    monkeypatch.setitem(sys.modules, "fake_eval_extra", fake)
-    import saeforge.eval as ev
+    # --all runs the registered optional sections; stand one in so the test does not depend on them
+    import saeforge.eval.extras as ev
 
-    monkeypatch.setattr(ev, "EXTRAS", {"fake": ("fake_eval_extra", "run")})
+    fake = ev.Extra(options=lambda cfg: {"n_tokens": cfg.n_tokens},
+                    run=lambda ctx: {"summary": {"score": 0.5, "n": ctx.options["n_tokens"]},
+                                     "tasks": [{"task": "x", "loss": 0.1}]})
+    monkeypatch.setattr(ev, "EXTRAS", {"fake": fake})
     rc = main(["eval", "--sae", str(tmp_path / "topk"), "--data", str(tinystories_valid), "--tokens", "200",
                "--context-len", "64", "--out", str(tmp_path / "ev"), "--all", "--no-progress"])
     assert rc == 0
@@ -323,12 +318,12 @@ def test_every_fixture_format_evaluates(fixtures_dir):
     """Codes and reconstructions of every peer-library checkpoint match the library's own outputs."""
     from safetensors.torch import load_file
 
-    from saeforge.eval import load_sae_any
+    from saeforge.formats import load_sae
 
     cases = json.loads((fixtures_dir / "index.json").read_text())["cases"]
     for case in cases:
         d = fixtures_dir / case["path"]
-        sae = load_sae_any(d / "checkpoint")
+        sae = load_sae(d / "checkpoint")
         x = load_file(d / "inputs.safetensors")["x"]
         exp = load_file(d / "expected.safetensors")
         f, y_hat = encode_decode(sae, x)

@@ -7,7 +7,7 @@ import sys
 import pytest
 
 from saeforge import tracking
-from saeforge.commands.sweep import build_grid, run_sweep
+from saeforge.train.sweep import build_grid, run_sweep
 from saeforge.errors import SaeforgeError
 from saeforge.sae import make_config
 from saeforge.synthetic import SuperpositionStream

@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from saeforge.commands.sweep import build_grid, run_sweep
+from saeforge.train.sweep import build_grid, run_sweep
 from saeforge.errors import SaeforgeError
 from saeforge.sae import make_config
 from saeforge.synthetic import SuperpositionStream
@@ -55,7 +55,7 @@ def test_resume_after_interruption_reproduces_the_uninterrupted_run(tmp_path):
     shutil.copy(tmp_path / "cut" / "checkpoint.safetensors", resumed_dir / "checkpoint.safetensors")
     resumed = Trainer(_group(), _stream(), _tc(N, checkpoint_every=N // 2), resumed_dir)
     resumed.fit(resume=True, progress=False)
-    assert resumed.step == N and resumed.tokens == N * B
+    assert resumed.global_step == N and resumed.tokens == N * B
     for name in _group():
         a, b = _weights(tmp_path / "full" / name), _weights(resumed_dir / name)
         assert a.keys() == b.keys()
@@ -66,6 +66,37 @@ def test_resume_after_interruption_reproduces_the_uninterrupted_run(tmp_path):
     # the resampling really happened after the resume point
     lines = [json.loads(l) for l in (resumed_dir / "mono" / "metrics.jsonl").read_text().splitlines()]
     assert any(r.get("resampled", 0) > 0 for r in lines)
+
+
+def test_a_trainer_driven_step_by_step_matches_fit(tmp_path):
+    """The public step API (init_from_data, step, save) gives the same weights and metric lines as fit."""
+    from saeforge.train.trainer import first_rows
+
+    N = 16  # past the "mono" SAE's resampling at step 15
+    tc = _tc(N, log_every=4)
+    fitted = Trainer(_group(), _stream(), tc, tmp_path / "fit").fit(progress=False)
+
+    driven = Trainer(_group(), _stream(), tc, tmp_path / "step")
+    driven.init_from_data(first_rows(_stream(), tc.init_tokens))
+    batches = list(_stream(n_batches=N + 4).iterate(0))
+    lines = []
+    for i in range(N):
+        got = driven.step(batches[i], peek=lambda rows, i=i: batches[i + 1:])  # upcoming rows, for resampling
+        assert (got != {}) == ((i + 1) % 4 == 0)
+        lines.append(got)
+    saved = driven.save(tmp_path / "saved")
+    assert driven.global_step == N and driven.tokens == N * B
+    assert not (tmp_path / "step" / "metrics.jsonl").exists()  # step writes nothing; fit's policy does
+    for name in _group():
+        sa, sb = fitted[name].state_dict(), saved[name].state_dict()
+        for k in sa:
+            assert torch.equal(sa[k], sb[k]), (name, k)
+        assert _weights(tmp_path / "saved" / name).keys() == _weights(tmp_path / "fit" / name).keys()
+        written = [json.loads(l) for l in (tmp_path / "fit" / name / "metrics.jsonl").read_text().splitlines()]
+        stepped = [got[name] for got in lines if got]
+        assert name != "mono" or any(r.get("resampled", 0) > 0 for r in stepped)
+        for a, b in zip(written, stepped, strict=True):
+            assert {k: v for k, v in a.items() if k != "elapsed_s"} == {k: v for k, v in b.items() if k != "elapsed_s"}
 
 
 def test_metrics_jsonl_is_written(tmp_path):

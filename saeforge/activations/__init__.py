@@ -6,10 +6,11 @@ from saeforge.activations.stream import (
     CachedStream,
     LiveStream,
     ShuffleBuffer,
+    StreamConfig,
     open_stream,
 )
 
 __all__ = [
     "ActivationBatch", "ActivationCache", "ActivationStream", "CachedStream", "HarvestConfig", "LiveStream",
-    "ShuffleBuffer", "harvest", "open_stream",
+    "ShuffleBuffer", "StreamConfig", "harvest", "open_stream",
 ]

@@ -29,14 +29,18 @@ from typing import Any, Iterator
 import torch
 from safetensors import safe_open
 
-from saeforge.config import JsonConfig
-from saeforge.data.packing import batch_contexts, pack
-from saeforge.data.text import iter_documents
-from saeforge.device import resolve_device
+from saeforge import distributed as dist
 from saeforge import faults
+from saeforge.config import JsonConfig
+from saeforge.data.batches import context_batches
+from saeforge.data.fingerprint import data_fingerprint
+from saeforge.data.packing import ContextBatch
+from saeforge.device import DTYPES, resolve_device
 from saeforge.errors import CorruptFileError, NonFiniteError, SaeforgeError
+from saeforge.hooks import capture, resolve_hook
 from saeforge.io import save_safetensors_atomic, sha256_bytes, sha256_file, write_json_atomic
 from saeforge.lock import LOCK_FILE, folder_lock
+from saeforge.models import check_context_len, load_model
 
 FORMAT = "saeforge-activation-cache/1"
 STORE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -75,8 +79,6 @@ class HarvestConfig(JsonConfig):
 
     @property
     def torch_model_dtype(self) -> torch.dtype:
-        from saeforge.device import DTYPES
-
         if self.model_dtype not in DTYPES:
             raise SaeforgeError(f"unknown --model-dtype {self.model_dtype!r}; use float32, bfloat16 or float16")
         return DTYPES[self.model_dtype]
@@ -121,49 +123,14 @@ class HarvestConfig(JsonConfig):
 # ----------------------------------------------------------------------------- shared with LiveStream
 
 
-def context_batches(
-    tokenizer: Any,
-    data: str,
-    *,
-    context_len: int,
-    batch_size: int,
-    text_field: str = "text",
-    split: str = "train",
-    keep_special: bool = False,
-    max_tokens: int | None = None,
-) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """Packed ``(tokens, doc, pos, keep)`` batches of ``data``, stopping once ``max_tokens`` kept rows exist.
-
-    The keep mask of the last context is cut so that exactly ``max_tokens`` rows are kept in total.
-    """
-    contexts = pack(iter_documents(data, text_field=text_field, split=split), tokenizer,
-                    context_len=context_len, keep_special=keep_special)
-
-    def capped() -> Iterator[Any]:
-        kept = 0
-        for ctx in contexts:
-            n = int(ctx.keep.sum())
-            if max_tokens is not None and kept + n >= max_tokens:
-                idx = torch.nonzero(ctx.keep).flatten()
-                ctx.keep[idx[max_tokens - kept:]] = False
-                yield ctx
-                return
-            kept += n
-            yield ctx
-
-    yield from batch_contexts(capped(), batch_size)
-
-
 def forward_rows(
     model: torch.nn.Module,
     hook_points: list[Any],
-    batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
+    batch: ContextBatch,
     device: torch.device,
 ) -> dict[str, torch.Tensor]:
     """One forward pass; returns the kept rows: ``acts.<hook>`` [N, d] (model dtype, CPU) and metadata."""
-    from saeforge.hooks import capture
-
-    tokens, doc, pos, keep = batch
+    tokens, doc, pos, keep = batch.tokens, batch.doc, batch.pos, batch.keep
     real = doc >= 0  # False only at padding of the final partial context
     mask = None if bool(real.all()) else real.long().to(device)
     with torch.no_grad():
@@ -293,8 +260,6 @@ def _with_last(it: Iterator[Any]) -> Iterator[tuple[Any, bool]]:
 
 def _agree(fn: Any) -> Any:
     """Run ``fn`` on rank 0 only and hand its result (or its SaeforgeError) to every process."""
-    from saeforge import distributed as dist
-
     box: tuple[str, Any] = ("ok", None)
     if dist.rank() == 0:
         try:
@@ -321,8 +286,6 @@ def harvest(cfg: HarvestConfig, progress: bool = True) -> Path:
     ever lists a prefix of finished shards, so a harvest killed on any rank resumes with any number of
     processes. Rank 0 alone checks the folder, holds the lock and writes the manifest.
     """
-    from saeforge import distributed as dist
-
     cfg.validate()
     out = Path(cfg.out)
     dist.init(cfg.device)
@@ -345,11 +308,6 @@ def _check_data(out: Path, old: dict[str, Any] | None, fingerprint: dict[str, An
 
 def _harvest_locked(cfg: HarvestConfig, out: Path, progress: bool) -> Path:
     from tqdm.auto import tqdm
-
-    from saeforge import distributed as dist
-    from saeforge.data.fingerprint import data_fingerprint
-    from saeforge.hooks import resolve_hook
-    from saeforge.models import check_context_len, load_model
 
     W, me = dist.world_size(), dist.rank()
 
@@ -463,7 +421,7 @@ def _harvest_locked(cfg: HarvestConfig, out: Path, progress: bool) -> Path:
                 for h in names:
                     d_seen.setdefault(h, int(rows[f"acts.{h}"].shape[-1]))
                 pending.append(rows)
-                pending_contexts += int(batch[0].shape[0])
+                pending_contexts += int(batch.tokens.shape[0])
             if b % sb == sb - 1 or last:  # shard i is complete
                 if pending:
                     write_shard(i)

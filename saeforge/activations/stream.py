@@ -21,9 +21,17 @@ from typing import Any, Callable, Iterable, Iterator, Protocol, runtime_checkabl
 
 import torch
 
-from saeforge.activations.cache import MANIFEST, ActivationCache, context_batches, forward_rows
+from saeforge import distributed as dist
+from saeforge.activations.cache import MANIFEST, ActivationCache, forward_rows
+from saeforge.config import JsonConfig
+from saeforge.data.batches import context_batches
+from saeforge.data.fingerprint import data_fingerprint
+from saeforge.data.packing import ContextBatch
 from saeforge.device import resolve_device
+from saeforge.distributed import split_bounds
 from saeforge.errors import SaeforgeError
+from saeforge.hooks import resolve_hook
+from saeforge.models import check_context_len, load_model
 
 META_KEYS = ("token_id", "doc", "pos")
 
@@ -299,14 +307,10 @@ class LiveStream(_BufferedStream):
         max_tokens: int | None = None,
         tokenizer: str | None = None,
     ):
-        from saeforge.hooks import resolve_hook
-        from saeforge.models import load_model
-
         super().__init__(batch_size, shuffle_buffer, epochs, seed, device)
         if isinstance(model, (str, Path)):
             model = load_model(str(model), tokenizer=tokenizer, device=self.device)
         self.loaded = model
-        from saeforge.models import check_context_len
 
         check_context_len(self.loaded, context_len)
         if not hooks:
@@ -327,8 +331,6 @@ class LiveStream(_BufferedStream):
         self._forward_group = group if group is not None and group.size > 1 else None
 
     def identity(self) -> dict[str, Any]:
-        from saeforge.data.fingerprint import data_fingerprint
-
         return {"model": self.model_spec, "data": data_fingerprint(self.data), "hooks": self.hooks,
                 "context_len": self.context_len, "batch_contexts": self.batch_contexts, "batch_size": self.batch_size,
                 "shuffle_buffer": self.shuffle_buffer, "epochs": self.epochs, "seed": self.seed,
@@ -341,7 +343,7 @@ class LiveStream(_BufferedStream):
     def _probe_widths(self) -> dict[str, int]:
         bos = self.loaded.tokenizer.bos_id
         tok = torch.tensor([[bos if bos is not None else 0, 0]])
-        batch = (tok, torch.zeros_like(tok), torch.zeros_like(tok), torch.ones_like(tok, dtype=torch.bool))
+        batch = ContextBatch(tok, torch.zeros_like(tok), torch.zeros_like(tok), torch.ones_like(tok, dtype=torch.bool))
         rows = forward_rows(self.loaded.model, self.hook_points, batch, self._model_device())
         return {h: int(rows[f"acts.{h}"].shape[-1]) for h in self.hooks}
 
@@ -355,7 +357,6 @@ class LiveStream(_BufferedStream):
             for batch in batches:
                 yield forward_rows(self.loaded.model, self.hook_points, batch, dev)
             return
-        from saeforge import distributed as dist
 
         done = False
         while not done:  # rounds of g.size forward batches; process r runs the r-th of each round
@@ -392,8 +393,6 @@ class RankSlice:
         return getattr(self.source, name)
 
     def iterate(self, skip_batches: int = 0) -> Iterator[ActivationBatch]:
-        from saeforge.distributed import split_bounds
-
         for b in self.source.iterate(skip_batches):
             n = len(next(iter(b.acts.values())))
             lo, hi = split_bounds(n, self.index, self.count)
@@ -404,12 +403,37 @@ class RankSlice:
         return self.iterate()
 
 
-def open_stream(source: str | Path, **kw: Any) -> ActivationStream:
-    """Open an activation stream on ``source``: a cache folder gives a :class:`CachedStream`."""
-    path = Path(source)
-    if (path / MANIFEST).exists():
-        return CachedStream(ActivationCache(path), **kw)
-    raise SaeforgeError(
-        f"{source} is not an activation cache folder (no {MANIFEST}); harvest one with `saeforge harvest` "
-        "or build a LiveStream from a model and data"
-    )
+@dataclass
+class StreamConfig(JsonConfig):
+    """Where a training run's activations come from: a cache folder from ``saeforge harvest``, or text
+    (``.txt/.jsonl/.parquet``/HF data set) run through ``model`` as it goes (no cache)."""
+
+    data: str  # a cache folder or a text source
+    model: str | None = None  # needed with text data: HF hub id, local folder or llama2.c .bin
+    tokenizer: str | None = None  # llama2.c tokenizer .bin (default: tok*.bin beside the model)
+    context_len: int = 128  # tokens per context when streaming text
+    text_field: str = "text"  # text field of .jsonl/.parquet/HF data
+    shuffle_buffer: int = 262144  # rows held in the shuffle buffer; bounds memory (ranges: checked by the stream)
+
+
+def open_stream(source: str | Path | StreamConfig, hooks: list[str] | None = None, batch_size: int = 4096,
+                seed: int = 0, device: Any = None, **kw: Any) -> CachedStream | LiveStream:
+    """Open an activation stream: a cache folder gives a :class:`CachedStream`; text with a model (a
+    :class:`StreamConfig` naming one) a :class:`LiveStream`. Under ``torchrun`` the process group starts first
+    (before the model lands on this rank's GPU). ``kw`` goes to the stream (e.g. ``epochs``)."""
+    cfg = source if isinstance(source, StreamConfig) else StreamConfig(data=str(source))
+    if isinstance(source, StreamConfig):
+        kw.setdefault("shuffle_buffer", cfg.shuffle_buffer)
+    dist.init(device)
+    path = Path(cfg.data)
+    if path.is_dir() and (path / MANIFEST).exists():
+        return CachedStream(ActivationCache(path), batch_size=batch_size, hooks=hooks, seed=seed, **kw)
+    if cfg.model is None:
+        raise SaeforgeError(
+            f"{cfg.data} is not an activation cache; pass --model to stream from text (or harvest a cache "
+            "with `saeforge harvest`)"
+        )
+
+    model = load_model(cfg.model, tokenizer=cfg.tokenizer, device=resolve_device(device))
+    return LiveStream(model, hooks, cfg.data, batch_size=batch_size, context_len=cfg.context_len, seed=seed,
+                      text_field=cfg.text_field, **kw)

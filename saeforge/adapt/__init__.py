@@ -1,6 +1,30 @@
-"""Adapt a model around frozen SAEs with LoRA (Chen, Engels & Tegmark 2025), and the end-to-end baseline."""
-from saeforge.adapt.config import AdaptConfig
-from saeforge.adapt.report import adapt_report, report_markdown
-from saeforge.adapt.trainer import Adapted, build, fit, load, merge, save
+"""Adapt a model around frozen SAEs with LoRA (Chen, Engels & Tegmark 2025), and the end-to-end baseline.
 
-__all__ = ["AdaptConfig", "Adapted", "build", "fit", "save", "load", "merge", "adapt_report", "report_markdown"]
+Names load on first use, so reading :class:`AdaptConfig` (the CLI's flags) does not import peft.
+"""
+from __future__ import annotations
+
+_LAZY = {
+    "AdaptConfig": "saeforge.adapt.config",
+    "adapt_report": "saeforge.adapt.report",
+    "report_markdown": "saeforge.adapt.report",
+    "Adapted": "saeforge.adapt.trainer",
+    "build": "saeforge.adapt.trainer",
+    "fit": "saeforge.adapt.trainer",
+    "save": "saeforge.adapt.trainer",
+    "load": "saeforge.adapt.trainer",
+    "merge": "saeforge.adapt.trainer",
+    "fresh_sae": "saeforge.adapt.e2e",
+    "train_e2e": "saeforge.adapt.e2e",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'saeforge.adapt' has no attribute {name!r}")
+
+
+__all__ = list(_LAZY)

@@ -1,4 +1,5 @@
-"""LoRA adapters via ``peft`` on the attention and MLP projections of a model family.
+"""LoRA adapters via ``peft`` on the attention and MLP projections of a model family (its default targets:
+``Family.lora_targets`` in saeforge/models/families.py).
 
 Rank r (default 64) is capped per matrix at half its smaller side, alpha 32, dropout 0.1 — the settings the
 issue fixes after Chen, Engels & Tegmark (2025, arXiv:2501.19406). Adapters go on all layers, or only on the
@@ -13,18 +14,7 @@ from torch import nn
 
 from saeforge.adapt.splice import layer_index
 from saeforge.errors import SaeforgeError
-
-# projection names per family: attention q, k, v, o and MLP gate/up/down (or their equivalents)
-FAMILY_TARGETS: dict[str, tuple[str, ...]] = {
-    "llama": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
-    "mistral": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
-    "qwen2": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
-    "gemma": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
-    "gemma2": ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"),
-    "gpt2": ("c_attn", "attn.c_proj", "c_fc", "mlp.c_proj"),
-    "gpt_neox": ("query_key_value", "attention.dense", "dense_h_to_4h", "dense_4h_to_h"),
-}
-
+from saeforge.models.families import FAMILIES
 
 def _shape(mod: nn.Module) -> tuple[int, int] | None:
     w = getattr(mod, "weight", None)
@@ -34,7 +24,8 @@ def _shape(mod: nn.Module) -> tuple[int, int] | None:
 def lora_targets(model: nn.Module, family: str, min_layer: int = 0,
                  names: Sequence[str] | None = None) -> dict[str, tuple[int, int]]:
     """Full module names to adapt -> weight shape, restricted to blocks with index >= ``min_layer``."""
-    suffixes = tuple(names) if names else FAMILY_TARGETS.get(family)
+    fam = FAMILIES.get(family)
+    suffixes = tuple(names) if names else (fam.lora_targets if fam is not None else ())
     if not suffixes:
         raise SaeforgeError(
             f"no default LoRA targets for model family {family!r}; pass --target-modules q_proj,v_proj,..."

@@ -12,9 +12,9 @@ from typing import Sequence
 import torch
 from tqdm.auto import tqdm
 
-from saeforge.adapt.data import context_batches
 from saeforge.adapt.objective import next_token_ce, next_token_kl
 from saeforge.adapt.splice import SpliceState, spliced
+from saeforge.data.batches import context_batches
 from saeforge.hooks import HookPoint, splice
 from saeforge.sae.base import SAE
 
@@ -62,8 +62,9 @@ def adapt_report(model: torch.nn.Module, tokenizer, saes: Sequence[SAE], hooks: 
     pbar = tqdm(total=n_tokens, unit="tok", desc="adapt report", disable=not progress)
     was_training = model.training
     model.eval()
-    for tokens, keep in context_batches(data, tokenizer, context_len, batch, text_field):
-        tokens, keep = tokens.to(device), keep.to(device)
+    for cb in context_batches(tokenizer, data, context_len=context_len, batch_size=batch, text_field=text_field,
+                              require=True):
+        tokens, keep = cb.tokens.to(device), cb.keep.to(device)
         state.keep = keep
         logits = {}
         with torch.no_grad():

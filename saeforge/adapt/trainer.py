@@ -17,27 +17,25 @@ import torch
 from tqdm.auto import tqdm
 
 from saeforge.adapt.config import AdaptConfig
-from saeforge.adapt.data import context_batches
 from saeforge.adapt.lora import add_lora
 from saeforge.adapt.objective import next_token_kl
 from saeforge.adapt.splice import SpliceState, layer_index, resolve_sae_hooks, spliced
-from saeforge.device import resolve_device
+from saeforge.data.batches import context_batches
+from saeforge.device import DTYPES, resolve_device
 from saeforge.errors import CorruptFileError, NonFiniteError, SaeforgeError
-from saeforge.io import load_safetensors_verified, save_safetensors_atomic, write_json_atomic
+from saeforge.eval import set_hook
+from saeforge.formats import load_sae
+from saeforge.io import load_safetensors_verified, save_safetensors_atomic, sha256_file, write_json_atomic
+from saeforge.lock import folder_lock
 from saeforge.models import LoadedModel, check_context_len, load_model
+from saeforge.paths import warn_model_mismatch
 from saeforge.sae.base import SAE
+from saeforge.tracking import open_tracker
 from saeforge.train.checkpoint import flatten_optimizer, unflatten_optimizer
+from saeforge.train.guard import check_finite_state, compare_resume, trim_metrics
 from saeforge.train.schedule import LR_SCHEDULES, schedule_factor
 
 CHECKPOINT = "adapt_checkpoint.safetensors"
-
-
-def load_any_sae(path: str, device) -> SAE:
-    try:
-        from saeforge.formats import load_sae
-    except ImportError:  # formats package not installed in a trimmed build
-        return SAE.load(path, device=device)
-    return load_sae(path, device=device)
 
 
 @dataclass
@@ -60,7 +58,6 @@ class Adapted:
 
 def build(cfg: AdaptConfig) -> Adapted:
     device = resolve_device(cfg.device)
-    from saeforge.device import DTYPES
 
     if not cfg.model:
         raise SaeforgeError("no model to adapt: the SAE names none; pass --model")
@@ -70,13 +67,10 @@ def build(cfg: AdaptConfig) -> Adapted:
         raise SaeforgeError(f"{cfg.model} is not a causal LM; adaptation needs next-token distributions")
     if not cfg.saes:
         raise SaeforgeError("no SAE given; pass --sae PATH (repeatable)")
-    saes = [load_any_sae(p, device).eval() for p in cfg.saes]
-    from saeforge.paths import warn_model_mismatch
+    saes = [load_sae(p, device=device).eval() for p in cfg.saes]
 
     warn_model_mismatch({str(p): s.cfg.model for p, s in zip(cfg.saes, saes)}, cfg.model, "adapt", "--model")
     if cfg.hooks:
-        from saeforge.eval import set_hook
-
         if len(cfg.hooks) not in (1, len(saes)):
             raise SaeforgeError(f"{len(cfg.hooks)} --hook values for {len(saes)} SAEs; give one for all or one "
                                 "per --sae")
@@ -141,8 +135,6 @@ def _save_ckpt(path: Path, ad: Adapted, opt, step: int, elapsed: float, cfg: Ada
 
 
 def _load_ckpt(path: Path, ad: Adapted, opt, cfg: AdaptConfig) -> tuple[int, float]:
-    from saeforge.train.guard import check_finite_state, compare_resume
-
     tensors, metadata = load_safetensors_verified(path, RESUME_FIX)
     try:
         meta = json.loads(metadata["state"])
@@ -168,8 +160,6 @@ def fit(ad: Adapted, cfg: AdaptConfig, out: str | Path, resume: bool = False, pr
         on_log=None, tracking=None) -> list[dict]:
     """Train the trainable parameters on KL(clean ‖ spliced); returns the logged records. Holds ``out``'s lock.
     ``tracking`` (a saeforge.tracking.TrackingConfig) also sends each metric line to wandb/tensorboard."""
-    from saeforge.lock import folder_lock
-
     with folder_lock(out, "adapt"):
         return _fit(ad, cfg, Path(out), resume, progress, on_log, tracking)
 
@@ -185,8 +175,6 @@ def _fit(ad: Adapted, cfg: AdaptConfig, out: Path, resume: bool, progress: bool,
     step, elapsed0 = 0, 0.0
     ckpt = out / CHECKPOINT
     if resume and ckpt.exists():
-        from saeforge.train.guard import trim_metrics
-
         step, elapsed0 = _load_ckpt(ckpt, ad, opt, cfg)
         trim_metrics(out / "metrics.jsonl", step)
     elif ckpt.exists() and not resume:
@@ -194,7 +182,6 @@ def _fit(ad: Adapted, cfg: AdaptConfig, out: Path, resume: bool, progress: bool,
     elif (out / "metrics.jsonl").exists():
         (out / "metrics.jsonl").unlink()
     cfg.save(out / "adapt_cfg.json")
-    from saeforge.tracking import open_tracker
 
     tracker = open_tracker(tracking, out, config={"adapt": cfg.to_dict()}, start_step=step)
     try:
@@ -208,8 +195,8 @@ def _loop(ad: Adapted, cfg: AdaptConfig, out: Path, progress: bool, on_log, trac
     ckpt, tok_per_step = out / CHECKPOINT, cfg.batch_contexts * cfg.context_len
     model = ad.loaded.model
     model.train()
-    batches = context_batches(cfg.data, ad.loaded.tokenizer, cfg.context_len, cfg.batch_contexts,
-                              cfg.text_field, loop=True, skip=step)
+    batches = context_batches(ad.loaded.tokenizer, cfg.data, context_len=cfg.context_len,
+                              batch_size=cfg.batch_contexts, text_field=cfg.text_field, loop=True, skip=step)
     device = next(model.parameters()).device
     records, acc, n_acc = [], torch.zeros((), device=device), 0
     t0 = time.perf_counter() - elapsed0
@@ -217,8 +204,8 @@ def _loop(ad: Adapted, cfg: AdaptConfig, out: Path, progress: bool, on_log, trac
     while step < total:
         for group in opt.param_groups:
             group["lr"] = cfg.lr * schedule_factor(cfg.lr_schedule, step, total, cfg.warmup_frac)
-        tokens, keep = next(batches)
-        tokens, keep = tokens.to(device), keep.to(device)
+        batch = next(batches)
+        tokens, keep = batch.tokens.to(device), batch.keep.to(device)
         with torch.no_grad(), ad.adapter_off():
             model.eval()
             clean = model(input_ids=tokens).logits
@@ -290,8 +277,6 @@ def save(ad: Adapted, cfg: AdaptConfig, out: str | Path, report: dict | None = N
 
 
 def _folder_sha256(folder: Path) -> dict[str, str]:
-    from saeforge.io import sha256_file
-
     return {str(p.relative_to(folder)): sha256_file(p) for p in sorted(folder.rglob("*")) if p.is_file()}
 
 
@@ -318,11 +303,10 @@ def load(path: str | Path, device: str = "auto") -> Adapted:
     except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as e:
         raise CorruptFileError(f"{mf} is damaged ({e}); rerun `saeforge adapt train` into a new --out") from None
     dev = resolve_device(device)
-    from saeforge.device import DTYPES
 
     mdt = DTYPES.get((manifest.get("config") or {}).get("model_dtype", "float32"), torch.float32)
     loaded = load_model(manifest["model"], tokenizer=manifest.get("tokenizer"), device=dev, dtype=mdt)
-    saes = [SAE.load(path / s["path"], device=dev).eval() for s in manifest["saes"]]
+    saes = [load_sae(path / s["path"], device=dev).eval() for s in manifest["saes"]]
     hooks = resolve_sae_hooks(loaded.model, saes, loaded.family)
     ad = Adapted(loaded, saes, hooks, ranks=manifest.get("lora_ranks") or {})
     if manifest.get("adapter"):

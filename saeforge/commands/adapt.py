@@ -6,22 +6,28 @@ import json
 from pathlib import Path
 
 from saeforge import tracking
-from saeforge.commands.train import finite_float, parse_size
+from saeforge.adapt.config import AdaptConfig
+from saeforge.adapt.report import adapt_report, report_markdown
+from saeforge.config import config_flag, config_flags, config_values, parse_size
 from saeforge.errors import SaeforgeError
+from saeforge.formats import load_sae
+from saeforge.io import write_json_atomic, write_text_atomic
+
+CONFIG_FIELDS = ("rank", "alpha", "dropout", "layers", "target_modules", "replace_special", "lr", "lr_schedule",
+                 "tokens", "batch_contexts", "context_len", "checkpoint_every", "device", "model_dtype", "seed")
+
+
+def _csv(text: str) -> list[str]:
+    return text.split(",")
 
 
 def _report(ad, data: str, args, cfg_replace_special: bool) -> dict:
-    from saeforge.adapt.report import adapt_report
-
     return adapt_report(ad.loaded.model, ad.loaded.tokenizer, ad.saes, ad.hooks, data, ad.adapter_off,
                         n_tokens=parse_size(args.eval_tokens), context_len=args.context_len,
                         replace_special=cfg_replace_special, progress=not args.no_progress)
 
 
 def _write_report(out: Path, rep: dict) -> None:
-    from saeforge.adapt.report import report_markdown
-    from saeforge.io import write_json_atomic, write_text_atomic
-
     write_json_atomic(out / "report.json", rep)
     write_text_atomic(out / "report.md", report_markdown(rep))
     print(report_markdown(rep))
@@ -44,26 +50,27 @@ def register(sub: argparse._SubParsersAction) -> None:
                         "once per --sae in order (default: each SAE's own cfg.hook)")
     t.add_argument("--data", required=True, help="training text (.txt/.jsonl/.parquet/HF dataset)")
     t.add_argument("--eval-data", help="held-out text for the report (default: --data)")
-    t.add_argument("--rank", type=int, default=64, help="LoRA rank, capped at half the smaller side of each matrix")
-    t.add_argument("--alpha", type=finite_float, default=32.0, help="LoRA alpha")
-    t.add_argument("--dropout", type=finite_float, default=0.1, help="LoRA dropout")
-    t.add_argument("--layers", choices=["all", "after"], default="all",
-                   help="adapt all blocks, or only the blocks after the first SAE")
-    t.add_argument("--target-modules", help="comma-separated projection names (default: the family's q,k,v,o,gate,up,down)")
-    t.add_argument("--replace-special", action="store_true",
-                   help="splice the SAE at BOS/special positions too (default: they keep the original activation)")
-    t.add_argument("--lr", type=finite_float, default=5e-5, help="AdamW learning rate")
-    t.add_argument("--lr-schedule", choices=["constant", "cosine", "linear"], default="constant",
-                   help="constant: the paper's; cosine/linear: 5%% warm-up, then decay to 0 over the run")
-    t.add_argument("--tokens", type=parse_size, default="500k", help="training token budget")
-    t.add_argument("--batch-contexts", type=int, default=8, help="contexts per step")
-    t.add_argument("--context-len", type=int, default=128, help="tokens per context")
+    config_flags(t, AdaptConfig, {
+        "rank": "LoRA rank, capped at half the smaller side of each matrix",
+        "alpha": "LoRA alpha",
+        "dropout": "LoRA dropout",
+        "layers": "adapt all blocks, or only the blocks after the first SAE",
+        "target_modules": "comma-separated projection names (default: the family's q,k,v,o,gate,up,down)",
+        "replace_special": "splice the SAE at BOS/special positions too (default: they keep the original activation)",
+        "lr": "AdamW learning rate",
+        "lr_schedule": "constant: the paper's; cosine/linear: 5%% warm-up, then decay to 0 over the run",
+        "tokens": "training token budget",
+        "batch_contexts": "contexts per step",
+        "context_len": "tokens per context",
+    }, layers={"choices": ["all", "after"]}, target_modules={"type": _csv},
+        lr_schedule={"choices": ["constant", "cosine", "linear"]}, tokens={"type": parse_size})
     t.add_argument("--eval-tokens", type=parse_size, default="100k", help="held-out tokens for the report")
-    t.add_argument("--checkpoint-every", type=int, default=200, help="steps between checkpoints")
-    t.add_argument("--device", default="auto")
-    t.add_argument("--model-dtype", choices=["float32", "bfloat16", "float16"], default="float32",
-                   help="dtype of the frozen model's weights (bf16/fp16 for big models)")
-    t.add_argument("--seed", type=int, default=0)
+    config_flags(t, AdaptConfig, {
+        "checkpoint_every": "steps between checkpoints",
+        "device": "auto, cpu, cuda, cuda:1, mps",
+        "model_dtype": "dtype of the frozen model's weights (bf16/fp16 for big models)",
+        "seed": "random seed",
+    }, model_dtype={"choices": ["float32", "bfloat16", "float16"]})
     t.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
     t.add_argument("--no-progress", action="store_true")
     t.add_argument("--out", default="runs/adapt", help="output folder")
@@ -75,7 +82,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.add_argument("path", help="folder written by `saeforge adapt train`")
     e.add_argument("--data", help="held-out text (default: the training run's --eval-data)")
     e.add_argument("--eval-tokens", type=parse_size, default="100k", help="held-out tokens")
-    e.add_argument("--context-len", type=int, default=128)
+    config_flag(e, AdaptConfig, "context_len", "tokens per context")
     e.add_argument("--device", default="auto")
     e.add_argument("--no-progress", action="store_true")
     e.set_defaults(func=run_eval)
@@ -88,20 +95,13 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    from saeforge.adapt import AdaptConfig, build, fit, save
-    from saeforge.adapt.trainer import load_any_sae
+    from saeforge.adapt.trainer import build, fit, save  # peft and transformers load only when used
 
-    model = args.model or load_any_sae(args.sae[0], "cpu").cfg.model
+    model = args.model or load_sae(args.sae[0], device="cpu").cfg.model
     if not model:
         raise SaeforgeError(f"{args.sae[0]} does not record its model (the SAE names none); pass --model")
-    cfg = AdaptConfig(
-        model=model, saes=list(args.sae), hooks=args.hooks, data=args.data, tokenizer=args.tokenizer, rank=args.rank,
-        alpha=args.alpha, dropout=args.dropout, layers=args.layers,
-        target_modules=args.target_modules.split(",") if args.target_modules else None,
-        replace_special=args.replace_special, lr=args.lr, lr_schedule=args.lr_schedule, tokens=parse_size(args.tokens),
-        batch_contexts=args.batch_contexts, context_len=args.context_len,
-        checkpoint_every=args.checkpoint_every, device=args.device, seed=args.seed, model_dtype=args.model_dtype,
-    )
+    cfg = AdaptConfig(model=model, saes=list(args.sae), hooks=args.hooks, data=args.data, tokenizer=args.tokenizer,
+                      **config_values(AdaptConfig, args, CONFIG_FIELDS))
     out = Path(args.out)
     track = tracking.from_args(args)  # its library checked before the model is loaded
     ad = build(cfg)
@@ -114,7 +114,7 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def run_eval(args: argparse.Namespace) -> int:
-    from saeforge.adapt import load
+    from saeforge.adapt.trainer import load  # peft and transformers load only when used
 
     ad = load(args.path, device=args.device)
     manifest = json.loads((Path(args.path) / "adapt.json").read_text())
@@ -126,7 +126,7 @@ def run_eval(args: argparse.Namespace) -> int:
 
 
 def run_merge(args: argparse.Namespace) -> int:
-    from saeforge.adapt import merge
+    from saeforge.adapt.trainer import merge  # peft and transformers load only when used
 
     out = merge(args.path, args.out)
     print(f"merged model written to {out} (load it with saeforge.models.load_model('{out}'"

@@ -11,12 +11,17 @@ import json
 import time
 from pathlib import Path
 
+from saeforge.activations.cache import HarvestConfig, harvest
+from saeforge.activations.stream import CachedStream
+from saeforge.config import parse_size
 from saeforge.errors import SaeforgeError
+from saeforge.eval import evaluate, format_table
+from saeforge.models import load_model
+from saeforge.sae import make_config
+from saeforge.train import TrainConfig, Trainer
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from saeforge.config import parse_size
-
     p = sub.add_parser(
         "demo", help="harvest, train and evaluate a TopK SAE on the shared stories260K model",
         description="End-to-end demo: harvest stories260K's residual stream after block 2 on TinyStories "
@@ -38,14 +43,6 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from saeforge.activations.cache import HarvestConfig, harvest
-    from saeforge.activations.stream import CachedStream
-    from saeforge.commands.train import parse_size
-    from saeforge.eval import evaluate, format_table
-    from saeforge.models import load_model
-    from saeforge.sae import make_config
-    from saeforge.train import TrainConfig, Trainer
-
     shared = Path(args.shared)
     model_path = shared / "models" / "stories260K" / "stories260K.bin"
     train_txt = shared / "data" / "tinystories" / "train.txt"

@@ -5,7 +5,16 @@ import argparse
 import sys
 from pathlib import Path
 
+from saeforge import distributed as dist
+from saeforge.config import config_flag, config_flags, config_values, parse_size
 from saeforge.errors import SaeforgeError
+from saeforge.eval import evaluate_many, format_table
+from saeforge.eval.runner import EvalConfig
+
+COUNT = {"type": parse_size}  # counts read as every count flag is (200k, 1M)
+CONFIG_FIELDS = ("text_field", "split", "n_tokens", "context_len", "batch_contexts", "chunk_batches",
+                 "dense_threshold", "sample_tokens", "splice_all", "seed", "extras", "n2g_latents", "n2g_contexts",
+                 "probe_tasks", "probe_task_file", "probe_tokens", "ablation_positions")
 
 
 def _names(text: str) -> list[str]:
@@ -15,8 +24,6 @@ def _names(text: str) -> list[str]:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    from saeforge.commands.train import finite_float, parse_size
-
     p = sub.add_parser(
         "eval", help="evaluate SAEs: FVU, L0, dead/dense latents, spliced-in CE loss and KL",
         description="Evaluate SAEs on held-out text: reconstruction (FVU, MSE, cosine, L0), latent statistics "
@@ -35,52 +42,48 @@ def register(sub: argparse._SubParsersAction) -> None:
                                   "on purpose)")
     p.add_argument("--tokenizer", help="tokenizer for llama2.c models (default: tok*.bin beside the model)")
     p.add_argument("--data", required=True, help="held-out text: .txt/.jsonl/.parquet, a folder or a data set")
-    p.add_argument("--text-field", default="text", help="text field of .jsonl/.parquet/data sets")
-    p.add_argument("--split", default="train", help="data-set split when --data is a data set")
-    p.add_argument("--tokens", type=parse_size, default=100_000, help="eval tokens (non-special), e.g. 200k")
-    p.add_argument("--context-len", type=int, default=128, help="tokens per context")
-    p.add_argument("--batch-size", type=int, default=8, help="contexts per forward pass")
-    p.add_argument("--chunk-batches", type=int, default=16, help="batches between resume checkpoints")
-    p.add_argument("--dense-threshold", type=finite_float, default=0.1,
-                   help="a latent firing on more than this fraction of tokens counts as dense")
-    p.add_argument("--sample-tokens", type=parse_size, default=16384,
-                   help="tokens sampled for per-latent activation quantiles")
+    config_flags(p, EvalConfig, {
+        "text_field": "text field of .jsonl/.parquet/data sets",
+        "split": "data-set split when --data is a data set",
+        "n_tokens": "eval tokens (non-special), e.g. 200k",
+        "context_len": "tokens per context",
+        "batch_contexts": "contexts per forward pass",
+        "chunk_batches": "batches between resume checkpoints",
+        "dense_threshold": "a latent firing on more than this fraction of tokens counts as dense",
+        "sample_tokens": "tokens sampled for per-latent activation quantiles",
+    }, n_tokens=COUNT, sample_tokens=COUNT)
     p.add_argument("--no-downstream", action="store_true", help="skip the spliced-loss pass")
-    p.add_argument("--splice-all", action="store_true",
-                   help="also splice and score BOS/special positions (default: keep their activations)")
+    config_flag(p, EvalConfig, "splice_all",
+                "also splice and score BOS/special positions (default: keep their activations)")
     p.add_argument("--out", default="runs/eval", help="output folder")
     p.add_argument("--report", action="store_true", help="write OUT/report.md with PNG plots")
     p.add_argument("--all", action="store_true", dest="run_all",
                    help="everything: also probe loss, N2G, ablation sparsity, scaling fit (when installed) + report")
     g = p.add_argument_group("optional sections (--all; docs/eval.md)")
-    g.add_argument("--extras", type=_names, metavar="A,B",
-                   help="which optional sections --all runs: a comma-separated subset of probes,n2g,ablation "
-                        "(default: all installed)")
-    g.add_argument("--n2g-latents", type=parse_size, default=64, help="latents N2G explains per SAE")
-    g.add_argument("--n2g-contexts", type=parse_size, default=384,
-                   help="contexts N2G reads: 2/3 build the patterns, 1/3 score them")
-    g.add_argument("--probe-tasks", type=_names, metavar="A,B",
-                   help="built-in probe tasks to run, comma-separated (`none` for only --probe-task-file); "
-                        "default: all (names: docs/eval.md)")
-    g.add_argument("--probe-task-file", metavar="FILE.jsonl",
-                   help="user probe tasks: one JSON object per line, "
-                        "{\"task\", \"text\", \"spans\": [[start, end], ...]}")
-    g.add_argument("--probe-tokens", type=parse_size,
-                   help="text tokens for the built-in probe tasks (default: --tokens)")
-    g.add_argument("--ablation-positions", type=parse_size, default=64,
-                   help="positions sampled for ablation sparsity")
+    config_flags(g, EvalConfig, {
+        "extras": "which optional sections --all runs: a comma-separated subset of probes,n2g,ablation "
+                  "(default: all installed)",
+        "n2g_latents": "latents N2G explains per SAE",
+        "n2g_contexts": "contexts N2G reads: 2/3 build the patterns, 1/3 score them",
+        "probe_tasks": "built-in probe tasks to run, comma-separated (`none` for only --probe-task-file); "
+                       "default: all (names: docs/eval.md)",
+        "probe_task_file": "user probe tasks: one JSON object per line, "
+                           "{\"task\", \"text\", \"spans\": [[start, end], ...]}",
+        "probe_tokens": "text tokens for the built-in probe tasks (default: --tokens)",
+        "ablation_positions": "positions sampled for ablation sparsity",
+    }, extras={"type": _names, "metavar": "A,B"}, probe_tasks={"type": _names, "metavar": "A,B"},
+        probe_task_file={"metavar": "FILE.jsonl"}, n2g_latents=COUNT, n2g_contexts=COUNT, probe_tokens=COUNT,
+        ablation_positions=COUNT)
     p.add_argument("--resume", action="store_true", help="continue an interrupted evaluation in --out")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
     p.add_argument("--dtype", "--model-dtype", dest="dtype", default="float32",
                    help="model weights dtype: float32, bfloat16, float16")
-    p.add_argument("--seed", type=int, default=0, help="seed of the quantile token sample")
+    config_flag(p, EvalConfig, "seed", "seed of the quantile token sample")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    from saeforge.eval import evaluate_many, format_table
-
     if args.batch_size < 1 or args.context_len < 2:
         raise SaeforgeError("--batch-size must be >= 1 and --context-len >= 2")
     knobs = [f for f, v in (("--extras", args.extras), ("--probe-tasks", args.probe_tasks),
@@ -88,18 +91,12 @@ def run(args: argparse.Namespace) -> int:
              if v is not None]
     if knobs and not args.run_all:
         print(f"saeforge eval: note: {', '.join(knobs)} only matter with --all", file=sys.stderr)
+    cfg = EvalConfig(**config_values(EvalConfig, args, CONFIG_FIELDS), downstream=not args.no_downstream)
     combined = evaluate_many(
-        args.sae, model=args.model, data=args.data, n_tokens=args.tokens, context_len=args.context_len,
-        batch_contexts=args.batch_size, out=args.out, resume=args.resume, progress=not args.no_progress,
+        args.sae, model=args.model, data=args.data, out=args.out, resume=args.resume, progress=not args.no_progress,
         run_all=args.run_all, report=args.report, tokenizer=args.tokenizer, device=args.device, dtype=args.dtype,
-        chunk_batches=args.chunk_batches, dense_threshold=args.dense_threshold, sample_tokens=args.sample_tokens,
-        downstream=not args.no_downstream, splice_all=args.splice_all, text_field=args.text_field,
-        split=args.split, seed=args.seed, hook=args.hook, extras=args.extras, n2g_latents=args.n2g_latents,
-        n2g_contexts=args.n2g_contexts, probe_tasks=args.probe_tasks, probe_task_file=args.probe_task_file,
-        probe_tokens=args.probe_tokens, ablation_positions=args.ablation_positions,
+        hook=args.hook, config=cfg,
     )
-    from saeforge import distributed as dist
-
     if not dist.is_main():  # under torchrun: rank 0 reports
         return 0
     print(format_table(combined["saes"]))

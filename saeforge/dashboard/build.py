@@ -14,15 +14,25 @@ import hashlib
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any, Callable, ClassVar, Iterator
 
 import torch
 from torch import Tensor
 
+from saeforge.activations.cache import ActivationCache, forward_rows
 from saeforge.config import JsonConfig
+from saeforge.dashboard import logits as lg
+from saeforge.dashboard.site import load_explanations, write_site
 from saeforge.dashboard.stream import Halo, LatentStats
-from saeforge.errors import SaeforgeError
-from saeforge.io import save_safetensors_atomic
+from saeforge.data.batches import context_batches
+from saeforge.device import resolve_device
+from saeforge.errors import CorruptFileError, NonFiniteError, SaeforgeError
+from saeforge.formats import load_sae
+from saeforge.hooks import resolve_hook
+from saeforge.io import load_safetensors_verified, save_safetensors_atomic
+from saeforge.lock import folder_lock
+from saeforge.models import check_context_len, load_model
+from saeforge.paths import warn_model_mismatch
 
 STATE_FILE = "state.safetensors"
 
@@ -32,6 +42,9 @@ class DashboardConfig(JsonConfig):
     """What to build. The fields in :meth:`identity` decide the streamed statistics (a checkpoint made with
     other values is refused); the rest (``out``, ``device``, ``explanations`` and the display knobs: bands,
     histogram bins, logits, neighbours, shard size) only shape the site, so changing them reuses the pass."""
+
+    FLAGS: ClassVar[dict[str, str]] = {"sae_format": "--format", "n_bands": "--bands", "n_logits": "--logits",
+                                       "n_neighbors": "--neighbors"}
 
     sae: str
     data: str
@@ -96,19 +109,6 @@ def _fingerprint(sae: Any) -> str:
     return h.hexdigest()[:16]
 
 
-def load_any_sae(path: str, fmt: str | None = None, device: str | torch.device = "cpu"):
-    """Any SAE saeforge reads (``saeforge.formats.load_sae``), else a native folder (``SAE.load``)."""
-    try:
-        from saeforge.formats import load_sae
-    except ImportError:
-        load_sae = None
-    if load_sae is not None:
-        return load_sae(path, format=fmt, device=device)
-    from saeforge.sae.base import SAE
-
-    return SAE.load(path, device=device)
-
-
 @dataclass
 class Source:
     """Where rows come from: ``chunks(skip)`` yields ``{"x", "tok", "doc", "pos"}`` dicts in stream order."""
@@ -122,18 +122,12 @@ class Source:
 
 def _warn_mismatch(sae: Any, spec: str | None) -> None:
     """One stderr line when the dashboard runs the SAE on a model other than the one it names."""
-    from saeforge.paths import warn_model_mismatch
-
     warn_model_mismatch({"": getattr(sae.cfg, "model", None)}, spec, "dashboard", "--model/--hook")
 
 
 def open_source(cfg: DashboardConfig, sae: Any, hook: str, device: torch.device) -> Source:
-    from saeforge.models import load_model
-
     data = Path(cfg.data)
     if data.is_dir() and (data / "manifest.json").exists():
-        from saeforge.activations.cache import ActivationCache
-
         cache = ActivationCache(data)
         if hook not in cache.d:
             raise SaeforgeError(f"cache {data} has no hook {hook!r} (it has {cache.hooks}); pass --hook or harvest it")
@@ -161,15 +155,11 @@ def open_source(cfg: DashboardConfig, sae: Any, hook: str, device: torch.device)
         desc = {"cache": str(data), "harvest": mcfg}
         return Source("cache", desc, total, chunks, loaded)
 
-    from saeforge.activations.cache import context_batches, forward_rows
-    from saeforge.hooks import resolve_hook
-
     spec = cfg.model or sae.cfg.model
     if not spec:
         raise SaeforgeError(f"the SAE names no model and {cfg.data} is text; pass --model (a .bin, folder or hub id)")
     loaded = load_model(spec, tokenizer=cfg.tokenizer, device=device)
     _warn_mismatch(sae, spec)
-    from saeforge.models import check_context_len
 
     check_context_len(loaded, cfg.context_len)
     hp = resolve_hook(loaded, hook)
@@ -186,8 +176,6 @@ def open_source(cfg: DashboardConfig, sae: Any, hook: str, device: torch.device)
                 continue
             r = forward_rows(loaded.model, [hp], batch, device)
             if not bool(torch.isfinite(r[f"acts.{hook}"]).all()):
-                from saeforge.errors import NonFiniteError
-
                 raise NonFiniteError(f"{spec} gives NaN/Inf activations at {hook} on {cfg.data} (batch {i}); the "
                                      "dashboard would show garbage: check the model and the data")
             if r[f"acts.{hook}"].shape[-1] != sae.cfg.d_in:
@@ -255,9 +243,6 @@ def run_pass(cfg: DashboardConfig, sae: Any, source: Source, state_dir: Path, pr
     identity = {"config": cfg.identity(), "sae": _fingerprint(sae)}
     chunks_done = 0
     if state_path.exists():
-        from saeforge.errors import CorruptFileError
-        from saeforge.io import load_safetensors_verified
-
         fix = "rerun `saeforge dashboard build` with --overwrite to start the pass again"
         sd, metadata = load_safetensors_verified(state_path, fix)
         try:
@@ -308,12 +293,7 @@ def build_dashboard(cfg: DashboardConfig, progress: bool = True, overwrite: bool
     """Run the streaming pass (resuming a checkpoint if there is one) and write the static site to ``cfg.out``."""
     import shutil
 
-    from saeforge.dashboard import logits as lg
-    from saeforge.dashboard.site import load_explanations, write_site
-    from saeforge.device import resolve_device
-
     cfg.validate()
-    from saeforge.lock import folder_lock
 
     with folder_lock(cfg.out, "dashboard"):
         return _build_locked(cfg, progress, overwrite)
@@ -322,17 +302,13 @@ def build_dashboard(cfg: DashboardConfig, progress: bool = True, overwrite: bool
 def _build_locked(cfg: DashboardConfig, progress: bool, overwrite: bool) -> Path:
     import shutil
 
-    from saeforge.dashboard import logits as lg
-    from saeforge.dashboard.site import load_explanations, write_site
-    from saeforge.device import resolve_device
-
     device = resolve_device(cfg.device)
     out = Path(cfg.out)
     state_dir = out / ".build"
     if overwrite and state_dir.exists():
         shutil.rmtree(state_dir)
     explanations = load_explanations(cfg.explanations) if cfg.explanations else {}
-    sae = load_any_sae(cfg.sae, cfg.sae_format, device).eval()
+    sae = load_sae(cfg.sae, format=cfg.sae_format, device=device).eval()
     hook = cfg.hook or sae.cfg.hook
     if not hook:
         raise SaeforgeError("the SAE names no input hook; pass --hook (e.g. resid_post.2)")

@@ -24,12 +24,19 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from saeforge.models.families import FAMILIES, base_prefix, family_of
+
 
 def find_final_norm(model: nn.Module) -> nn.Module | None:
-    """The model's final norm: the last registered norm module that lives outside the block list.
-
-    Covers ``model.norm`` (Llama, Mistral, Qwen, Gemma), ``transformer.ln_f`` (GPT-2), ``gpt_neox.final_layer_norm``.
-    """
+    """The model's final norm: its family's ``final_norm`` (saeforge/models/families.py: ``model.norm`` for
+    Llama, Mistral, Qwen, Gemma; ``transformer.ln_f`` for GPT-2; ``gpt_neox.final_layer_norm``); for a family
+    without one, the last registered norm module that lives outside the block list."""
+    modules = dict(model.named_modules())
+    fam = FAMILIES.get(family_of(model) or "")
+    if fam is not None and fam.final_norm is not None:
+        base = base_prefix(modules, fam)
+        if base is not None and base + fam.final_norm in modules:
+            return modules[base + fam.final_norm]
     found = None
     for name, mod in model.named_modules():
         if not name or any(part.isdigit() for part in name.split(".")):

@@ -21,7 +21,7 @@ token after it and ``pos = 0``.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Iterable, Iterator
+from typing import Any, Iterable, Iterator, NamedTuple
 
 import torch
 
@@ -117,10 +117,17 @@ def pack(
         yield ctx
 
 
-def batch_contexts(
-    contexts: Iterable[Context], n: int
-) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """Group contexts ``n`` at a time into stacked ``(tokens, doc, pos, keep)`` of shape [B, T].
+class ContextBatch(NamedTuple):
+    """``B`` packed contexts of ``T`` tokens: what harvest, the live stream, eval, adapt and the dashboard read."""
+
+    tokens: torch.Tensor  # int64 [B, T]
+    doc: torch.Tensor  # int64 [B, T] document index per token (-1 at padding of a final partial context)
+    pos: torch.Tensor  # int64 [B, T] position in the document (-1 at padding)
+    keep: torch.Tensor  # bool [B, T] tokens whose rows count (not BOS/special unless asked, not padding)
+
+
+def batch_contexts(contexts: Iterable[Context], n: int) -> Iterator[ContextBatch]:
+    """Group contexts ``n`` at a time into a :class:`ContextBatch` of shape [B, T].
 
     The last batch may hold fewer than ``n`` contexts.
     """
@@ -136,8 +143,8 @@ def batch_contexts(
         yield _stack(group)
 
 
-def _stack(group: list[Context]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    return (
+def _stack(group: list[Context]) -> ContextBatch:
+    return ContextBatch(
         torch.stack([c.tokens for c in group]),
         torch.stack([c.doc for c in group]),
         torch.stack([c.pos for c in group]),

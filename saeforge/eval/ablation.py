@@ -31,7 +31,9 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from saeforge.data.batches import first_contexts
 from saeforge.errors import SaeforgeError
+from saeforge.eval.shared import sae_hook
 from saeforge.hooks import capture, resolve_hook, splice
 
 
@@ -97,21 +99,19 @@ def run_ablation_sparsity(
     "per_latent": {latent: {"mean", "n"}}, "positions": [[context, position], ...]}``. Contexts are the
     packed contexts of ``data`` in order (``saeforge.data.pack``), so the run can be reproduced.
     """
-    from saeforge.eval.n2g import _contexts
-    from saeforge.eval.probes import _sae_hook
-
     if baseline not in ("clean", "reconstruction"):
         raise SaeforgeError(f"baseline={baseline!r}; use 'clean' or 'reconstruction'")
     if not 1 <= T < context_len:
         raise SaeforgeError(f"T={T} must be between 1 and context_len-1={context_len - 1}")
     if not getattr(model, "is_causal", True):
         raise SaeforgeError("ablation sparsity needs next-token logits; use a causal language model")
-    in_hook = _sae_hook(sae, hook)
+    in_hook = sae_hook(sae, hook)
     out_hook = sae.cfg.target_hook if sae.cfg.is_transcoder and sae.cfg.target_hook else in_hook
     hp_in, hp_out = resolve_hook(model, in_hook), resolve_hook(model, out_hook)
     dev = next(sae.parameters()).device
     n_ctx = -(-n_positions // positions_per_context)
-    tokens, keep = _contexts(model, data, context_len, n_ctx, text_field, split)
+    batch = first_contexts(model.tokenizer, data, n_ctx, context_len=context_len, text_field=text_field, split=split)
+    tokens, keep = batch.tokens, batch.keep
     g = torch.Generator().manual_seed(seed)
     positions = _positions(keep, T, positions_per_context, g)[:n_positions]
     values: list[float] = []

@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from saeforge.data.packing import ContextBatch
 from saeforge.errors import SaeforgeError
 from saeforge.eval.recon import encode_decode, rows_per_step
 from saeforge.hooks import HookPoint, splice
@@ -131,7 +132,7 @@ def _ce_kl(logp: Tensor, targets: Tensor, logp_clean: Tensor | None) -> tuple[Te
 @torch.no_grad()
 def downstream_batch(
     lm: Any,
-    batch: tuple[Tensor, Tensor, Tensor, Tensor],
+    batch: ContextBatch,
     targets: list[SpliceTarget],
     means: dict[str, Tensor],
     splice_all: bool = False,
@@ -140,7 +141,7 @@ def downstream_batch(
 
     ``means[hook_name]`` is the mean activation used for mean ablation at that (output) hook.
     """
-    tokens, doc, _pos, keep = batch
+    tokens, doc, keep = batch.tokens, batch.doc, batch.keep
     valid = doc >= 0
     am = None if bool(valid.all()) else valid.long()
     smask = splice_mask(keep, valid, splice_all)

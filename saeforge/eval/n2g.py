@@ -29,7 +29,9 @@ import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from saeforge.data.batches import first_contexts
 from saeforge.errors import SaeforgeError
+from saeforge.eval.shared import memo, sae_hook
 from saeforge.hooks import capture, resolve_hook
 
 WILD = -1  # a wildcard position in a pattern
@@ -227,23 +229,10 @@ def score_patterns(
     return out
 
 
-def _contexts(
-    model, data: str | Iterable[str], context_len: int, n: int, text_field: str = "text", split: str = "train"
-) -> tuple[Tensor, Tensor]:
-    """The first ``n`` packed contexts of ``data`` (``saeforge.data.pack``): tokens and keep masks ``[n, T]``."""
-    from saeforge.data.packing import pack
-    from saeforge.eval.probes import _docs
-
-    toks, keep = [], []
-    for ctx in pack(_docs(data, text_field, split), model.tokenizer, context_len=context_len):
-        toks.append(ctx.tokens)
-        keep.append(ctx.keep)
-        if len(toks) == n:
-            break
-    if len(toks) < n:
-        raise SaeforgeError(f"the data holds only {len(toks)} contexts of {context_len} tokens, {n} needed; "
-                            "pass more text, or fewer contexts (eval --n2g-contexts / --ablation-positions)")
-    return torch.stack(toks), torch.stack(keep)
+def _contexts(model, data: str | Iterable[str], context_len: int, n: int, text_field: str = "text",
+              split: str = "train") -> tuple[Tensor, Tensor]:
+    batch = first_contexts(model.tokenizer, data, n, context_len=context_len, text_field=text_field, split=split)
+    return batch.tokens, batch.keep
 
 
 @torch.no_grad()
@@ -302,11 +291,7 @@ def run_n2g(
     Returns ``{"summary": {precision, recall, f1 (means over latents), ...}, "latents": {...},
     "explanations": {latent: {"pattern", "precision", "recall", "f1"}}}``.
     """
-    from saeforge.eval.probes import _sae_hook
-
-    from saeforge.eval.shared import memo
-
-    hook = _sae_hook(sae, hook)
+    hook = sae_hook(sae, hook)
     tok = model.tokenizer
     n_ctx = n_train_contexts + n_heldout_contexts
     data_key = data if isinstance(data, str) else id(data)

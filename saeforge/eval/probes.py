@@ -37,8 +37,10 @@ import torch.nn.functional as F
 from torch import Tensor
 from tqdm.auto import tqdm
 
+from saeforge.data.batches import documents
 from saeforge.errors import SaeforgeError
 from saeforge.eval.probe_tasks import BUILTIN_TASKS, read_jsonl_tasks, token_char_spans, token_labels
+from saeforge.eval.shared import memo, sae_hook
 from saeforge.hooks import capture, resolve_hook
 
 
@@ -154,22 +156,6 @@ def best_probe(
 
 
 # ---- task data -----------------------------------------------------------------------------------------------------
-def _docs(data: str | Iterable[str], text_field: str = "text", split: str = "train") -> Iterable[str]:
-    """Documents of a path / data set name (``saeforge.data.text.iter_documents``) or of an iterable of strings."""
-    if isinstance(data, (str, bytes)) or hasattr(data, "__fspath__"):
-        from saeforge.data.text import iter_documents
-
-        return iter_documents(str(data), text_field=text_field, split=split)
-    return data
-
-
-def _sae_hook(sae, hook: str | None) -> str:
-    hook = hook or sae.cfg.hook
-    if hook is None:
-        raise SaeforgeError("the SAE config names no hook point; pass hook='resid_post.L' (or set cfg.hook)")
-    return hook
-
-
 @torch.no_grad()
 def collect_features(
     model, texts: list[str], hook: str, context_len: int, batch_size: int, require_prefix: bool = False
@@ -242,8 +228,6 @@ def _balanced(idx: np.ndarray, y: np.ndarray, cap: int, rng: np.random.Generator
 def _probe_task(name, y, feats, doc, opts, shared_key: Any = None) -> dict[str, Any]:
     """One task's row. With ``shared_key`` (the features' identity) the SAE-independent ``baseline`` probe is
     remembered across SAEs inside ``saeforge.eval.shared.activation_memo``."""
-    from saeforge.eval.shared import memo
-
     held = (doc.numpy() % opts["heldout_every"]) == 0
     tr_all, te_all = np.flatnonzero(~held), np.flatnonzero(held)
     n_pos_tr, n_pos_te = int(y[tr_all].sum()), int(y[te_all].sum())
@@ -305,7 +289,7 @@ def run_probe_suite(
     Summary: ``probe_loss`` (mean held-out CE of the best latent over tasks), ``baseline_probe_loss`` (same on
     raw dimensions), ``prior_loss`` (intercept only; ln 2 for balanced tasks), task counts.
     """
-    hook = _sae_hook(sae, hook)
+    hook = sae_hook(sae, hook)
     if select_on not in ("train", "heldout"):
         raise SaeforgeError(f"select_on={select_on!r}; use 'train' or 'heldout'")
     chosen = list(BUILTIN_TASKS)
@@ -324,12 +308,10 @@ def run_probe_suite(
                 chunk=chunk, select_on=select_on, max_iter=max_iter, ridge=ridge, seed=seed)
     rows: list[dict[str, Any]] = []
     jobs: list[tuple[str, dict[str, Any], Any]] = []  # (source, features, [(task name, spans_of)])
-    from saeforge.eval.shared import memo
-
     if builtin_tasks:
         def texts_of() -> list[str]:
             texts, got = [], 0
-            for text in _docs(data, text_field, split):
+            for text in documents(data, text_field, split):
                 texts.append(text)
                 got += len(model.tokenizer.encode(text, add_bos=True)[:context_len]) - 1
                 if got >= n_tokens:

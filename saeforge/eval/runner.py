@@ -33,7 +33,7 @@ import math
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Iterator, Mapping
 
 import numpy as np
 import torch
@@ -41,13 +41,17 @@ from tqdm.auto import tqdm
 
 from saeforge import distributed as dist
 from saeforge.config import JsonConfig
-from saeforge.errors import SaeforgeError
+from saeforge.data.batches import context_batches
+from saeforge.data.packing import ContextBatch
+from saeforge.errors import CorruptFileError, SaeforgeError
 from saeforge.eval.downstream import DownstreamStats, SpliceTarget, downstream_batch
 from saeforge.eval.features import FeatureStats, feature_summary, sparse_rows
+from saeforge.eval.probe_tasks import BUILTIN_TASKS
 from saeforge.eval.recon import ReconStats, encode_decode, rows_per_step
 from saeforge.hooks import capture, resolve_hook
 from saeforge.io import write_bytes_atomic, write_json_atomic
-from saeforge.sae.base import SAE
+from saeforge.models import check_context_len
+from saeforge.sae.base import SAE, check_finite_weights
 
 STATE = "eval_state.json"
 STATE_VERSION = 2  # 2: the state is wrapped as {"sha256", "state"}
@@ -88,9 +92,7 @@ class EvalConfig(JsonConfig):
     probe_tokens: int | None = None  # text tokens for the built-in probe tasks (None: n_tokens)
     ablation_positions: int = 64  # positions sampled for ablation sparsity
 
-    FLAGS = {"extras": "--extras", "n2g_latents": "--n2g-latents", "n2g_contexts": "--n2g-contexts",
-             "probe_tasks": "--probe-tasks", "probe_task_file": "--probe-task-file",
-             "probe_tokens": "--probe-tokens", "ablation_positions": "--ablation-positions"}
+    FLAGS = {"n_tokens": "--tokens", "batch_contexts": "--batch-size"}  # the others: --<field-name>
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -102,8 +104,6 @@ class EvalConfig(JsonConfig):
                 raise SaeforgeError(f"unknown optional section(s) {bad}; pass --extras as a comma-separated "
                                     f"subset of {', '.join(EXTRA_SECTIONS)}")
         if self.probe_tasks is not None:
-            from saeforge.eval.probe_tasks import BUILTIN_TASKS
-
             names = [t.name for t in BUILTIN_TASKS]
             bad = [t for t in self.probe_tasks if t not in names]
             if bad:
@@ -197,8 +197,6 @@ class ChunkStore:
                 data = p.read_bytes()
                 want = self.sha.get(p.name)
                 if want is not None and hashlib.sha256(data).hexdigest() != want:
-                    from saeforge.errors import CorruptFileError
-
                     raise CorruptFileError(f"{p} fails its checksum (damaged on disk); rerun without --resume")
                 z = dict(np.load(io.BytesIO(data)))
             for k in keys:
@@ -231,8 +229,6 @@ class EvalRunner:
         self.lm, self.data, self.cfg = lm, str(data), cfg
         self.out = Path(out) if out is not None else None
         dev = lm.device
-        from saeforge.models import check_context_len
-        from saeforge.sae.base import check_finite_weights
 
         check_context_len(lm, cfg.context_len)
         for n, s in saes.items():
@@ -310,8 +306,6 @@ class EvalRunner:
         """The packed state, after checking the checksum it was written with."""
         import json
 
-        from saeforge.errors import CorruptFileError
-
         fix = "delete it (or drop --resume) to evaluate from the start"
         try:
             doc = json.loads(path.read_text(encoding="utf-8"))
@@ -335,9 +329,7 @@ class EvalRunner:
         write_json_atomic(self.out / STATE, {"sha256": digest, "state": body}, indent=None)
 
     # ---- passes -----------------------------------------------------------------------------------------------
-    def _batches(self):
-        from saeforge.activations.cache import context_batches
-
+    def _batches(self) -> Iterator[ContextBatch]:
         c = self.cfg
         return context_batches(self.lm.tokenizer, self.data, context_len=c.context_len, batch_size=c.batch_contexts,
                                text_field=c.text_field, split=c.split, keep_special=False, max_tokens=c.n_tokens)
@@ -370,7 +362,7 @@ class EvalRunner:
             if chunk < ph["chunks_done"] or chunk % W != me:
                 continue
             pending.append(step(batch, b))
-            n = int(batch[3].sum())
+            n = int(batch.keep.sum())
             ph["tokens"] += n
             bar.update(n)
             if (b + 1) % cb == 0:
@@ -411,8 +403,8 @@ class EvalRunner:
         dist.barrier()  # every chunk file is written before anyone reads them
 
     @torch.no_grad()
-    def _recon_step(self, batch: tuple, b: int) -> dict[str, np.ndarray]:
-        tokens, doc, _pos, keep = batch
+    def _recon_step(self, batch: ContextBatch, b: int) -> dict[str, np.ndarray]:
+        tokens, doc, keep = batch.tokens, batch.doc, batch.keep
         valid = doc >= 0
         am = None if bool(valid.all()) else valid.long()
         acts = capture(self.lm.model, self.points, tokens, attention_mask=am, stop_early=True)
@@ -443,7 +435,7 @@ class EvalRunner:
             out[f"{i}_sample_idx"] = np.concatenate(idx) if idx else np.zeros(0, np.int32)
         return out
 
-    def _down_step(self, batch: tuple, b: int) -> dict[str, np.ndarray]:
+    def _down_step(self, batch: ContextBatch, b: int) -> dict[str, np.ndarray]:
         means = {}
         for i, t in enumerate(self.targets):
             means.setdefault(t.out.name, torch.from_numpy(self.recon[i].mean).float())
@@ -530,8 +522,6 @@ class EvalRunner:
                     shas[str((d / fname).relative_to(self.out))] = hashlib.sha256(data).hexdigest()
 
     def read_arrays(self) -> None:
-        from saeforge.errors import CorruptFileError
-
         shas = getattr(self, "state", {}).get("arrays_sha", {})
         for name in self.names:
             d = self.sae_dir(name)

@@ -1,4 +1,5 @@
-"""Model activations shared by every SAE of one ``--all`` run.
+"""What the evaluation modules share: the SAE's hook, and model activations shared by every SAE of one
+``--all`` run.
 
 The optional sections run once per SAE, but much of their model work does not depend on the SAE: the probe
 texts' activations at the hook, N2G's contexts' activations at the hook. Inside :func:`activation_memo` such
@@ -9,6 +10,9 @@ from __future__ import annotations
 
 import contextlib
 from typing import Any, Callable, Hashable, Iterator
+
+from saeforge.errors import SaeforgeError
+from saeforge.sae.base import SAE
 
 _MEMO: dict[Hashable, Any] | None = None
 
@@ -32,3 +36,11 @@ def memo(key: Hashable, compute: Callable[[], Any]) -> Any:
     if key not in _MEMO:
         _MEMO[key] = compute()
     return _MEMO[key]
+
+
+def sae_hook(sae: SAE, hook: str | None) -> str:
+    """``hook`` if given, else the hook the SAE reads (``cfg.hook``)."""
+    hook = hook or sae.cfg.hook
+    if hook is None:
+        raise SaeforgeError("the SAE config names no hook point; pass hook='resid_post.L' (or set cfg.hook)")
+    return hook

@@ -19,6 +19,11 @@ method has a default there), never through ``if arch == ...``:
   come from the *upcoming* training batches, peeked without consuming them, so resampling never
   changes what the SAEs train on and a resumed run sees exactly the same data.
 
+The public step-level API is what :meth:`Trainer.fit` itself uses: ``init_from_data(batch)``,
+``step(batch) -> {name: metric line}`` (lines only on logging steps) and ``save(path)``; ``fit`` adds the
+file policy (``metrics.jsonl``, checkpoints every ``checkpoint_every`` steps, resume, the folder lock), so a
+driver of its own gets the same weights as ``fit`` (tests/test_trainer.py).
+
 Under ``torchrun`` the loop is the same; :class:`~saeforge.train.parallel.Parallel` supplies the few
 hooks that differ (which rows this process reads, gradient averaging, the global norm for clipping,
 global fired masks, who writes files; docs/distributed.md). With one process they are identities.
@@ -32,15 +37,17 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from collections import deque
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 from tqdm.auto import tqdm
 
 from saeforge import faults
+from saeforge.activations.stream import ActivationBatch
 from saeforge.device import resolve_device, resolve_dtype
 from saeforge.distributed.ops import total_variance
 from saeforge.errors import SaeforgeError
+from saeforge.lock import folder_lock
 from saeforge.sae.base import SAE, SAEConfig, TrainStepInput, create_sae
 from saeforge.train.checkpoint import load_checkpoint, save_checkpoint
 from saeforge.tracking import Tracker, TrackingConfig, open_tracker
@@ -93,6 +100,22 @@ def _fvu(y: torch.Tensor, y_hat: torch.Tensor) -> torch.Tensor:
     """:func:`~saeforge.sae.base.fvu` with the variance of the global batch (this process's share of it), so
     that the replicas' mean is the global batch's FVU; with one process exactly ``fvu``."""
     return (y - y_hat).pow(2).sum() / total_variance(y).clamp_min(1e-12)
+
+
+def first_rows(stream: Any, n_rows: int) -> ActivationBatch:
+    """The first ``n_rows`` rows of ``stream`` (from its start) as one batch: what :meth:`Trainer.fit`
+    initialises from."""
+    rows: dict[str, list[torch.Tensor]] = {}
+    got = 0
+    for batch in stream.iterate(0):
+        for h, a in batch.acts.items():
+            rows.setdefault(h, []).append(a)
+        got += next(iter(batch.acts.values())).shape[0]
+        if got >= n_rows:
+            break
+    if got == 0:
+        raise SaeforgeError("the activation stream is empty; check --data / the cache")
+    return ActivationBatch({h: torch.cat(v)[:n_rows] for h, v in rows.items()})
 
 
 def _seeded(seed: int) -> None:
@@ -164,30 +187,26 @@ class Trainer:
         self.init_cfgs = {n: (self.runs[n].sae.cfg if n in self.runs else (s.cfg if isinstance(s, SAE) else s)
                               ).to_dict() for n, s in saes.items()}
         self.last_checkpoint: int | None = None
-        self.step = 0
+        self.global_step = 0  # optimizer steps taken (the checkpoint's step)
         self.tokens = 0
         self._max_rows = 0  # largest batch seen: bounds how fast since_fired can grow
+        for run in self.runs.values():
+            run.sae.train()
+        self._t0 = time.perf_counter()  # metric lines' elapsed_s counts from here (fit restarts it)
+        self._comm0 = self.par.comm_seconds() or 0.0
 
     # ---- setup ----------------------------------------------------------------------------------
-    def _init_from_data(self) -> None:
-        need = self.cfg.init_tokens
-        rows: dict[str, list[torch.Tensor]] = {}
-        got = 0
-        for batch in self.source.iterate(0):
-            for h, a in batch.acts.items():
-                rows.setdefault(h, []).append(a)
-            got += next(iter(batch.acts.values())).shape[0]
-            if got >= need:
-                break
-        if got == 0:
-            raise SaeforgeError("the activation stream is empty; check --data / the cache")
-        sample = {h: torch.cat(v)[:need].to(self.device).float() for h, v in rows.items()}
+    def init_from_data(self, batch: ActivationBatch) -> None:
+        """Data-dependent initialisation of every SAE built here from a config (geometric median, scales...)
+        from the rows of ``batch``; an SAE handed in (pre-trained, loaded, hand-set) keeps its weights.
+        :meth:`fit` passes the stream's first ``cfg.init_tokens`` rows (:func:`first_rows`)."""
+        sample = {h: a.to(self.device).float() for h, a in batch.acts.items()}
         for h, x in sample.items():
             if not bool(torch.isfinite(x).all()):
                 raise guard.NonFiniteError(f"the training data holds NaN/Inf activations at hook {h}; harvest it "
                                            "again (harvest refuses non-finite rows) or use --on-nonfinite skip")
         for run in self.runs.values():
-            if run.fresh:  # an SAE handed in (pre-trained, loaded, hand-set) keeps its weights
+            if run.fresh:
                 x, y = run.sae.inputs_from(sample)
                 run.sae.init_from_data(x, y)
             self.par.after_init(run.sae)
@@ -233,12 +252,12 @@ class Trainer:
                 warnings.simplefilter("ignore", UserWarning)
                 run.sched.step()
         torch.set_rng_state(rng)
-        self.step, self.tokens = meta["step"], meta["tokens"]
+        self.global_step, self.tokens = meta["step"], meta["tokens"]
         self._max_rows = meta.get("max_rows", 0)
-        self.last_checkpoint = self.step
+        self.last_checkpoint = self.global_step
         for run in self.runs.values():  # lines logged after the checkpoint are logged again
             if self._writes:
-                guard.trim_metrics(run.out / "metrics.jsonl", self.step)
+                guard.trim_metrics(run.out / "metrics.jsonl", self.global_step)
         return True
 
     def _check_finite(self) -> None:
@@ -247,10 +266,11 @@ class Trainer:
             pending = {k: float(v / max(run.n_acc, 1)) for k, v in run.acc.items()}
             if run.grad_norms is not None:
                 pending["gradient norm"] = float(run.grad_norms)
-            guard.check_finite(run.name, pending, self.step, self.last_checkpoint)
-            guard.check_finite_params(run.name, run.sae, self.step, self.last_checkpoint)
+            guard.check_finite(run.name, pending, self.global_step, self.last_checkpoint)
+            guard.check_finite_params(run.name, run.sae, self.global_step, self.last_checkpoint)
 
-    def _checkpoint(self) -> None:
+    def checkpoint(self) -> None:
+        """Write ``out/checkpoint.safetensors``: everything a resumed run needs to continue this one exactly."""
         self._check_finite()
         runs, cfgs, acc = {}, {}, {}
         for n, r in self.runs.items():
@@ -269,10 +289,12 @@ class Trainer:
         if self.par.writer:
             extra = {"total_steps": self.total_steps, "cfgs": cfgs, "identity": self.identity(), "acc": acc,
                      "max_rows": self._max_rows}
-            save_checkpoint(self.out / CHECKPOINT, self.step, self.tokens, runs, extra)
-        self.last_checkpoint = self.step
+            save_checkpoint(self.out / CHECKPOINT, self.global_step, self.tokens, runs, extra)
+        self.last_checkpoint = self.global_step
 
-    def save_saes(self) -> dict[str, SAE]:
+    def save(self, path: str | Path | None = None) -> dict[str, SAE]:
+        """Save every SAE (``cfg.json`` + ``sae.safetensors``) into ``path`` (default ``out``), a single SAE
+        named ``""`` straight into it, others into ``path/<name>``; returns them (gathered when sharded)."""
         self._check_finite()
         saved = {}
         for name, run in self.runs.items():
@@ -280,18 +302,40 @@ class Trainer:
             sae.cfg.metadata.setdefault("trainer", "saeforge")
             sae.cfg.metadata["train_tokens"] = self.tokens
             if self._writes:
-                sae.save(run.out)
+                sae.save(run.out if path is None else Path(path) / run.out.relative_to(self.out))
         return saved
 
-    # ---- the loop -------------------------------------------------------------------------------
-    def _step(self, run: _Run, acts: dict[str, torch.Tensor], n_rows: int) -> None:
+    # ---- one step -------------------------------------------------------------------------------
+    def step(self, batch: ActivationBatch,
+             peek: Callable[[int], list[ActivationBatch]] | None = None) -> dict[str, dict[str, Any]]:
+        """One optimizer step of every SAE on ``batch`` (under torchrun: this process's rows of it).
+
+        Returns the metric lines this step completes, ``{name: line}``: every ``cfg.log_every`` steps and at
+        the last one (a line averages the steps since the previous one; it is the loop's only host sync),
+        else ``{}``. ``peek(n_rows)`` returns the upcoming batches without consuming them, for the SAEs'
+        dead-latent resampling; without it resampling draws on ``batch``. Writes nothing: :meth:`fit` is
+        the policy that appends lines to ``metrics.jsonl`` and checkpoints.
+        """
+        acts = {h: a.to(self.device, non_blocking=True) for h, a in batch.acts.items()}
+        n_rows = batch.global_rows or next(iter(acts.values())).shape[0]
+        for run in self.runs.values():
+            self._step_sae(run, acts, n_rows)
+        self._maybe_resample(peek or (lambda rows: [batch]), self.tokens, self.tokens + n_rows)
+        self.tokens += n_rows
+        self._max_rows = max(self._max_rows, n_rows)
+        self.global_step += 1
+        if self.global_step % self.cfg.log_every == 0 or self.global_step == self.total_steps:
+            return self._metric_lines()
+        return {}
+
+    def _step_sae(self, run: _Run, acts: dict[str, torch.Tensor], n_rows: int) -> None:
         """One optimizer step of one SAE; ``n_rows`` is the global batch size (this process may hold a part)."""
         x, y = run.sae.inputs_from(acts)
         # While no latent can have reached dead_tokens, the dead mask is all False and AuxK is zero: skip it
         # (and its extra top-k) without a host sync. _refresh_dead() proves that bound at each metrics line.
         dead = run.since_fired >= self.dead_tokens if run.maybe_dead else None
         with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype != torch.float32):
-            out = run.sae.train_step(TrainStepInput(x, y, self.step, self.total_steps, dead))
+            out = run.sae.train_step(TrainStepInput(x, y, self.global_step, self.total_steps, dead))
         out.loss.float().backward()
         self.par.sync_grads(run.sae, x.shape[0], n_rows)
         run.sae.before_optimizer_step()
@@ -301,7 +345,7 @@ class Trainer:
         run.opt.step()
         run.sched.step()
         run.opt.zero_grad(set_to_none=True)
-        run.sae.after_optimizer_step(self.step, self.total_steps)
+        run.sae.after_optimizer_step(self.global_step, self.total_steps)
         run.since_fired += n_rows
         run.since_fired.masked_fill_(self.par.fired(out.fired), 0)
         with torch.no_grad():
@@ -311,7 +355,8 @@ class Trainer:
                 run.acc[k] = run.acc[k] + v.detach() if k in run.acc else v.detach().clone()
             run.n_acc += 1
 
-    def _maybe_resample(self, it: _Lookahead, tokens_before: int, tokens_after: int) -> None:
+    def _maybe_resample(self, peek: Callable[[int], list[ActivationBatch]], tokens_before: int,
+                        tokens_after: int) -> None:
         """Run the SAEs' resampling hooks that are due after this step (see the module docstring)."""
         due = {}
         for name, run in self.runs.items():
@@ -320,14 +365,14 @@ class Trainer:
                 due[name] = rows
         if not due:
             return
-        batches = it.peek_rows(max(due.values()))
+        batches = peek(max(due.values()))
         if not batches:
             return
         sample = {h: torch.cat([b.acts[h] for b in batches]).to(self.device).float() for h in batches[0].acts}
         for name, rows in due.items():
             run = self.runs[name]
             x, y = run.sae.inputs_from({h: a[:rows] for h, a in sample.items()})
-            gen = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + self.step)
+            gen = torch.Generator().manual_seed(self.cfg.seed * 1_000_003 + self.global_step)
             reset = run.sae.resample(x, y, run.since_fired, run.opt, gen)
             run.since_fired[reset] = 0
             run.resampled += int(reset.numel())
@@ -342,44 +387,53 @@ class Trainer:
         for run in self.runs.values():
             run.maybe_dead = bool((run.since_fired.max() + horizon >= self.dead_tokens).item())
 
-    def _log(self, pbar: tqdm | None, t0: float) -> dict[str, dict[str, float]]:
+    def _metric_lines(self) -> dict[str, dict[str, Any]]:
+        """Each SAE's metric line (the averages since the last one); resets the sums."""
         lines = {}
         for run in self.runs.values():
             if run.n_acc == 0:
                 continue
-            rec: dict[str, Any] = {"step": self.step, "tokens": self.tokens, "lr": run.sched.get_last_lr()[0]}
+            rec: dict[str, Any] = {"step": self.global_step, "tokens": self.tokens, "lr": run.sched.get_last_lr()[0]}
             rec.update({k: (v / run.n_acc).item() for k, v in self.par.mean_metrics(run.acc).items()})
             guard.check_finite(run.name, {**rec, **({"gradient norm": float(run.grad_norms)}
                                                     if run.grad_norms is not None else {})},
-                               self.step, self.last_checkpoint)
+                               self.global_step, self.last_checkpoint)
             run.grad_norms = None
             rec["dead_frac"] = (run.since_fired >= self.dead_tokens).float().mean().item()
-            rec["elapsed_s"] = round(time.perf_counter() - t0, 3)
+            rec["elapsed_s"] = round(time.perf_counter() - self._t0, 3)
             comm = self.par.comm_seconds()
             if comm is not None:  # under torchrun: time in collectives since the start (this process)
                 rec["comm_s"] = round(comm - self._comm0, 3)
             if run.resampled:
                 rec["resampled"], run.resampled = run.resampled, 0
-            run.sae.after_metrics(rec, self.step, self.total_steps)
+            run.sae.after_metrics(rec, self.global_step, self.total_steps)
             run.acc, run.n_acc = {}, 0
+            lines[run.name] = rec
+        self._refresh_dead()
+        return lines
+
+    # ---- the loop: steps, plus the file policy --------------------------------------------------
+    def _write_metrics(self, lines: dict[str, dict[str, Any]], pbar: tqdm) -> None:
+        """Append each line to its SAE's ``metrics.jsonl`` (the source of truth), then to the trackers."""
+        for name, rec in lines.items():
+            run = self.runs[name]
             if self._writes:
                 run.out.mkdir(parents=True, exist_ok=True)
                 with open(run.out / "metrics.jsonl", "a") as fh:
                     fh.write(json.dumps(rec) + "\n")
                 self.tracker.log(run.name, run.out, rec)  # after the source of truth; rank 0 only
-            lines[run.name] = rec
-        if pbar is not None and lines:
+        if lines:
             rec = next(iter(lines.values()))
             pbar.set_postfix(loss=f"{rec['loss']:.4f}", fvu=f"{rec['fvu']:.4f}", l0=f"{rec['l0']:.1f}",
                              dead=f"{rec['dead_frac']:.1%}")
-        self._refresh_dead()
-        return lines
 
     def fit(self, resume: bool = False, progress: bool = True, allow_changes: tuple[str, ...] = ()) -> dict[str, SAE]:
         """Train to ``total_tokens`` (continuing the checkpoint in ``out`` with ``resume``), holding ``out``'s
-        write lock; ``allow_changes`` names settings a resumed run may change (guard.RESUME_CHANGEABLE)."""
-        from saeforge.lock import folder_lock
+        write lock; ``allow_changes`` names settings a resumed run may change (guard.RESUME_CHANGEABLE).
 
+        The loop is :meth:`init_from_data` (or the checkpoint), :meth:`step` per batch, and the file policy:
+        metric lines appended to ``metrics.jsonl``, a checkpoint every ``cfg.checkpoint_every`` steps and at
+        the end, then :meth:`save`."""
         with folder_lock(self.out, "train"):
             try:
                 return self._fit(resume, progress, tuple(allow_changes))
@@ -393,19 +447,19 @@ class Trainer:
             for run in self.runs.values():
                 if self._writes:
                     (run.out / "metrics.jsonl").unlink(missing_ok=True)
-            self._init_from_data()
+            self.init_from_data(first_rows(self.source, self.cfg.init_tokens))
         if self.par.writer:
             self.cfg.save(self.out / "train_cfg.json")
-        self.tracker = open_tracker(self.tracking, self.out, start_step=self.step, config={
+        self.tracker = open_tracker(self.tracking, self.out, start_step=self.global_step, config={
             "train": self.cfg.to_dict(), "saes": {n: r.sae.cfg.to_dict() for n, r in self.runs.items()}})
         for run in self.runs.values():
             run.sae.train()
-        pbar = tqdm(total=self.total_steps, initial=self.step, unit="step",
+        pbar = tqdm(total=self.total_steps, initial=self.global_step, unit="step",
                     disable=not (progress and self.par.writer), desc="train", dynamic_ncols=True)
-        t0 = time.perf_counter()
+        self._t0 = time.perf_counter()
         self._comm0 = self.par.comm_seconds() or 0.0
-        it = _Lookahead(iter(self.stream.iterate(self.step)))
-        while self.step < self.total_steps:
+        it = _Lookahead(iter(self.stream.iterate(self.global_step)))
+        while self.global_step < self.total_steps:
             try:
                 batch = next(it)
             except StopIteration:
@@ -413,23 +467,15 @@ class Trainer:
                     "the activation stream ran out before --tokens was reached; use a stream that loops "
                     "(epochs=None) or lower --tokens"
                 ) from None
-            acts = {h: a.to(self.device, non_blocking=True) for h, a in batch.acts.items()}
-            n_rows = getattr(batch, "global_rows", None) or next(iter(acts.values())).shape[0]
-            for run in self.runs.values():
-                self._step(run, acts, n_rows)
-            self._maybe_resample(it, self.tokens, self.tokens + n_rows)
-            self.tokens += n_rows
-            self._max_rows = max(self._max_rows, n_rows)
-            self.step += 1
+            lines = self.step(batch, it.peek_rows)
             pbar.update(1)
             faults.point("train:step")
-            if self.step % self.cfg.log_every == 0 or self.step == self.total_steps:
-                self._log(pbar, t0)
-            if self.cfg.checkpoint_every and self.step % self.cfg.checkpoint_every == 0:
-                self._checkpoint()
+            self._write_metrics(lines, pbar)
+            if self.cfg.checkpoint_every and self.global_step % self.cfg.checkpoint_every == 0:
+                self.checkpoint()
         pbar.close()
-        self._checkpoint()
-        saved = self.save_saes()
+        self.checkpoint()
+        saved = self.save()
         self.par.barrier()  # every process's files are written before any returns
         for sae in saved.values():
             sae.eval()
