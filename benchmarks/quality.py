@@ -35,7 +35,7 @@ sys.path[:0] = [str(HERE.parent), str(HERE)]
 
 import quality_data as qd  # noqa: E402
 
-from saeforge.activations.stream import ActivationBatch  # noqa: E402
+from saeforge.activations.stream import ActivationBatch, Stream  # noqa: E402
 from saeforge.config import parse_size  # noqa: E402
 from saeforge.sae import make_config  # noqa: E402
 from saeforge.sae.base import SAE  # noqa: E402
@@ -46,7 +46,7 @@ PEERS = ("saelens", "sparsify", "dictionary_learning")
 HOOK = "x"
 
 
-class TensorStream:
+class TensorStream(Stream):
     """The benchmark's global batch order as a saeforge activation stream."""
 
     def __init__(self, name: str, train: torch.Tensor | None, batch_size: int, total_tokens: int, seed: int):

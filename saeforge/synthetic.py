@@ -11,12 +11,12 @@ from typing import Iterator
 
 import torch
 
-from saeforge.activations.stream import ActivationBatch
+from saeforge.activations.stream import ActivationBatch, Stream
 
 SyntheticBatch = ActivationBatch  # the name this module's streams were first written with
 
 
-class SuperpositionStream:
+class SuperpositionStream(Stream):
     """An endless, seeded :class:`ActivationStream` over one hook (``hook``) of synthetic data."""
 
     def __init__(self, d: int = 32, n_features: int = 64, p: float = 0.05, noise: float = 0.01,
@@ -43,8 +43,9 @@ class SuperpositionStream:
                 yield SyntheticBatch({self.hooks[0]: x})
             i += 1
 
-    def __iter__(self) -> Iterator[SyntheticBatch]:
-        return self.iterate(0)
+    def identity(self) -> dict:
+        return {"synthetic": {"d": self.d_in, "n_features": self.n_features, "p": self.p, "noise": self.noise,
+                              "batch_size": self.batch_size, "seed": self.seed}}
 
 
 def recovered_fraction(true_dirs: Tensor, W_dec: Tensor, threshold: float = 0.9) -> float:

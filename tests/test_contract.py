@@ -20,6 +20,7 @@ import json
 import pytest
 import torch
 
+from saeforge.activations import Stream
 from saeforge.errors import SaeforgeError
 from saeforge.sae import SAE, architectures, get_arch, make_config
 from saeforge.synthetic import SuperpositionStream
@@ -29,7 +30,7 @@ D, WIDTH, L0, STEPS, BATCH = 32, 128, 8, 400, 512
 FVU_BOUND = 0.25
 
 
-class TwoHookStream:
+class TwoHookStream(Stream):
     """The synthetic stream seen at two hook points (the second a fixed rotation of the first)."""
 
     def __init__(self, base: SuperpositionStream):

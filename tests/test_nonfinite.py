@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 
+from saeforge.activations import Stream
 from saeforge.activations.cache import ActivationCache, HarvestConfig, harvest
 from saeforge.errors import NonFiniteError
 from saeforge.sae import make_config
@@ -18,7 +19,7 @@ HOOK = "resid_post.2"
 D, B = 16, 64
 
 
-class _Poisoned:
+class _Poisoned(Stream):
     """A SuperpositionStream whose batch ``at`` (and every later one) holds NaN rows."""
 
     def __init__(self, at: int):

@@ -9,6 +9,7 @@ import math
 import pytest
 import torch
 
+from saeforge.activations import Stream
 from saeforge.errors import SaeforgeError
 from saeforge.sae import SAE, TrainStepInput, create_sae, make_config
 from saeforge.sae.batchtopk import batch_topk
@@ -428,7 +429,7 @@ def test_batchtopk_inference_threshold_matches_k_on_held_out_data(trained):
     assert torch.allclose(single, sae.encode(held_out[:7])[:1], atol=1e-5)
 
 
-class _TwoHookStream:
+class _TwoHookStream(Stream):
     """Hook "a" is superposition data; hook "b" is the same data through a fixed rotation."""
 
     def __init__(self, base: SuperpositionStream):

@@ -3,6 +3,7 @@ from saeforge.activations.cache import ActivationCache, HarvestConfig, harvest
 from saeforge.activations.stream import (
     ActivationBatch,
     ActivationStream,
+    Stream,
     CachedStream,
     LiveStream,
     ShuffleBuffer,
@@ -11,6 +12,6 @@ from saeforge.activations.stream import (
 )
 
 __all__ = [
-    "ActivationBatch", "ActivationCache", "ActivationStream", "CachedStream", "HarvestConfig", "LiveStream",
+    "ActivationBatch", "ActivationCache", "ActivationStream", "Stream", "CachedStream", "HarvestConfig", "LiveStream",
     "ShuffleBuffer", "StreamConfig", "harvest", "open_stream",
 ]

@@ -52,12 +52,34 @@ class ActivationBatch:
 
 @runtime_checkable
 class ActivationStream(Protocol):
+    """What the trainer consumes: hook names and widths, a replayable batch iterator, and what decides the
+    batches (compared when a run resumes; ``None`` when the stream cannot say)."""
+
     hooks: list[str]
     d: dict[str, int]
 
     def iterate(self, skip_batches: int = 0) -> Iterator[ActivationBatch]: ...
 
+    def identity(self) -> dict[str, Any] | None: ...
+
     def __iter__(self) -> Iterator[ActivationBatch]: ...
+
+
+class Stream:
+    """A base for :class:`ActivationStream` implementations: subclasses set ``hooks`` and ``d`` and define
+    ``iterate``; ``identity`` defaults to ``None`` (a resumed run is then not checked against the data)."""
+
+    hooks: list[str]
+    d: dict[str, int]
+
+    def iterate(self, skip_batches: int = 0) -> Iterator[ActivationBatch]:
+        raise NotImplementedError
+
+    def identity(self) -> dict[str, Any] | None:
+        return None
+
+    def __iter__(self) -> Iterator[ActivationBatch]:
+        return self.iterate(0)
 
 
 def _epoch_generator(seed: int, epoch: int) -> torch.Generator:
@@ -158,7 +180,7 @@ class ShuffleBuffer:
         yield from self.flush(batch_size, gather)
 
 
-class _BufferedStream:
+class _BufferedStream(Stream):
     """Shared epoch / replay / batching logic; subclasses provide the chunks of one epoch."""
 
     hooks: list[str]
@@ -373,7 +395,7 @@ class LiveStream(_BufferedStream):
                     yield rows
 
 
-class RankSlice:
+class RankSlice(Stream):
     """Data parallelism at the stream: replica ``index`` of ``count`` gets rows ``[lo, hi)`` of every global
     batch of ``source`` (contiguous, deterministic, disjoint; the first ``B % count`` replicas get one row
     more). Every replica draws the same global batches (same seed), so the union over replicas of a step's
@@ -391,6 +413,9 @@ class RankSlice:
         if name == "source":
             raise AttributeError(name)
         return getattr(self.source, name)
+
+    def identity(self) -> dict[str, Any] | None:
+        return self.source.identity()
 
     def iterate(self, skip_batches: int = 0) -> Iterator[ActivationBatch]:
         for b in self.source.iterate(skip_batches):

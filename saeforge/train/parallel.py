@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from saeforge import distributed as dist
-from saeforge.activations.stream import RankSlice
+from saeforge.activations.stream import LiveStream, RankSlice
 from saeforge.distributed import split_bounds  # noqa: F401  (re-exported)
 from saeforge.errors import SaeforgeError
 from saeforge.sae.base import SAE
@@ -83,7 +83,7 @@ class Parallel:
         return place(sizes, self.world)
 
     def stream(self, stream: Any) -> Any:
-        if self.world > 1 and hasattr(stream, "split_forward"):  # a LiveStream: share the model's forward passes
+        if self.world > 1 and isinstance(stream, LiveStream):  # a LiveStream: share the model's forward passes
             stream.split_forward(dist.Group(list(range(self.world))))
         if self.replicas == 1:
             return stream

@@ -43,7 +43,7 @@ import torch
 from tqdm.auto import tqdm
 
 from saeforge import faults
-from saeforge.activations.stream import ActivationBatch
+from saeforge.activations.stream import ActivationBatch, ActivationStream
 from saeforge.device import resolve_device, resolve_dtype
 from saeforge.distributed.ops import total_variance
 from saeforge.errors import SaeforgeError
@@ -139,7 +139,7 @@ class Trainer:
     With one SAE named ``""`` the SAE's files go straight into ``out``; otherwise into ``out/<name>``.
     """
 
-    def __init__(self, saes: dict[str, SAE | SAEConfig], stream: Any, cfg: TrainConfig, out: str | Path,
+    def __init__(self, saes: dict[str, SAE | SAEConfig], stream: ActivationStream, cfg: TrainConfig, out: str | Path,
                  tracking: TrackingConfig | None = None):
         if not saes:
             raise SaeforgeError("nothing to train: give at least one SAE config")
@@ -147,6 +147,9 @@ class Trainer:
         self.tracking = tracking  # --log-to: copies of the metric lines (saeforge/tracking.py)
         self.tracker: Tracker = open_tracker(None, out)
         self.par = Parallel(cfg.shard_latents, cfg.spread, cfg.device)  # torchrun: docs/distributed.md
+        if not isinstance(stream, ActivationStream):
+            raise SaeforgeError(f"{type(stream).__name__} is not an activation stream: it needs hooks, d, iterate(), "
+                                "identity() and __iter__ (subclass saeforge.activations.Stream)")
         self.source = stream  # the global batches (data-dependent init reads these)
         self.stream = self.par.stream(stream)  # this process's rows of each global batch
         self.out = Path(out)
@@ -213,11 +216,10 @@ class Trainer:
 
     def identity(self) -> dict[str, Any]:
         """Everything a resumed run must share with the run it continues (see guard.compare_resume)."""
-        data = getattr(self.source, "identity", None)
         train = self.cfg.to_dict()
         for k in ("shard_latents", "spread"):  # how the work is split, not what is computed
             train.pop(k, None)
-        return {"train": train, "saes": self.init_cfgs, "data": data() if callable(data) else None}
+        return {"train": train, "saes": self.init_cfgs, "data": self.source.identity()}
 
     def _resume(self, allow_changes: tuple[str, ...] = ()) -> bool:
         path = self.out / CHECKPOINT
