@@ -103,6 +103,18 @@ class CrosscoderSAE(TargetL0, SAE):
         x = torch.stack([acts[h] for h in self.cfg.hooks], dim=1)
         return x, x
 
+    def input_hooks(self) -> list[str]:
+        return list(self.cfg.hooks)
+
+    def output_hooks(self) -> list[str]:
+        return list(self.cfg.hooks)
+
+    def split_outputs(self, y: Tensor) -> list[Tensor]:
+        return list(self._stack(y).unbind(-2))
+
+    def decoder_blocks(self) -> dict[str, Tensor]:
+        return {h: self.W_dec[:, i] for i, h in enumerate(self.cfg.hooks)}
+
     # ---- inference --------------------------------------------------------------------------------
     def normalize_input(self, x: Tensor) -> tuple[Tensor, None]:
         x = self._stack(x)
