@@ -226,3 +226,85 @@ def test_transcoder_eval_against_target_and_spliced_in_one_forward(eval_run, lm,
     assert r["reconstruction"]["fvu"] == pytest.approx(fvu(y, y_hat), rel=1e-4)
     assert r["downstream"]["ce_spliced"] == pytest.approx(float(torch.cat(ce_ref).mean()), abs=1e-4)
     assert r["sae"]["input_hooks"] == [TC_IN] and r["sae"]["output_hooks"] == [TC_OUT]
+
+
+# ---- dashboard ---------------------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def dash_cache(tmp_path_factory, stories_model_path, tinystories_valid):
+    from saeforge.activations.cache import HarvestConfig, harvest
+
+    root = tmp_path_factory.mktemp("dash")
+    text = root / "small.txt"
+    text.write_text("\n\n".join(tinystories_valid.read_text().split("\n\n")[:12]))
+    cache = harvest(HarvestConfig(model=str(stories_model_path), data=str(text), hooks=CC_HOOKS + [TC_IN],
+                                  out=str(root / "cache"), context_len=64, batch_contexts=4, shard_tokens=700),
+                    progress=False)
+    return root, text, cache
+
+
+def _cache_rows(path):
+    from saeforge.activations.cache import ActivationCache
+
+    cache = ActivationCache(path)
+    rows = [cache.shard(i) for i in range(cache.n_shards)]
+    return {h: torch.cat([r[f"acts.{h}"] for r in rows]).float() for h in CC_HOOKS + [TC_IN]}
+
+
+def _site_records(site):
+    from saeforge.dashboard.site import read_payload, shard_path
+
+    index = read_payload(site / "data" / "index.js")
+    size = index["info"]["shard_size"]
+    recs = []
+    for i in index["id"]:
+        shard = read_payload(shard_path(site, i, size))
+        recs.append(shard["latents"][i - shard["first"]])
+    return index, recs
+
+
+def _check_top(recs, A, k):
+    for lat, rec in enumerate(recs):
+        want = np.sort(A[:, lat][A[:, lat] > 0])[::-1][:k]
+        np.testing.assert_allclose([ex[0] for ex in rec["top"]], want, rtol=0, atol=1e-3 * max(rec["max"], 1e-6) + 1e-6)
+
+
+def test_dashboard_crosscoder_and_transcoder(dash_cache, stories_model_path, tmp_path):
+    from saeforge.dashboard.build import DashboardConfig, build_dashboard
+    from saeforge.formats import load_sae
+
+    root, text, cache = dash_cache
+    acts = _cache_rows(cache)
+    cc, tc = crosscoder(), transcoder()
+    cc.cfg.model = tc.cfg.model = str(stories_model_path)
+    cc.save(tmp_path / "cc")  # saved folded (decoder norms into the encoder): the site shows the saved codes
+    tc.save(tmp_path / "tc")
+    cc, tc = (load_sae(tmp_path / n) for n in ("cc", "tc"))
+    kw = dict(top_k=4, context=2, n_bands=2, per_band=1, context_len=64, shard_size=7)
+    build_dashboard(DashboardConfig(sae=str(tmp_path / "cc"), data=str(cache), out=str(tmp_path / "s_cc"), **kw),
+                    progress=False)
+    build_dashboard(DashboardConfig(sae=str(tmp_path / "tc"), data=str(cache), out=str(tmp_path / "s_tc"), **kw),
+                    progress=False)
+    # crosscoder: codes from both hooks; decoder norm per hook on every latent
+    index, recs = _site_records(tmp_path / "s_cc")
+    A = cc_math(cc, [acts[h] for h in CC_HOOKS])[0].numpy()
+    assert len(recs) == cc.cfg.d_sae and index["info"]["input_hooks"] == CC_HOOKS
+    assert index["info"]["output_hooks"] == CC_HOOKS and index["info"]["logit_hook"] == CC_HOOKS[-1]
+    _check_top(recs, A, 4)
+    norms = cc.W_dec.detach().norm(dim=-1)
+    for lat, rec in enumerate(recs):
+        assert rec["fires"] == int((A[:, lat] > 0).sum())
+        assert rec["decoder_norms"] == {h: pytest.approx(float(norms[lat, l]), abs=1e-4) for l, h in enumerate(CC_HOOKS)}
+    # transcoder: the input hook's activations drive the codes; logit effects of the output
+    index, recs = _site_records(tmp_path / "s_tc")
+    A = tc_math(tc, acts[TC_IN])[0].numpy()
+    assert len(recs) == tc.cfg.d_sae and index["info"]["transcoder"] and index["info"]["input_hooks"] == [TC_IN]
+    _check_top(recs, A, 4)
+    assert all("decoder_norms" not in r and "logits" in r for r in recs)
+    # from text through the model: the same latents as from the cache
+    build_dashboard(DashboardConfig(sae=str(tmp_path / "cc"), data=str(text), out=str(tmp_path / "t_cc"),
+                                    batch_contexts=4, **kw), progress=False)
+    _, from_text = _site_records(tmp_path / "t_cc")
+    _, from_cache = _site_records(tmp_path / "s_cc")
+    for a, b in zip(from_text, from_cache):
+        assert a["fires"] == b["fires"]
+        np.testing.assert_allclose([e[0] for e in a["top"]], [e[0] for e in b["top"]], atol=1e-4)

@@ -380,6 +380,14 @@ class SAE(nn.Module):
         hook = self.cfg.target_hook or self.cfg.hook
         return [hook] if hook else []
 
+    def stack_inputs(self, acts: dict[str, Tensor]) -> Tensor:
+        """The input ``x`` out of ``{input hook: [..., d]}`` (the hooks of :meth:`input_hooks`; default: the
+        one hook's activation)."""
+        hooks = [h for h in self.input_hooks() if h in acts] or list(acts)[:1]
+        if not hooks:
+            raise SaeforgeError(f"no activations at the SAE's input hook {self.input_hooks()}")
+        return acts[hooks[0]]
+
     def split_outputs(self, y: Tensor) -> list[Tensor]:
         """A target or reconstruction ``[..., d_out]`` (or the shape ``forward`` returns) as one ``[..., d]``
         tensor per output hook (default: the one hook's)."""

@@ -109,6 +109,9 @@ class CrosscoderSAE(TargetL0, SAE):
     def output_hooks(self) -> list[str]:
         return list(self.cfg.hooks)
 
+    def stack_inputs(self, acts: dict[str, Tensor]) -> Tensor:
+        return self.inputs_from(acts)[0]
+
     def split_outputs(self, y: Tensor) -> list[Tensor]:
         return list(self._stack(y).unbind(-2))
 
