@@ -308,3 +308,43 @@ def test_dashboard_crosscoder_and_transcoder(dash_cache, stories_model_path, tmp
     for a, b in zip(from_text, from_cache):
         assert a["fires"] == b["fires"]
         np.testing.assert_allclose([e[0] for e in a["top"]], [e[0] for e in b["top"]], atol=1e-4)
+
+
+# ---- adapt -------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("kind", ["crosscoder", "transcoder"])
+def test_adapt_around_crosscoder_and_transcoder(kind, stories_model_path, tinystories_valid, batches, tmp_path):
+    from saeforge.adapt import AdaptConfig, build, fit
+    from saeforge.adapt.report import adapt_report
+    from saeforge.eval.downstream import downstream_batch
+
+    sae = crosscoder() if kind == "crosscoder" else transcoder()
+    sae.cfg.model = str(stories_model_path)
+    sae.save(tmp_path / "sae")
+    cfg = AdaptConfig(model=str(stories_model_path), saes=[str(tmp_path / "sae")], data=str(tinystories_valid),
+                      rank=4, tokens=4 * 64 * 4, batch_contexts=4, context_len=64, log_every=1, checkpoint_every=0,
+                      device="cpu", lr=3e-3, dropout=0.0)
+    ad = build(cfg)
+    t = ad.hooks[0]
+    assert [hp.name for hp in t.outputs] == (CC_HOOKS if kind == "crosscoder" else [TC_OUT])
+
+    def report():
+        return adapt_report(ad.loaded.model, ad.loaded.tokenizer, ad.saes, ad.hooks, str(tinystories_valid),
+                            ad.adapter_off, n_tokens=400, context_len=64, progress=False)
+
+    rep0 = report()
+    assert rep0["kl_after"] == pytest.approx(rep0["kl_before"], abs=1e-6) and rep0["kl_before"] > 1e-3  # B = 0
+    fit(ad, cfg, tmp_path / "run", progress=False)
+    rep = report()
+    assert rep["kl_after"] < rep["kl_before"]
+    assert rep["saes"][0]["hook"] == ",".join(hp.name for hp in t.outputs)
+    # the trained model's splice is eval's splice of the adapted model
+    model = ad.loaded.model.eval()
+    for b in batches[:2]:
+        ad.state.keep = b.keep
+        with torch.no_grad():
+            logits = ad.spliced_logits(b.tokens)
+            ref = downstream_batch(ad.loaded, b, [t], {t.key: [torch.zeros(D)] * len(t.outputs)})[0]
+            clean = model(input_ids=b.tokens).logits
+        np.testing.assert_allclose(ce_of(logits, b.tokens, b.keep).numpy(), ref["ce_spliced"], atol=2e-4)
+        np.testing.assert_allclose(ce_of(clean, b.tokens, b.keep).numpy(), ref["ce_clean"], atol=2e-4)
+        assert not np.allclose(ref["ce_spliced"], ref["ce_clean"], atol=1e-3)

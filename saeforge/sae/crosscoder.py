@@ -100,7 +100,7 @@ class CrosscoderSAE(TargetL0, SAE):
         missing = [h for h in self.cfg.hooks if h not in acts]
         if missing:
             raise SaeforgeError(f"the stream has no hook(s) {missing} (it has {sorted(acts)}); harvest them first")
-        x = torch.stack([acts[h] for h in self.cfg.hooks], dim=1)
+        x = torch.stack([acts[h] for h in self.cfg.hooks], dim=-2)
         return x, x
 
     def input_hooks(self) -> list[str]:
