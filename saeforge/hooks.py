@@ -284,3 +284,29 @@ def splice(model: nn.Module, hook: HookPoint | str, fn: Callable[[Tensor], Tenso
     finally:
         for handle in handles:
             handle.remove()
+
+
+@contextmanager
+def recording(model: nn.Module, hooks: Sequence[HookPoint]) -> Iterator[dict[str, Tensor]]:
+    """While active, every forward pass stores ``{hook.name: activation}`` (the last call's, graph kept) in the
+    dict it yields, without changing anything: read activations and logits from one forward."""
+    model, _ = _unwrap(model)
+    modules = dict(model.named_modules())
+    acts: dict[str, Tensor] = {}
+
+    def recorder(name: str) -> Callable[[Tensor], None]:
+        def on_act(act: Tensor) -> None:
+            acts[name] = act
+
+        return on_act
+
+    handles = []
+    try:
+        for hp in {h.name: h for h in hooks}.values():
+            if hp.module not in modules:
+                raise SaeforgeError(f"hook {hp.name!r} names module {hp.module!r} that this model lacks; resolve it on this model")
+            handles.append(_register(modules[hp.module], hp.io, recorder(hp.name)))
+        yield acts
+    finally:
+        for h in handles:
+            h.remove()

@@ -6,16 +6,15 @@ model with the SAEs removed, and each SAE's FVU and L0 measured inside the adapt
 """
 from __future__ import annotations
 
-import contextlib
 from typing import Sequence
 
 import torch
 from tqdm.auto import tqdm
 
 from saeforge.adapt.objective import next_token_ce, next_token_kl
-from saeforge.adapt.splice import SpliceState, spliced
+from saeforge.adapt.splice import SpliceState, spliced_logits
 from saeforge.data.batches import context_batches
-from saeforge.hooks import HookPoint, splice
+from saeforge.eval.downstream import SpliceTarget
 from saeforge.sae.base import SAE
 
 
@@ -28,16 +27,19 @@ class _SAEStats:
         self.n = 0
         self.l0 = 0.0
 
-    def add(self, sae: SAE, act: torch.Tensor, keep: torch.Tensor) -> None:
-        x = act.float()[keep.to(act.device)]
+    def add(self, sae: SAE, x: torch.Tensor, ys: list[torch.Tensor], keep: torch.Tensor) -> None:
+        """``x`` the SAE's input, ``ys`` the activations at its output hooks (its targets), at every position."""
+        k = keep.to(x.device)
+        x = x.float()[k]
+        y = torch.cat([a.float()[k] for a in ys], -1)
         with torch.no_grad():
             f = sae.encode(x)
-            rec = sae.decode(f)
-        self.err += (x - rec).double().pow(2).sum().item()
-        self.sq += x.double().pow(2).sum().item()
-        s = x.double().sum(0)
+            rec = torch.cat([r.reshape(y.shape[0], -1) for r in sae.split_outputs(sae.decode(f))], -1)
+        self.err += (y - rec).double().pow(2).sum().item()
+        self.sq += y.double().pow(2).sum().item()
+        s = y.double().sum(0)
         self.sum = s if self.sum is None else self.sum + s
-        self.n += x.shape[0]
+        self.n += y.shape[0]
         self.l0 += (f != 0).sum().item()
 
     def result(self) -> dict[str, float]:
@@ -47,10 +49,11 @@ class _SAEStats:
         return {"fvu": self.err / max(var, 1e-12), "l0": self.l0 / self.n}
 
 
-def adapt_report(model: torch.nn.Module, tokenizer, saes: Sequence[SAE], hooks: Sequence[HookPoint],
+def adapt_report(model: torch.nn.Module, tokenizer, saes: Sequence[SAE], hooks: Sequence[SpliceTarget],
                  data: str, adapter_off, n_tokens: int = 100_000, context_len: int = 128, batch: int = 16,
                  replace_special: bool = False, text_field: str = "text", progress: bool = True) -> dict:
-    """``adapter_off()`` is a context manager that disables the adapter (a no-op when there is none)."""
+    """``adapter_off()`` is a context manager that disables the adapter (a no-op when there is none). ``hooks``
+    are the SAEs' splice targets (saeforge.adapt.splice.resolve_sae_hooks)."""
     keys = ("base", "sae", "sae_lora", "lora")
     ce = {k: 0.0 for k in keys}
     kl = {"sae": 0.0, "sae_lora": 0.0}
@@ -70,14 +73,11 @@ def adapt_report(model: torch.nn.Module, tokenizer, saes: Sequence[SAE], hooks: 
         with torch.no_grad():
             with adapter_off():
                 logits["base"] = model(input_ids=tokens).logits
-                with spliced(model, saes, hooks, state, replace_special):
-                    logits["sae"] = model(input_ids=tokens).logits
+                logits["sae"] = spliced_logits(model, tokens, saes, hooks, state, replace_special)
             logits["lora"] = model(input_ids=tokens).logits
-            with contextlib.ExitStack() as stack:  # measure each SAE on what reaches it in the adapted model
-                for st, sae, hp in zip(stats, saes, hooks):
-                    stack.enter_context(splice(model, hp, _recorder(st, sae, keep)))
-                with spliced(model, saes, hooks, state, replace_special):
-                    logits["sae_lora"] = model(input_ids=tokens).logits
+            # measure each SAE on what reaches it in the adapted model
+            record = [_recorder(st, sae, keep) for st, sae in zip(stats, saes)]
+            logits["sae_lora"] = spliced_logits(model, tokens, saes, hooks, state, replace_special, record)
         for k in keys:
             c, m = next_token_ce(logits[k], tokens, keep)
             ce[k] += (c * m).sum().item()
@@ -99,14 +99,13 @@ def adapt_report(model: torch.nn.Module, tokenizer, saes: Sequence[SAE], hooks: 
         "ce_base": L["base"], "ce_sae": L["sae"], "ce_sae_lora": L["sae_lora"], "ce_lora_only": L["lora"],
         "gap_closed": (L["sae"] - L["sae_lora"]) / gap if gap > 0 else float("nan"),
         "kl_before": kl["sae"] / max(n_kl, 1), "kl_after": kl["sae_lora"] / max(n_kl, 1),
-        "saes": [{"hook": hp.name, **st.result()} for st, hp in zip(stats, hooks)],
+        "saes": [{"hook": ",".join(hp.name for hp in t.outputs), **st.result()} for st, t in zip(stats, hooks)],
     }
 
 
 def _recorder(st: _SAEStats, sae: SAE, keep: torch.Tensor):
-    def fn(act: torch.Tensor) -> torch.Tensor:
-        st.add(sae, act, keep)
-        return act
+    def fn(x: torch.Tensor, ys: list[torch.Tensor]) -> None:
+        st.add(sae, x, ys, keep)
 
     return fn
 

@@ -19,7 +19,7 @@ from tqdm.auto import tqdm
 from saeforge.adapt.config import AdaptConfig
 from saeforge.adapt.lora import add_lora
 from saeforge.adapt.objective import next_token_kl
-from saeforge.adapt.splice import SpliceState, layer_index, resolve_sae_hooks, spliced
+from saeforge.adapt.splice import SpliceState, layer_index, resolve_sae_hooks, spliced, spliced_logits
 from saeforge.data.batches import context_batches
 from saeforge.device import DTYPES, resolve_device
 from saeforge.errors import CorruptFileError, NonFiniteError, SaeforgeError
@@ -55,6 +55,10 @@ class Adapted:
     def spliced(self, replace_special: bool = False):
         return spliced(self.loaded.model, self.saes, self.hooks, self.state, replace_special)
 
+    def spliced_logits(self, tokens: torch.Tensor, replace_special: bool = False) -> torch.Tensor:
+        """Logits with every SAE spliced (a crosscoder's inputs read by a forward without the splices first)."""
+        return spliced_logits(self.loaded.model, tokens, self.saes, self.hooks, self.state, replace_special)
+
 
 def build(cfg: AdaptConfig) -> Adapted:
     device = resolve_device(cfg.device)
@@ -84,7 +88,7 @@ def build(cfg: AdaptConfig) -> Adapted:
     if cfg.trainable == "lora":
         for s in saes:
             s.requires_grad_(False)
-        first = min((layer_index(h.module) or 0) + (h.io == "output") for h in hooks)
+        first = min((layer_index(h.module) or 0) + (h.io == "output") for t in hooks for h in t.inputs)
         min_layer = first if cfg.layers == "after" else 0
         if cfg.layers not in ("all", "after"):
             raise SaeforgeError(f"--layers {cfg.layers!r}: use all or after")
@@ -211,8 +215,7 @@ def _loop(ad: Adapted, cfg: AdaptConfig, out: Path, progress: bool, on_log, trac
             clean = model(input_ids=tokens).logits
             model.train()
         ad.state.keep = keep
-        with ad.spliced(cfg.replace_special):
-            logits = model(input_ids=tokens).logits
+        logits = ad.spliced_logits(tokens, cfg.replace_special)
         loss = next_token_kl(clean, logits)
         loss.backward()
         for s in ad.saes if cfg.trainable == "sae" else ():
@@ -267,7 +270,8 @@ def save(ad: Adapted, cfg: AdaptConfig, out: str | Path, report: dict | None = N
         tmp.rename(out / "adapter")
     manifest = {
         "kind": "saeforge-adapt", "config": cfg.to_dict(), "model": cfg.model, "tokenizer": cfg.tokenizer,
-        "saes": [{"source": src, "path": d, "hook": h.name} for src, d, h in zip(cfg.saes, sae_dirs, ad.hooks)],
+        "saes": [{"source": src, "path": d, "hook": ",".join(hp.name for hp in t.inputs),
+                  "output_hooks": [hp.name for hp in t.outputs]} for src, d, t in zip(cfg.saes, sae_dirs, ad.hooks)],
         "adapter": "adapter" if ad.peft_model is not None else None, "lora_ranks": ad.ranks, "report": report,
         # the adapter's files are peft's own format (no checksum inside): their sha256 live here, checked by load()
         "adapter_sha256": _folder_sha256(out / "adapter") if ad.peft_model is not None else None,

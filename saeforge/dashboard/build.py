@@ -125,15 +125,25 @@ def _warn_mismatch(sae: Any, spec: str | None) -> None:
     warn_model_mismatch({"": getattr(sae.cfg, "model", None)}, spec, "dashboard", "--model/--hook")
 
 
-def open_source(cfg: DashboardConfig, sae: Any, hook: str, device: torch.device) -> Source:
+def stacked(sae: Any, hooks: list[str], acts: dict[str, Tensor]) -> Tensor:
+    """The SAE's input rows from the activations at ``hooks`` (its input hooks, or the one ``--hook``)."""
+    return sae.stack_inputs(dict(zip(sae.input_hooks() or hooks, (acts[h] for h in hooks))))
+
+
+def open_source(cfg: DashboardConfig, sae: Any, hooks: list[str], device: torch.device) -> Source:
+    """Rows of the activations at ``hooks`` (an SAE's or transcoder's input hook, or every hook a crosscoder
+    reads), stacked into the SAE's input ``x``."""
     data = Path(cfg.data)
     if data.is_dir() and (data / "manifest.json").exists():
         cache = ActivationCache(data)
-        if hook not in cache.d:
-            raise SaeforgeError(f"cache {data} has no hook {hook!r} (it has {cache.hooks}); pass --hook or harvest it")
-        if cache.d[hook] != sae.cfg.d_in:
-            raise SaeforgeError(f"cache {data} holds width {cache.d[hook]} at {hook}, but the SAE reads width "
-                                f"{sae.cfg.d_in}; use the cache of the model the SAE was trained on")
+        missing = [h for h in hooks if h not in cache.d]
+        if missing:
+            raise SaeforgeError(f"cache {data} has no hook {missing[0]!r} (it has {cache.hooks}); pass --hook or "
+                                "harvest it")
+        if sum(cache.d[h] for h in hooks) != sae.cfg.d_in:
+            raise SaeforgeError(f"cache {data} holds width {sum(cache.d[h] for h in hooks)} at {','.join(hooks)}, "
+                                f"but the SAE reads width {sae.cfg.d_in}; use the cache of the model the SAE was "
+                                "trained on")
         mcfg = cache.manifest.get("config", {})
         spec = cfg.model or cache.model_spec or sae.cfg.model
         loaded = load_model(spec, tokenizer=cfg.tokenizer or mcfg.get("tokenizer"), device=device)
@@ -145,10 +155,11 @@ def open_source(cfg: DashboardConfig, sae: Any, hook: str, device: torch.device)
             for i in range(skip, cache.n_shards):
                 if limit is not None and seen >= limit:
                     return
-                s = cache.shard(i, [hook])
+                s = cache.shard(i, hooks)
                 n = s["token_id"].shape[0] if limit is None else min(s["token_id"].shape[0], limit - seen)
                 seen += n
-                yield {"x": s[f"acts.{hook}"][:n].float(), "tok": s["token_id"][:n].long(),
+                x = stacked(sae, hooks, {h: s[f"acts.{h}"][:n].float() for h in hooks})
+                yield {"x": x, "tok": s["token_id"][:n].long(),
                        "doc": s["doc"][:n].long(), "pos": s["pos"][:n].long()}
 
         total = cache.n_tokens if limit is None else min(cache.n_tokens, limit)
@@ -162,7 +173,7 @@ def open_source(cfg: DashboardConfig, sae: Any, hook: str, device: torch.device)
     _warn_mismatch(sae, spec)
 
     check_context_len(loaded, cfg.context_len)
-    hp = resolve_hook(loaded, hook)
+    hps = [resolve_hook(loaded, h) for h in hooks]
     # Small models spend most of a forward pass in per-call overhead: stories260K costs 5x less CPU per
     # token with 256 contexts per pass than with 32. Aim at ~2M residual floats per pass, within [8, 256].
     per_pass = cfg.batch_contexts or int(min(256, max(8, 2**21 // (cfg.context_len * loaded.d_model))))
@@ -174,14 +185,18 @@ def open_source(cfg: DashboardConfig, sae: Any, hook: str, device: torch.device)
         for i, batch in enumerate(batches):
             if i < skip:
                 continue
-            r = forward_rows(loaded.model, [hp], batch, device)
-            if not bool(torch.isfinite(r[f"acts.{hook}"]).all()):
-                raise NonFiniteError(f"{spec} gives NaN/Inf activations at {hook} on {cfg.data} (batch {i}); the "
+            r = forward_rows(loaded.model, hps, batch, device)
+            acts = {h: r[f"acts.{hp.name}"].float() for h, hp in zip(hooks, hps)}
+            where = ",".join(hooks)
+            if not all(bool(torch.isfinite(a).all()) for a in acts.values()):
+                raise NonFiniteError(f"{spec} gives NaN/Inf activations at {where} on {cfg.data} (batch {i}); the "
                                      "dashboard would show garbage: check the model and the data")
-            if r[f"acts.{hook}"].shape[-1] != sae.cfg.d_in:
-                raise SaeforgeError(f"{spec} gives width {r[f'acts.{hook}'].shape[-1]} at {hook}, but the SAE reads "
+            width = sum(a.shape[-1] for a in acts.values())
+            if width != sae.cfg.d_in:
+                raise SaeforgeError(f"{spec} gives width {width} at {where}, but the SAE reads "
                                     f"width {sae.cfg.d_in}; pass the --model the SAE was trained on")
-            yield {"x": r[f"acts.{hook}"].float(), "tok": r["token_id"].long(), "doc": r["doc"], "pos": r["pos"].long()}
+            yield {"x": stacked(sae, hooks, acts), "tok": r["token_id"].long(), "doc": r["doc"],
+                   "pos": r["pos"].long()}
 
     desc = {"text": cfg.data, "model": str(spec), "context_len": cfg.context_len}
     return Source("text", desc, cfg.max_tokens, text_chunks, loaded)
@@ -309,18 +324,27 @@ def _build_locked(cfg: DashboardConfig, progress: bool, overwrite: bool) -> Path
         shutil.rmtree(state_dir)
     explanations = load_explanations(cfg.explanations) if cfg.explanations else {}
     sae = load_sae(cfg.sae, format=cfg.sae_format, device=device).eval()
-    hook = cfg.hook or sae.cfg.hook
-    if not hook:
+    hooks = [cfg.hook] if cfg.hook else sae.input_hooks()
+    if not hooks:
         raise SaeforgeError("the SAE names no input hook; pass --hook (e.g. resid_post.2)")
-    source = open_source(cfg, sae, hook, device)
+    if cfg.hook and len(sae.input_hooks()) > 1:
+        raise SaeforgeError(f"--hook {cfg.hook!r}: this SAE reads several hooks ({', '.join(sae.input_hooks())}); "
+                            "build it without --hook")
+    source = open_source(cfg, sae, hooks, device)
     state_dir.mkdir(parents=True, exist_ok=True)
     stats = run_pass(cfg, sae, source, state_dir, progress=progress)
-    W_dec = sae.W_dec.detach().float()
-    effects = lg.logit_effects_for_model(W_dec, source.loaded, k=cfg.n_logits, bins=cfg.hist_bins)
+    blocks = {h: w.detach().float() for h, w in sae.decoder_blocks().items()}
+    # logit effects of the last output hook's directions (a crosscoder's last listed hook: list hooks in
+    # layer order and it is the one nearest the unembedding); neighbours by the whole decoder
+    logit_hook, W_out = list(blocks.items())[-1]
+    effects = lg.logit_effects_for_model(W_out, source.loaded, k=cfg.n_logits, bins=cfg.hist_bins)
+    W_dec = sae.W_dec.detach().float().reshape(sae.cfg.d_sae, -1)
     neighbors = lg.decoder_neighbors(W_dec, cfg.n_neighbors) if cfg.n_neighbors else None
     info = {"sae": cfg.sae, "arch": sae.cfg.arch, "d_in": sae.cfg.d_in, "d_sae": sae.cfg.d_sae,
-            "hook": hook, "target_hook": sae.cfg.target_hook, "transcoder": bool(sae.cfg.is_transcoder),
+            "hook": ",".join(hooks), "target_hook": sae.cfg.target_hook, "transcoder": bool(sae.cfg.is_transcoder),
+            "input_hooks": hooks, "output_hooks": list(blocks), "logit_hook": logit_hook,
             "model": str(source.loaded.spec), "source": source.describe, "n_tokens": stats.n_rows,
             "settings": cfg.identity()}
-    write_site(out, cfg, stats, effects, neighbors, explanations, source.loaded.tokenizer, info)
+    norms = {h: w.norm(dim=-1) for h, w in blocks.items()} if len(blocks) > 1 else None
+    write_site(out, cfg, stats, effects, neighbors, explanations, source.loaded.tokenizer, info, norms)
     return out

@@ -133,9 +133,11 @@ class _Examples:
 
 # ---------------------------------------------------------------------------------------------- the writer
 def latent_records(cfg: Any, stats: Any, effects: dict[str, torch.Tensor] | None,
-                   neighbors: tuple[torch.Tensor, torch.Tensor] | None, explanations: dict[int, dict[str, Any]]
+                   neighbors: tuple[torch.Tensor, torch.Tensor] | None, explanations: dict[int, dict[str, Any]],
+                   decoder_norms: dict[str, torch.Tensor] | None = None
                    ) -> tuple[list[dict[str, Any]], list[set[int]]]:
-    """One JSON-ready record per latent, plus the token ids each record shows."""
+    """One JSON-ready record per latent, plus the token ids each record shows. ``decoder_norms`` (output hook ->
+    [d_sae], for an SAE that writes several hooks) adds each latent's decoder norm at every hook."""
     from saeforge.dashboard.stream import linear_histogram, quantile_edges
 
     m, n = stats.m, max(stats.n_rows, 1)
@@ -155,6 +157,7 @@ def latent_records(cfg: Any, stats: Any, effects: dict[str, torch.Tensor] | None
     vmax = vmax.numpy()
     eff = {k: v.cpu().numpy() for k, v in effects.items()} if effects is not None else None
     nb = (neighbors[0].cpu().numpy(), neighbors[1].cpu().numpy()) if neighbors is not None else None
+    norms = {h: v.detach().float().cpu().numpy() for h, v in (decoder_norms or {}).items()}
     records, used_all = [], []
     for i in range(m):
         used: set[int] = set()
@@ -183,6 +186,8 @@ def latent_records(cfg: Any, stats: Any, effects: dict[str, torch.Tensor] | None
                 "counts": eff["hist"][i].tolist()}}
         if nb is not None:
             rec["neighbors"] = [[int(j), round(float(c), 4)] for j, c in zip(nb[0][i], nb[1][i])]
+        if norms:
+            rec["decoder_norms"] = {h: round(float(v[i]), 4) for h, v in norms.items()}
         rec["explanation"] = explanations.get(i)
         records.append(rec)
         used_all.append(used)
@@ -203,10 +208,10 @@ def _top_tokens(rec: dict[str, Any], strs: dict[int, str], n: int = 3) -> list[s
 
 def write_site(out: Path, cfg: Any, stats: Any, effects: dict[str, torch.Tensor] | None,
                neighbors: tuple[torch.Tensor, torch.Tensor] | None, explanations: dict[int, dict[str, Any]],
-               tokenizer: Any, info: dict[str, Any]) -> Path:
+               tokenizer: Any, info: dict[str, Any], decoder_norms: dict[str, torch.Tensor] | None = None) -> Path:
     """Write every file of the site (see the module docstring) into ``out``."""
     out = Path(out)
-    records, used = latent_records(cfg, stats, effects, neighbors, explanations)
+    records, used = latent_records(cfg, stats, effects, neighbors, explanations, decoder_norms)
     all_ids = sorted(set().union(*used)) if used else []
     strs = {t: tokenizer.token_str(t) for t in all_ids}
     shard_dir = out / "data" / "shards"

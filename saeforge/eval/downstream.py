@@ -1,10 +1,17 @@
 """Downstream loss: the model's next-token cross-entropy with the SAE spliced in, against ablations.
 
 For every batch of contexts the model runs once clean, once per SAE with the SAE's reconstruction
-replacing the activation at its hook (for a transcoder: the activation at its *target* hook is replaced by
-``sae(x)``, ``x`` captured at its input hook in the same forward pass), and once per hook zero-ablated
-(activation := 0) and mean-ablated (activation := its mean over the eval tokens, from the reconstruction
-pass). Per token we record the cross-entropy of the true next token and KL(clean ‖ modified).
+replacing the activation at every hook it reconstructs (``SAE.output_hooks``), and once per such set of
+hooks zero-ablated (activation := 0) and mean-ablated (activation := its mean over the eval tokens, from the
+reconstruction pass). Per token we record the cross-entropy of the true next token and KL(clean ‖ modified).
+
+The SAE reads the clean forward's activations at its input hooks (``SAE.input_hooks``, recorded while the
+clean logits are computed): a plain SAE its own hook, a transcoder its input hook (its output replaces the
+*target* hook), a crosscoder every hook it reads; all of its reconstructions then replace their hooks in one
+spliced forward. For an SAE, and for a transcoder whose input precedes its target, the clean activation is
+exactly the one the spliced forward reaches the input hook with (nothing upstream has changed). An acausal
+crosscoder's reconstruction at an early hook depends on the activations at later hooks, which a single
+forward has not computed when it passes the early hook, so its inputs can only come from the clean pass.
 
 Positions. By default only positions whose ``keep`` mask is True (ordinary text tokens, not BOS / special /
 padding) are replaced; elsewhere the original activation stays, the convention of SAELens's evaluator for
@@ -32,9 +39,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from saeforge.data.packing import ContextBatch
-from saeforge.errors import SaeforgeError
 from saeforge.eval.recon import encode_decode, rows_per_step
-from saeforge.hooks import HookPoint, splice
+from saeforge.hooks import HookPoint, recording, splice
 from saeforge.sae.base import SAE
 
 PER_TOKEN_KEYS = ("ce_clean", "ce_spliced", "ce_zero", "ce_mean", "kl", "kl_zero", "kl_mean")
@@ -42,11 +48,32 @@ PER_TOKEN_KEYS = ("ce_clean", "ce_spliced", "ce_zero", "ce_mean", "kl", "kl_zero
 
 @dataclass
 class SpliceTarget:
-    """One SAE to splice: read ``inp`` (its input hook), write ``out`` (its target hook; == inp for an SAE)."""
+    """One SAE to splice: it reads ``inputs`` (aligned with ``sae.input_hooks()``) and writes ``outputs``
+    (aligned with ``sae.output_hooks()``; the input for a plain SAE, the target hook for a transcoder)."""
 
     sae: SAE
-    inp: HookPoint
-    out: HookPoint
+    inputs: list[HookPoint]
+    outputs: list[HookPoint]
+
+    @property
+    def key(self) -> tuple[str, ...]:
+        """The output hooks' names: SAEs that write the same hooks share their ablations."""
+        return tuple(hp.name for hp in self.outputs)
+
+    def _pick(self, acts: dict[str, Tensor], points: list[HookPoint], names: list[str],
+              mask: Tensor | None) -> dict[str, Tensor]:
+        def pick(hp: HookPoint) -> Tensor:
+            a = acts[hp.name]
+            return a if mask is None else a[mask.to(a.device)]
+
+        return dict(zip(names, (pick(hp) for hp in points)))
+
+    def rows(self, acts: dict[str, Tensor], mask: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """The SAE's input and target rows (its ``inputs_from``) out of ``{hook point name: activation}``
+        holding its input and output hooks, at ``mask`` positions (every row when None)."""
+        named = {**self._pick(acts, self.inputs, self.sae.input_hooks(), mask),
+                 **self._pick(acts, self.outputs, self.sae.output_hooks(), mask)}
+        return self.sae.inputs_from(named)
 
 
 def splice_mask(keep: Tensor, valid: Tensor, splice_all: bool) -> Tensor:
@@ -60,10 +87,13 @@ def loss_mask(keep: Tensor, valid: Tensor, splice_all: bool) -> Tensor:
 
 
 @torch.no_grad()
-def _reconstruct(sae: SAE, rows: Tensor) -> Tensor:
+def reconstruct_rows(sae: SAE, x: Tensor) -> list[Tensor]:
+    """``sae(x)`` for input rows ``x`` (in steps that keep the codes small), one ``[N, d]`` per output hook."""
     step = rows_per_step(sae.cfg.d_sae)
-    return torch.cat([encode_decode(sae, rows[i:i + step])[1] for i in range(0, rows.shape[0], step)]) \
-        if rows.shape[0] else rows.new_zeros(0, sae.cfg.d_out)
+    if not x.shape[0]:
+        return sae.split_outputs(x.new_zeros(0, sae.cfg.d_out))
+    parts = [sae.split_outputs(encode_decode(sae, x[i:i + step])[1]) for i in range(0, x.shape[0], step)]
+    return [torch.cat(p) for p in zip(*parts)]
 
 
 def _replace(act: Tensor, mask: Tensor, new_rows: Tensor) -> Tensor:
@@ -73,51 +103,46 @@ def _replace(act: Tensor, mask: Tensor, new_rows: Tensor) -> Tensor:
 
 
 @contextmanager
-def sae_spliced(model: Any, target: SpliceTarget, mask: Tensor) -> Iterator[None]:
-    """While active, ``target.out``'s activation at ``mask`` positions is the SAE's reconstruction."""
-    sae, inp, out = target.sae, target.inp, target.out
-    if inp == out:
+def rows_spliced(model: Any, rows: dict[HookPoint, Tensor], mask: Tensor) -> Iterator[None]:
+    """While active, each hook's activation at ``mask`` positions is its given ``[n, d]`` rows."""
+    def make_fn(new: Tensor):
         def fn(act: Tensor) -> Tensor:
-            m = mask.to(act.device)
-            return _replace(act, m, _reconstruct(sae, act[m]))
+            return _replace(act, mask.to(act.device), new)
 
-        with splice(model, out, fn):
-            yield
-        return
-
-    stash: dict[str, Tensor] = {}
-
-    def record(act: Tensor) -> Tensor:
-        stash["x"] = act
-        return act
-
-    def fn_tc(act: Tensor) -> Tensor:
-        if "x" not in stash:
-            raise SaeforgeError(
-                f"transcoder input hook {inp.name!r} did not run before its target {out.name!r}; "
-                "the input must come earlier in the forward pass"
-            )
-        x = stash.pop("x")
-        m = mask.to(act.device)
-        return _replace(act, m, _reconstruct(sae, x[m.to(x.device)]))
+        return fn
 
     with ExitStack() as st:
-        st.enter_context(splice(model, inp, record))
-        st.enter_context(splice(model, out, fn_tc))
+        for hp, new in rows.items():
+            st.enter_context(splice(model, hp, make_fn(new)))
         yield
 
 
 @contextmanager
-def ablated(model: Any, hook: HookPoint, mask: Tensor, value: Tensor | None) -> Iterator[None]:
-    """While active, ``hook``'s activation at ``mask`` positions is ``value`` (a [d] vector) or zero."""
+def sae_spliced(model: Any, target: SpliceTarget, mask: Tensor, clean: dict[str, Tensor]) -> Iterator[None]:
+    """While active, every output hook of ``target`` holds, at ``mask`` positions, the SAE's reconstruction from
+    the ``clean`` activations at its hooks (``{hook point name: [B, T, d]}``)."""
+    x, _ = target.rows(clean, mask)
+    parts = reconstruct_rows(target.sae, x)
+    with rows_spliced(model, dict(zip(target.outputs, parts)), mask):
+        yield
 
-    def fn(act: Tensor) -> Tensor:
-        out = act.clone()
-        m = mask.to(act.device)
-        out[m] = 0 if value is None else value.to(device=act.device, dtype=act.dtype)
-        return out
 
-    with splice(model, hook, fn):
+@contextmanager
+def ablated(model: Any, hooks: list[HookPoint], mask: Tensor, values: list[Tensor] | None) -> Iterator[None]:
+    """While active, each hook's activation at ``mask`` positions is its ``values`` entry (a [d] vector) or zero."""
+
+    def make_fn(value: Tensor | None):
+        def fn(act: Tensor) -> Tensor:
+            out = act.clone()
+            m = mask.to(act.device)
+            out[m] = 0 if value is None else value.to(device=act.device, dtype=act.dtype)
+            return out
+
+        return fn
+
+    with ExitStack() as st:
+        for j, hp in enumerate(hooks):
+            st.enter_context(splice(model, hp, make_fn(None if values is None else values[j])))
         yield
 
 
@@ -134,12 +159,12 @@ def downstream_batch(
     lm: Any,
     batch: ContextBatch,
     targets: list[SpliceTarget],
-    means: dict[str, Tensor],
+    means: dict[tuple[str, ...], list[Tensor]],
     splice_all: bool = False,
 ) -> list[dict[str, np.ndarray]]:
     """Per-token CE / KL arrays (float32, one dict per SAE in ``targets``) for one batch of contexts.
 
-    ``means[hook_name]`` is the mean activation used for mean ablation at that (output) hook.
+    ``means[target.key]`` are the mean activations (one [d] per output hook) used for mean ablation.
     """
     tokens, doc, keep = batch.tokens, batch.doc, batch.keep
     valid = doc >= 0
@@ -154,24 +179,25 @@ def downstream_batch(
         logits = lm.logits(tokens, am)
         return F.log_softmax(logits[:, :-1][lm_dev].float(), dim=-1)
 
-    lp_clean = logp()
+    with recording(lm.model, [hp for t in targets for hp in t.inputs + t.outputs]) as clean:
+        lp_clean = logp()
+    clean = dict(clean)
     ce_clean, _ = _ce_kl(lp_clean, tgt, None)
-    ablations: dict[str, dict[str, Tensor]] = {}
+    ablations: dict[tuple[str, ...], dict[str, Tensor]] = {}
     for t in targets:
-        name = t.out.name
-        if name in ablations:
+        if t.key in ablations:
             continue
         res = {}
-        for kind, value in (("zero", None), ("mean", means[name])):
-            with ablated(lm.model, t.out, smask, value):
+        for kind, values in (("zero", None), ("mean", means[t.key])):
+            with ablated(lm.model, t.outputs, smask, values):
                 ce, kl = _ce_kl(logp(), tgt, lp_clean)
             res[f"ce_{kind}"], res[f"kl_{kind}"] = ce, kl
-        ablations[name] = res
+        ablations[t.key] = res
     out = []
     for t in targets:
-        with sae_spliced(lm.model, t, smask):
+        with sae_spliced(lm.model, t, smask, clean):
             ce, kl = _ce_kl(logp(), tgt, lp_clean)
-        rec = {"ce_clean": ce_clean, "ce_spliced": ce, "kl": kl, **ablations[t.out.name]}
+        rec = {"ce_clean": ce_clean, "ce_spliced": ce, "kl": kl, **ablations[t.key]}
         rec = {k: v.float().cpu().numpy() for k, v in rec.items()}
         rec["target"] = tgt.to(torch.int32).cpu().numpy()
         out.append(rec)

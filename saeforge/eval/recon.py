@@ -152,3 +152,35 @@ def reconstruction_metrics(sae: SAE, x: Tensor, y: Tensor | None = None, batch_r
         f, y_hat = encode_decode(sae, x[i:i + step])
         stats.update(y[i:i + step], y_hat, f)
     return stats.result()
+
+
+class HookReconStats:
+    """The reconstruction sums of each output hook of an SAE that reconstructs several (a crosscoder): one
+    :class:`ReconStats` per hook, fed that hook's slice of the targets and reconstructions (the codes, and so
+    L0, are shared). Empty for an SAE with one output hook, whose totals are already that hook's."""
+
+    def __init__(self, hooks: list[str], d: list[int]):
+        self.hooks = list(hooks) if len(hooks) > 1 else []
+        self.parts = [ReconStats(w) for w in d[:len(self.hooks)]]
+
+    def update(self, ys: list[Tensor], y_hats: list[Tensor], f: Tensor) -> None:
+        for s, y, y_hat in zip(self.parts, ys, y_hats):
+            s.update(y, y_hat, f)
+
+    def result(self) -> dict[str, dict[str, Any]]:
+        return {h: s.result() for h, s in zip(self.hooks, self.parts)}
+
+    def merge(self, other: "HookReconStats") -> None:
+        for s, o in zip(self.parts, other.parts):
+            s.merge(o)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"hooks": list(self.hooks), "parts": [s.state_dict() for s in self.parts]}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.hooks = list(state["hooks"])
+        self.parts = []
+        for st in state["parts"]:
+            s = ReconStats(int(st["d_out"]))
+            s.load_state_dict(st)
+            self.parts.append(s)

@@ -47,7 +47,7 @@ from saeforge.errors import CorruptFileError, SaeforgeError
 from saeforge.eval.downstream import DownstreamStats, SpliceTarget, downstream_batch
 from saeforge.eval.features import FeatureStats, feature_summary, sparse_rows
 from saeforge.eval.probe_tasks import BUILTIN_TASKS
-from saeforge.eval.recon import ReconStats, encode_decode, rows_per_step
+from saeforge.eval.recon import HookReconStats, ReconStats, encode_decode, rows_per_step
 from saeforge.hooks import capture, resolve_hook
 from saeforge.io import write_bytes_atomic, write_json_atomic
 from saeforge.models import check_context_len
@@ -237,15 +237,15 @@ class EvalRunner:
         self.names = list(self.saes)
         self.targets: list[SpliceTarget] = []
         for name, sae in self.saes.items():
-            hook = sae.cfg.hook
-            if not hook:
+            ins, outs = sae.input_hooks(), sae.output_hooks()
+            if not ins or not outs:
                 raise SaeforgeError(f"SAE {name!r} names no hook point (cfg.hook is empty); set it, e.g. resid_post.2")
-            inp = resolve_hook(lm.model, hook, lm.family)
-            tgt = sae.cfg.target_hook or hook
-            outp = inp if tgt == hook else resolve_hook(lm.model, tgt, lm.family)
-            self.targets.append(SpliceTarget(sae, inp, outp))
-        self.points = list({hp.name: hp for t in self.targets for hp in (t.inp, t.out)}.values())
+            points = {h: resolve_hook(lm.model, h, lm.family) for h in dict.fromkeys(ins + outs)}
+            self.targets.append(SpliceTarget(sae, [points[h] for h in ins], [points[h] for h in outs]))
+        self.points = list({hp.name: hp for t in self.targets for hp in t.inputs + t.outputs}.values())
         self.recon = [ReconStats(s.cfg.d_out) for s in self.saes.values()]
+        self.recon_hooks = [HookReconStats(s.output_hooks(), [p.shape[-1] for p in s.split_outputs(
+            torch.zeros(1, s.cfg.d_out))]) for s in self.saes.values()]
         self.feats = [FeatureStats(s.cfg.d_sae) for s in self.saes.values()]
         self.down = [DownstreamStats() for _ in self.saes]
         self.store = ChunkStore(self.out / "eval_chunks" if self.out else None)
@@ -296,6 +296,7 @@ class EvalRunner:
             st = state.get("stats", {}).get(str(i), {})
             if "recon" in st:
                 self.recon[i].load_state_dict(st["recon"])
+                self.recon_hooks[i].load_state_dict(st["recon_hooks"])
                 self.feats[i].load_state_dict(st["feats"])
             if "down" in st:
                 self.down[i].load_state_dict(st["down"])
@@ -322,6 +323,7 @@ class EvalRunner:
         if self.out is None or self.rank != 0:
             return
         state["stats"] = {str(i): {"recon": self.recon[i].state_dict(), "feats": self.feats[i].state_dict(),
+                                   "recon_hooks": self.recon_hooks[i].state_dict(),
                                    "down": self.down[i].state_dict()} for i in range(len(self.names))}
         state["chunk_sha"] = dict(self.store.sha)
         body = _pack(state)
@@ -379,7 +381,7 @@ class EvalRunner:
 
     def _merge(self, phase: str, ph: dict[str, Any], n_chunks: int) -> None:
         """After a distributed pass: every process gets the merged sums of all (in rank order) and the chunks."""
-        stats = (self.recon, self.feats) if phase == "recon" else (self.down,)
+        stats = (self.recon, self.feats, self.recon_hooks) if phase == "recon" else (self.down,)
         mem = {k: v for k, v in self.store.mem.items() if k[0] == phase}
         parts = dist.all_gather_object(([[s.state_dict() for s in group] for group in stats], ph["tokens"], mem,
                                         dict(self.store.sha)))
@@ -416,17 +418,21 @@ class EvalRunner:
         sampled = (torch.rand(n, generator=gen) < p).to(dev)
         out: dict[str, np.ndarray] = {"sample_n": np.array([int(sampled.sum())], dtype=np.int64)}
         for i, t in enumerate(self.targets):
-            x, y = acts[t.inp.name][k], acts[t.out.name][k]
-            if x.shape[-1] != t.sae.cfg.d_in or y.shape[-1] != t.sae.cfg.d_out:
+            w_in, w_out = (sum(acts[hp.name].shape[-1] for hp in pts) for pts in (t.inputs, t.outputs))
+            if w_in != t.sae.cfg.d_in or w_out != t.sae.cfg.d_out:
+                names = "/".join(",".join(hp.name for hp in pts) for pts in (t.inputs, t.outputs))
                 raise SaeforgeError(
                     f"SAE {self.names[i]!r} expects widths d_in={t.sae.cfg.d_in}, d_out={t.sae.cfg.d_out} but hooks "
-                    f"{t.inp.name}/{t.out.name} give {x.shape[-1]}/{y.shape[-1]}; evaluate it on the model it was trained on"
+                    f"{names} give {w_in}/{w_out}; evaluate it on the model it was trained on"
                 )
+            x, y = t.rows(acts, k)
             vals, idx = [], []
             step = rows_per_step(t.sae.cfg.d_sae)
             for s in range(0, n, step):
                 f, y_hat = encode_decode(t.sae, x[s:s + step])
-                self.recon[i].update(y[s:s + step], y_hat, f)
+                ys = y[s:s + step]
+                self.recon[i].update(ys.reshape(ys.shape[0], -1), y_hat.reshape(ys.shape[0], -1), f)
+                self.recon_hooks[i].update(t.sae.split_outputs(ys), t.sae.split_outputs(y_hat), f)
                 self.feats[i].update(f)
                 v, j = sparse_rows(f, sampled[s:s + step])
                 vals.append(v)
@@ -436,9 +442,9 @@ class EvalRunner:
         return out
 
     def _down_step(self, batch: ContextBatch, b: int) -> dict[str, np.ndarray]:
-        means = {}
-        for i, t in enumerate(self.targets):
-            means.setdefault(t.out.name, torch.from_numpy(self.recon[i].mean).float())
+        means: dict[tuple[str, ...], list[torch.Tensor]] = {}
+        for i, t in enumerate(self.targets):  # one mean per output hook: the target mean, split per hook
+            means.setdefault(t.key, t.sae.split_outputs(torch.from_numpy(self.recon[i].mean).float()))
         recs = downstream_batch(self.lm, batch, self.targets, means, self.cfg.splice_all)
         out = {}
         for i, rec in enumerate(recs):
@@ -454,7 +460,8 @@ class EvalRunner:
             rc = state["recon"]["chunks_done"]
             z = self.store.concat("recon", rc, [f"{i}_sample_vals", f"{i}_sample_idx", "sample_n"])
             sample = (z[f"{i}_sample_vals"], z[f"{i}_sample_idx"].astype(np.int64), int(z["sample_n"].sum()))
-            fsum, farr = feature_summary(self.feats[i], sample, sae.W_dec, c.dense_threshold, c.quantiles,
+            fsum, farr = feature_summary(self.feats[i], sample, sae.W_dec.reshape(sae.cfg.d_sae, -1),
+                                         c.dense_threshold, c.quantiles,
                                          c.decoder_chunk)
             self.arrays[name] = farr
             if self.do_downstream:
@@ -467,18 +474,21 @@ class EvalRunner:
                     else "downstream evaluation was turned off"
                 down = {"skipped": why}
             recon = self.recon[i].result()
+            per_hook = self.recon_hooks[i].result()  # an SAE writing several hooks (a crosscoder): one row each
             nonfinite = [f"{part}.{k}" for part, d in (("reconstruction", recon), ("downstream", down))
                          for k, v in d.items() if k in _MUST_BE_FINITE and isinstance(v, (float, int))
                          and not math.isfinite(v)]
             results[name] = jsonable({
                 "sae": {"name": name, "arch": sae.cfg.arch, "d_in": sae.cfg.d_in, "d_sae": sae.cfg.d_sae,
                         "d_out": sae.cfg.d_out, "hook": sae.cfg.hook, "target_hook": sae.cfg.target_hook,
+                        "input_hooks": sae.input_hooks(), "output_hooks": sae.output_hooks(),
                         "k": getattr(sae.cfg, "k", None), "model": sae.cfg.model,
                         "source": (sae.cfg.metadata or {}).get("source_path")},
                 "model": str(self.lm.spec),
                 "data": self.data,
                 "config": c.to_dict(),
                 "reconstruction": recon,
+                **({"reconstruction_per_hook": per_hook} if per_hook else {}),
                 "features": fsum,
                 "downstream": down,
             })

@@ -41,6 +41,9 @@ def memo(key: Hashable, compute: Callable[[], Any]) -> Any:
 def sae_hook(sae: SAE, hook: str | None) -> str:
     """``hook`` if given, else the hook the SAE reads (``cfg.hook``)."""
     hook = hook or sae.cfg.hook
+    if hook is None and len(sae.input_hooks()) > 1:
+        raise SaeforgeError(f"this section reads one hook and the SAE reads several ({', '.join(sae.input_hooks())}); "
+                            "leave it out (--extras) for a crosscoder")
     if hook is None:
         raise SaeforgeError("the SAE config names no hook point; pass hook='resid_post.L' (or set cfg.hook)")
     return hook

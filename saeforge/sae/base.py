@@ -368,6 +368,36 @@ class SAE(nn.Module):
             raise SaeforgeError(f"the stream has no target hook {target!r} (it has {sorted(acts)})")
         return x, acts[target]
 
+    # ---- hook points: which activations an SAE reads and which it reconstructs ----------------------
+    def input_hooks(self) -> list[str]:
+        """The hook points this SAE reads, in the order :meth:`inputs_from` stacks them (default: ``cfg.hook``;
+        empty when the SAE names none)."""
+        return [self.cfg.hook] if self.cfg.hook else []
+
+    def output_hooks(self) -> list[str]:
+        """The hook points this SAE reconstructs, in the order :meth:`split_outputs` returns them (default: the
+        target hook of a transcoder, else the input hook)."""
+        hook = self.cfg.target_hook or self.cfg.hook
+        return [hook] if hook else []
+
+    def stack_inputs(self, acts: dict[str, Tensor]) -> Tensor:
+        """The input ``x`` out of ``{input hook: [..., d]}`` (the hooks of :meth:`input_hooks`; default: the
+        one hook's activation)."""
+        hooks = [h for h in self.input_hooks() if h in acts] or list(acts)[:1]
+        if not hooks:
+            raise SaeforgeError(f"no activations at the SAE's input hook {self.input_hooks()}")
+        return acts[hooks[0]]
+
+    def split_outputs(self, y: Tensor) -> list[Tensor]:
+        """A target or reconstruction ``[..., d_out]`` (or the shape ``forward`` returns) as one ``[..., d]``
+        tensor per output hook (default: the one hook's)."""
+        return [y]
+
+    def decoder_blocks(self) -> dict[str, Tensor]:
+        """Each output hook's decoder directions ``[d_sae, d]`` (row i: latent i's direction there)."""
+        hooks = self.output_hooks() or [""]
+        return {hooks[0]: self.W_dec}
+
     # ---- one training step: the shared body and the four parts an architecture defines ----------------
     def training_forward(self, inp: TrainStepInput) -> TrainStepOutput:
         """One step's losses, built the same way for every architecture: working inputs → the arch's

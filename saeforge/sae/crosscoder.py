@@ -100,8 +100,23 @@ class CrosscoderSAE(TargetL0, SAE):
         missing = [h for h in self.cfg.hooks if h not in acts]
         if missing:
             raise SaeforgeError(f"the stream has no hook(s) {missing} (it has {sorted(acts)}); harvest them first")
-        x = torch.stack([acts[h] for h in self.cfg.hooks], dim=1)
+        x = torch.stack([acts[h] for h in self.cfg.hooks], dim=-2)
         return x, x
+
+    def input_hooks(self) -> list[str]:
+        return list(self.cfg.hooks)
+
+    def output_hooks(self) -> list[str]:
+        return list(self.cfg.hooks)
+
+    def stack_inputs(self, acts: dict[str, Tensor]) -> Tensor:
+        return self.inputs_from(acts)[0]
+
+    def split_outputs(self, y: Tensor) -> list[Tensor]:
+        return list(self._stack(y).unbind(-2))
+
+    def decoder_blocks(self) -> dict[str, Tensor]:
+        return {h: self.W_dec[:, i] for i, h in enumerate(self.cfg.hooks)}
 
     # ---- inference --------------------------------------------------------------------------------
     def normalize_input(self, x: Tensor) -> tuple[Tensor, None]:

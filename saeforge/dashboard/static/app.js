@@ -320,6 +320,12 @@
           el("div", null, el("h3", { text: "suppresses" }), logitTable(rec.logits.neg, vocab, "neg"))),
         histogram(rec.logits.hist.counts, rec.logits.hist.lo, rec.logits.hist.hi, { signed: true, log: true })));
     }
+    if (rec.decoder_norms) {
+      side.appendChild(el("div", { cls: "panel" }, el("h2", { text: "Decoder norm per hook" }),
+        el("ul", { cls: "neighbors" }, Object.keys(rec.decoder_norms).map(function (h) {
+          return el("li", null, el("span", { text: h }), el("span", { cls: "muted", text: " " + fmt(rec.decoder_norms[h], 3) }));
+        }))));
+    }
     if (rec.neighbors) {
       side.appendChild(el("div", { cls: "panel" }, el("h2", { text: "Nearest latents (decoder cosine)" }),
         el("ul", { cls: "neighbors" }, rec.neighbors.map(function (p) {
