@@ -14,6 +14,8 @@ import pkgutil
 import sys
 
 from saeforge.errors import describe
+from saeforge import commands
+from saeforge.kernels.allocator import tune_cpu_allocator
 
 
 class _Parser(argparse.ArgumentParser):
@@ -53,8 +55,6 @@ def _one_default_each(parser: argparse.ArgumentParser) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from saeforge import commands
-
     parser = _Parser(
         prog="saeforge",
         description="Sparse autoencoders on language-model activations: harvest activations, train SAEs, "
@@ -83,7 +83,6 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(args, "func", None):
         parser.print_help()
         return 1
-    from saeforge.kernels.allocator import tune_cpu_allocator
 
     tune_cpu_allocator()  # large CPU buffers stay in the heap between steps (same numbers; see its docstring)
     name = args.command

@@ -16,6 +16,9 @@ from typing import Any, Iterator
 import torch
 from safetensors.torch import save as _st_save
 
+from saeforge import faults
+from saeforge.errors import CorruptFileError
+
 
 def _umask() -> int:
     mask = os.umask(0)
@@ -38,7 +41,6 @@ def atomic_open(path: str | Path, mode: str = "wb") -> Iterator[Any]:
             yield fh
             fh.flush()
             os.fsync(fh.fileno())
-        from saeforge import faults
 
         faults.point(f"before-rename:{path.name}")
         os.replace(tmp, path)
@@ -66,7 +68,6 @@ CHECKSUM_KEY = "saeforge_sha256"
 
 def _split_safetensors(data: bytes, path: object) -> tuple[dict[str, Any], bytes]:
     """(header, tensor bytes) of a safetensors file; a cut or mangled header is a CorruptFileError."""
-    from saeforge.errors import CorruptFileError
 
     try:
         n = int.from_bytes(data[:8], "little")
@@ -107,7 +108,6 @@ def save_safetensors_atomic(
         _, body = _split_safetensors(data, path)
         data = _canonical_header(_st_save(tensors, metadata={**(metadata or {}), CHECKSUM_KEY: sha256_bytes(body)}))
     write_bytes_atomic(path, data)
-    from saeforge import faults
 
     faults.point(f"wrote:{Path(path).name}")
     return data
@@ -125,7 +125,6 @@ def load_safetensors_verified(
     """
     from safetensors.torch import load as _st_load
 
-    from saeforge.errors import CorruptFileError
 
     path = Path(path)
     data = path.read_bytes()

@@ -24,6 +24,11 @@ from pathlib import Path
 from typing import Any
 
 from saeforge.errors import SaeforgeError
+from saeforge.formats.common import read_json
+from saeforge.hooknames import to_transformerlens
+from saeforge.io import write_text_atomic
+from saeforge.formats import save_sae_as
+from saeforge.formats import load_sae
 
 CARD = "README.md"
 SAELENS_DIR = "saelens"
@@ -73,7 +78,6 @@ def _fmt(v: Any) -> str:
 
 
 def _eval_metrics(run: Path) -> list[tuple[str, Any]]:
-    from saeforge.formats.common import read_json
 
     path = run / "eval.json"
     if not path.exists():
@@ -86,7 +90,6 @@ def _eval_metrics(run: Path) -> list[tuple[str, Any]]:
 
 def model_card(sae: Any, repo_id: str, metrics: list[tuple[str, Any]], saelens: bool) -> str:
     """The README.md text for ``sae`` published as ``repo_id``."""
-    from saeforge.hooknames import to_transformerlens
 
     c = sae.cfg
     front = ["---", "library_name: saeforge", "tags:", "- sparse-autoencoder", "- saeforge", f"- {c.arch}"]
@@ -137,7 +140,6 @@ def upload_list(folder: Path, ignore: list[str] | None = None) -> list[str]:
 
 
 def _write_card(run: Path, text: str, notes: list[str]) -> Path:
-    from saeforge.io import write_text_atomic
 
     card = run / CARD
     if card.exists() and MARKER not in card.read_text(encoding="utf-8", errors="replace"):
@@ -148,8 +150,6 @@ def _write_card(run: Path, text: str, notes: list[str]) -> Path:
 
 
 def _saelens_copy(sae: Any, run: Path, notes: list[str]) -> bool:
-    from saeforge.formats import save_sae_as
-
     if (sae.cfg.metadata or {}).get("source_format") == "saelens" and (run / "cfg.json").exists() and \
             (run / "sae_weights.safetensors").exists():
         return False  # RUN is itself a SAELens folder: SAE.from_pretrained(REPO_ID, "") reads it already
@@ -165,7 +165,6 @@ def push(run: str | Path, repo_id: str, *, dry_run: bool = False, private: bool 
          revision: str | None = None, commit_message: str | None = None, saelens: bool = True,
          token: str | None = None) -> PushResult:
     """Write the model card (and SAELens copy) into ``run`` and upload the folder to ``repo_id``."""
-    from saeforge.formats import load_sae
 
     run = Path(run).expanduser()
     if not run.is_dir():

@@ -23,6 +23,7 @@ from typing import Any, ClassVar, Protocol
 
 from saeforge.config import JsonConfig
 from saeforge.errors import SaeforgeError
+from saeforge import distributed as dist
 
 BACKENDS = {"tensorboard": "tensorboard", "wandb": "wandb"}  # backend -> the pip extra that provides it
 SKIP = {"step"}  # the x axis, not a metric
@@ -137,7 +138,6 @@ class _Many:
 def open_tracker(cfg: TrackingConfig | None, out: str | Path, config: dict[str, Any] | None = None,
                  start_step: int = 0) -> Tracker:
     """The trackers ``cfg`` names, on the main process; a no-op elsewhere or when ``cfg`` names none."""
-    from saeforge import distributed as dist
 
     if cfg is None or not cfg.log_to or not dist.is_main():
         return _Null()

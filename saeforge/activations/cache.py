@@ -29,6 +29,7 @@ from typing import Any, Iterator
 import torch
 from safetensors import safe_open
 
+import saeforge
 from saeforge import distributed as dist
 from saeforge import faults
 from saeforge.config import JsonConfig
@@ -181,8 +182,6 @@ def _version() -> str:
 
         return version("saeforge-toolkit")  # the distribution name (pyproject.toml)
     except Exception:  # noqa: BLE001 - not installed (running from a checkout)
-        import saeforge
-
         return str(getattr(saeforge, "__version__", "unknown"))
 
 

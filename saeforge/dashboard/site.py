@@ -28,6 +28,7 @@ import torch
 
 from saeforge.errors import SaeforgeError
 from saeforge.io import write_text_atomic
+from saeforge.dashboard.stream import linear_histogram, quantile_edges
 
 STATIC = Path(__file__).resolve().parent / "static"
 DENSE_THRESHOLD = 0.1  # the index's "dense" filter: firing on more than 10% of tokens
@@ -138,8 +139,6 @@ def latent_records(cfg: Any, stats: Any, effects: dict[str, torch.Tensor] | None
                    ) -> tuple[list[dict[str, Any]], list[set[int]]]:
     """One JSON-ready record per latent, plus the token ids each record shows. ``decoder_norms`` (output hook ->
     [d_sae], for an SAE that writes several hooks) adds each latent's decoder norm at every hook."""
-    from saeforge.dashboard.stream import linear_histogram, quantile_edges
-
     m, n = stats.m, max(stats.n_rows, 1)
     top, res = stats.top.sorted(), stats.res.sorted()
     fires = stats.fires.cpu().numpy()

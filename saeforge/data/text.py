@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator
 
 from saeforge.errors import SaeforgeError
+from saeforge.paths import looks_local
 
 FILE_SUFFIXES = (".txt", ".jsonl", ".jsonl.gz", ".parquet")
 
@@ -180,7 +181,6 @@ def iter_documents(
             return
         yield from _iter_hf(str(path), text_field, split, streaming)
         return
-    from saeforge.paths import looks_local
 
     if _looks_like_path(source) or looks_local(source):
         raise SaeforgeError(f"no such file or folder: {source} (the data path does not exist; not tried as a Hugging Face "

@@ -33,6 +33,7 @@ from saeforge.formats.common import (
 )
 from saeforge.sae import SAE
 from saeforge.sae.base import check_finite_weights
+from saeforge.paths import require_exists
 
 MODULES: dict[str, ModuleType] = {
     SAELENS: saelens,
@@ -90,8 +91,6 @@ def detect_format(path: str | Path) -> str:
 
 
 def _local_path(src: str | Path, subfolder: str | None, revision: str | None) -> Path:
-    from saeforge.paths import require_exists
-
     require_exists(src, "SAE", "--sae")
     if hub.is_hub_id(src):
         return hub.download(str(src), subfolder=subfolder, revision=revision)

@@ -11,13 +11,12 @@ from pathlib import Path
 from typing import Any
 
 from saeforge.errors import SaeforgeError
+from saeforge.paths import looks_local
 
 _ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+(/[\w.\-/]+)?$")
 
 
 def is_hub_id(text: str | Path) -> bool:
-    from saeforge.paths import looks_local
-
     s = str(text)
     return not Path(s).exists() and not looks_local(text) and bool(_ID.match(s))
 

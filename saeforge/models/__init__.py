@@ -13,6 +13,10 @@ from torch import Tensor
 
 from saeforge.errors import SaeforgeError
 from saeforge.models.tokenizer import HFTokenizer, Llama2cTokenizer, Tokenizer, load_tokenizer
+from saeforge.models.llama2c import is_llama2c_checkpoint
+from saeforge.paths import require_exists
+from saeforge.models.llama2c import find_tokenizer, load_llama2c
+from saeforge.models.hf import load_hf, text_config
 
 __all__ = ["LoadedModel", "load_model", "Tokenizer", "HFTokenizer", "Llama2cTokenizer", "load_tokenizer"]
 
@@ -42,8 +46,6 @@ class LoadedModel:
 
 
 def _llama2c_path(spec: str) -> Path | None:
-    from saeforge.models.llama2c import is_llama2c_checkpoint
-
     if spec.startswith("llama2c:"):
         p = Path(spec[len("llama2c:") :]).expanduser()
         if not p.is_file():
@@ -79,7 +81,6 @@ def load_model(
     ``dtype`` is the weights' dtype (bf16/fp16 for big models); ``device_map`` (HF models, e.g. ``"auto"``) spreads
     the layers over the GPUs of the node instead of putting the model on ``device``.
     """
-    from saeforge.paths import require_exists
 
     spec = str(spec)
     require_exists(spec[len("llama2c:"):] if spec.startswith("llama2c:") else spec, "model", "--model")
@@ -87,7 +88,6 @@ def load_model(
         require_exists(tokenizer, "tokenizer", "--tokenizer")
     l2c = _llama2c_path(spec)
     if l2c is not None:
-        from saeforge.models.llama2c import find_tokenizer, load_llama2c
 
         if device_map is not None:
             raise SaeforgeError("--device-map is for Hugging Face models; a llama2.c model loads on one --device")
@@ -96,7 +96,6 @@ def load_model(
         tok = load_tokenizer(tok_path, vocab_size=hdr.vocab_size if str(tok_path).endswith(".bin") else None)
         return LoadedModel(model, _check_tokenizer(tok, model, spec), "llama", spec, True, hdr.dim, hdr.n_layers)
 
-    from saeforge.models.hf import load_hf, text_config
 
     model, config, causal = load_hf(spec, device=device, dtype=dtype, device_map=device_map)
     if tokenizer is not None:

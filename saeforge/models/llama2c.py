@@ -15,6 +15,8 @@ import numpy as np
 import torch
 
 from saeforge.errors import SaeforgeError
+from saeforge.models.tokenizer import Llama2cTokenizer
+from saeforge.io import write_bytes_atomic
 
 HEADER_BYTES = 28
 _V1_MAGIC = 0x616B3432  # "ak42": llama2.c export.py version 1/2 files
@@ -164,7 +166,6 @@ def load_llama2c(path: str | Path, device: str | torch.device = "cpu", dtype: to
 
 def find_tokenizer(model_path: str | Path, vocab_size: int | None = None) -> Path:
     """The llama2.c tokenizer next to a checkpoint: ``tokenizer.bin`` or ``tok*.bin`` with a matching vocab size."""
-    from saeforge.models.tokenizer import Llama2cTokenizer
 
     folder = Path(model_path).resolve().parent
     cands = sorted({*folder.glob("tok*.bin"), *folder.glob("tokenizer.bin")})
@@ -192,8 +193,6 @@ def save_hf(loaded, folder: str | Path) -> Path:
     llama2.c tokenizer is copied alongside as ``tokenizer.bin`` (HF has no class for it), so pass
     ``tokenizer=folder/tokenizer.bin`` when loading the folder.
     """
-    from saeforge.io import write_bytes_atomic
-    from saeforge.models.tokenizer import Llama2cTokenizer
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)

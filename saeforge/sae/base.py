@@ -217,7 +217,9 @@ def register(name: str):
 
 
 def architectures() -> dict[str, type["SAE"]]:
-    from saeforge import sae as _pkg  # noqa: F401  (importing the package registers every arch)
+    # the registry's one function-level import: the package imports this module first, then every
+    # architecture module, each of which registers itself here
+    from saeforge import sae as _pkg  # noqa: F401
 
     return dict(_REGISTRY)
 

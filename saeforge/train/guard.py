@@ -16,6 +16,7 @@ from typing import Any, Iterable
 import torch
 
 from saeforge.errors import NonFiniteError, SaeforgeError
+from saeforge.io import write_text_atomic
 
 # TrainConfig fields a resumed run may change with --allow-change (nothing else: they would silently give a
 # run that matches neither setting). total_tokens lengthens/shortens the LR schedule from the resume point on.
@@ -100,6 +101,5 @@ def trim_metrics(path: Path, step: int) -> None:
             continue
         if isinstance(rec, dict) and rec.get("step", 0) <= step:
             keep.append(line)
-    from saeforge.io import write_text_atomic
 
     write_text_atomic(path, "".join(x + "\n" for x in keep))
