@@ -29,7 +29,7 @@ class _SAEStats:
         self.l0 = 0.0
 
     def add(self, sae: SAE, act: torch.Tensor, keep: torch.Tensor) -> None:
-        x = act.float()[keep.to(act.device)]
+        x = act.float()[keep.to(act.device)].to(next(sae.parameters()).device)  # device_map: to the SAE's GPU
         with torch.no_grad():
             f = sae.encode(x)
             rec = sae.decode(f)

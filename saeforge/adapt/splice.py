@@ -44,7 +44,8 @@ def spliced(model: nn.Module, saes: Sequence[SAE], hooks: Sequence[HookPoint], s
 
     def make_fn(sae: SAE):
         def fn(act: Tensor) -> Tensor:
-            rec = sae(act.float()).to(act.dtype)
+            # with a device_map the hooked layer may sit on another GPU than the SAE: move there and back
+            rec = sae(act.to(next(sae.parameters()).device).float()).to(act.device, act.dtype)
             if state.keep is None or replace_special:
                 return rec
             return torch.where(state.keep[..., None].to(act.device), rec, act)

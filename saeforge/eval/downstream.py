@@ -62,6 +62,7 @@ def loss_mask(keep: Tensor, valid: Tensor, splice_all: bool) -> Tensor:
 @torch.no_grad()
 def _reconstruct(sae: SAE, rows: Tensor) -> Tensor:
     step = rows_per_step(sae.cfg.d_sae)
+    rows = rows.to(next(sae.parameters()).device)  # device_map: the hook's layer may sit on another GPU
     return torch.cat([encode_decode(sae, rows[i:i + step])[1] for i in range(0, rows.shape[0], step)]) \
         if rows.shape[0] else rows.new_zeros(0, sae.cfg.d_out)
 

@@ -91,6 +91,9 @@ class EvalConfig(JsonConfig):
     probe_task_file: str | None = None  # a JSONL file of user probe tasks (format in docs/eval.md)
     probe_tokens: int | None = None  # text tokens for the built-in probe tasks (None: n_tokens)
     ablation_positions: int = 64  # positions sampled for ablation sparsity
+    # HF models: spread the layers over the node's GPUs (e.g. "auto", through accelerate) instead of --device;
+    # the SAEs sit on the embedding's device and each hook's rows move there (docs/distributed.md)
+    device_map: str | None = None
 
     FLAGS = {"n_tokens": "--tokens", "batch_contexts": "--batch-size"}  # the others: --<field-name>
 
@@ -416,7 +419,7 @@ class EvalRunner:
         sampled = (torch.rand(n, generator=gen) < p).to(dev)
         out: dict[str, np.ndarray] = {"sample_n": np.array([int(sampled.sum())], dtype=np.int64)}
         for i, t in enumerate(self.targets):
-            x, y = acts[t.inp.name][k], acts[t.out.name][k]
+            x, y = acts[t.inp.name].to(dev)[k], acts[t.out.name].to(dev)[k]  # device_map: rows to the SAE
             if x.shape[-1] != t.sae.cfg.d_in or y.shape[-1] != t.sae.cfg.d_out:
                 raise SaeforgeError(
                     f"SAE {self.names[i]!r} expects widths d_in={t.sae.cfg.d_in}, d_out={t.sae.cfg.d_out} but hooks "
