@@ -14,7 +14,8 @@ from saeforge.formats import load_sae
 from saeforge.io import write_json_atomic, write_text_atomic
 
 CONFIG_FIELDS = ("rank", "alpha", "dropout", "layers", "target_modules", "replace_special", "lr", "lr_schedule",
-                 "tokens", "batch_contexts", "context_len", "checkpoint_every", "device", "model_dtype", "device_map", "seed")
+                 "tokens", "batch_contexts", "context_len", "checkpoint_every", "device", "model_dtype", "device_map",
+                 "seed")
 
 
 def _csv(text: str) -> list[str]:

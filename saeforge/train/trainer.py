@@ -232,10 +232,11 @@ class Trainer:
             raise SaeforgeError(f"{path} holds SAEs {meta['names']}, not {sorted(self.names)}; use a new --out")
         old = (meta.get("identity") or {}).get("train") or {}
         new = self.identity()["train"]
-        if old.get("dp_read") == new.get("dp_read") == "disjoint" and old.get("dp_replicas", 1) != new.get("dp_replicas", 1):
+        r_old, r_new = old.get("dp_replicas", 1), new.get("dp_replicas", 1)
+        if old.get("dp_read") == new.get("dp_read") == "disjoint" and r_old != r_new:
             raise SaeforgeError(
-                f"{path} was trained with --dp-read disjoint over {old.get('dp_replicas', 1)} "
-                f"replica(s) and this run has {new.get('dp_replicas', 1)}; with --dp-read disjoint the batches depend "
+                f"{path} was trained with --dp-read disjoint over {r_old} "
+                f"replica(s) and this run has {r_new}; with --dp-read disjoint the batches depend "
                 "on the number of replicas, so resume with the same number of processes (and --shard-latents)"
             )
         guard.compare_resume(path, meta.get("identity") or {}, self.identity(), allow_changes)
