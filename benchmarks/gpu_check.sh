@@ -2,7 +2,8 @@
 # One call on a machine with a CUDA GPU checks every GPU path of saeforge, in under 5 minutes on one GPU:
 #   1. the CUDA tests (pytest -m cuda: Triton kernels against the torch path, sparse kernels against dense on
 #      CUDA, the trainer on CUDA against the CPU (fp32) and in bf16, harvest/LiveStream/eval on CUDA in bf16,
-#      --device-map placement, and with two or more GPUs NCCL data parallel and latent sharding);
+#      --device-map placement, and with two or more GPUs NCCL data parallel, latent sharding and eval/adapt
+#      with --device-map balanced over two GPUs against one GPU);
 #   2. a bf16 training benchmark of a TopK SAE at d = 768 and d = 2304 (m = 32·d, k = 32, batch 4096): tokens/s
 #      and the fraction of the GPU's bf16 GEMM peak (measured in the same process), one JSON line each.
 # Output: a summary on stdout and everything in ${OUT:-runs/gpu_check}/ (pytest.log, bench.jsonl).

@@ -178,6 +178,83 @@ def spread(out):
     Trainer(grid, stream(), train_cfg(10, spread=True), out).fit(progress=False)
 
 
+# ---- --dp-read disjoint: each replica reads its own shards of a harvested cache (SAEFORGE_TEST_CACHE) -------------
+DB = 64  # global batch of the cache runs
+
+
+def cache_stream(epochs=None):
+    from saeforge.activations.stream import CachedStream
+
+    return CachedStream(os.environ["SAEFORGE_TEST_CACHE"], batch_size=DB, shuffle_buffer=512, epochs=epochs, seed=1)
+
+
+class _Cut:
+    """A stream that stops after ``n`` batches (a run interrupted just after its step-``n`` checkpoint)."""
+
+    def __init__(self, source, n):
+        self.source, self.n = source, n
+
+    def iterate(self, skip=0):
+        import itertools
+
+        return itertools.islice(self.source.iterate(skip), max(0, self.n - skip))
+
+
+def train_cache(out, steps=12, cut=None, resume=False, **kw):
+    from saeforge.sae import make_config
+    from saeforge.train import Trainer
+
+    cfg = train_cfg(steps, batch_size=DB, total_tokens=steps * DB, init_tokens=256, dp_read="disjoint", **kw)
+    t = Trainer({"": make_config("topk", d_in=64, d_sae=128, k=4)}, cache_stream(), cfg, out)
+    if cut is not None:
+        t.stream = _Cut(t.stream, cut)
+    return t.fit(resume=resume, progress=False)
+
+
+def disjoint_reads(out):
+    """One epoch through ShardSplit on every rank: which shards each read, the rows it yielded, bytes read."""
+    import json
+
+    from saeforge import distributed as dist
+    from saeforge.activations.stream import ShardSplit
+
+    split = ShardSplit(cache_stream(epochs=1), dist.rank(), dist.world_size())
+    rows, steps = [], 0
+    for b in split.iterate():
+        assert b.global_rows == DB and len(b) == split.local_batch()
+        rows += list(zip(b.doc.tolist(), b.pos.tolist()))
+        steps += 1
+    cache = split.cache
+    mine = {"shards": split.shards_read, "rows": rows, "steps": steps, "max_steps": split.max_steps(),
+            "bytes": sum((cache.path / cache.manifest["shards"][i]["file"]).stat().st_size for i in split.shards_read)}
+    parts = dist.all_gather_object(mine)
+    if dist.rank() == 0:
+        (Path(out) / "reads.json").write_text(json.dumps(parts))
+
+
+def disjoint_train(out):
+    train_cache(out)
+
+
+def disjoint_cut(out):
+    from saeforge.errors import SaeforgeError
+
+    try:
+        train_cache(out, cut=6, checkpoint_every=6)
+    except SaeforgeError as err:
+        assert "ran out" in str(err)
+
+
+def disjoint_resume(out):
+    """Continue the checkpoint disjoint_cut wrote at step 6 (same number of replicas)."""
+    from saeforge import distributed as dist
+
+    if dist.rank() == 0:
+        shutil.copy(Path(out).parent / "disjoint_cut" / "checkpoint.safetensors", Path(out) / "checkpoint.safetensors")
+    dist.barrier()
+    train_cache(out, checkpoint_every=6, resume=True)
+
+
 def main(argv: list[str]) -> int:
     from saeforge import distributed as dist
 

@@ -132,3 +132,55 @@ def test_device_map_places_an_hf_model(tmp_path, stories_model_path):
     assert next(lm.model.parameters()).is_cuda
     ids = torch.tensor([[1, 20, 30, 40]])
     assert lm.logits(ids).shape[-1] == lm.model.get_input_embeddings().num_embeddings
+
+
+def _hf_stories_and_sae(tmp_path, stories_model_path):
+    from saeforge.models import load_model
+    from saeforge.models.llama2c import save_hf
+    from saeforge.sae import create_sae, make_config
+
+    hf = save_hf(load_model(str(stories_model_path)), tmp_path / "hf")
+    torch.manual_seed(0)
+    sae = create_sae(make_config("topk", d_in=64, d_sae=128, k=8, hook="resid_post.3", model=str(hf)))
+    return hf, str(sae.save(tmp_path / "sae"))
+
+
+@two_gpus
+def test_eval_with_device_map_over_two_gpus_matches_one_gpu(tmp_path, stories_model_path, tinystories_valid):
+    """eval --device-map balanced: layers on both GPUs (the SAE's hook on the second), the one-GPU metrics."""
+    pytest.importorskip("accelerate")
+    from saeforge.eval.api import evaluate_many
+    from saeforge.eval.sources import eval_model
+
+    hf, sae = _hf_stories_and_sae(tmp_path, stories_model_path)
+    lm = eval_model(str(hf), {}, None, "cuda", "float32", "balanced")
+    assert len({str(d) for d in lm.model.hf_device_map.values()}) >= 2, lm.model.hf_device_map
+    kw = dict(data=str(tinystories_valid), n_tokens=2000, context_len=64, batch_contexts=4, progress=False)
+    one = evaluate_many([sae], device="cuda", **kw)["saes"]
+    mapped = evaluate_many([sae], model=lm, **kw)["saes"]
+    (name,) = one
+    for sec in ("reconstruction", "downstream"):
+        for k, v in one[name][sec].items():
+            if isinstance(v, float):
+                assert mapped[name][sec][k] == pytest.approx(v, rel=1e-4, abs=1e-6, nan_ok=True), (sec, k)
+
+
+@two_gpus
+def test_adapt_with_device_map_over_two_gpus_matches_one_gpu(tmp_path, stories_model_path, tinystories_valid):
+    """adapt --device-map balanced: LoRA on layers of both GPUs, the SAE's splice across them; the one-GPU KLs."""
+    pytest.importorskip("accelerate")
+    pytest.importorskip("peft")
+    from saeforge.adapt import AdaptConfig, build, fit
+
+    hf, sae = _hf_stories_and_sae(tmp_path, stories_model_path)
+    kls = {}
+    for dm in (None, "balanced"):
+        cfg = AdaptConfig(model=str(hf), saes=[sae], data=str(tinystories_valid), rank=4, tokens=4 * 64 * 4,
+                          batch_contexts=4, context_len=64, log_every=1, checkpoint_every=0, device="cuda",
+                          dropout=0.0, device_map=dm)
+        ad = build(cfg)
+        if dm is not None:
+            devs = {p.device for p in ad.loaded.model.parameters()}
+            assert len(devs) >= 2, devs
+        kls[dm] = [r["kl"] for r in fit(ad, cfg, tmp_path / f"run_{dm}", progress=False)]
+    assert kls["balanced"] == pytest.approx(kls[None], rel=1e-3)

@@ -321,6 +321,73 @@ def test_distributed_eval_reduces_the_metrics_exactly(tmp_path, stories_model_pa
     assert not (tmp_path / "two" / "eval_chunks").exists()
 
 
+@pytest.fixture(scope="module")
+def two_disjoint(cache_one, tmp_path_factory):
+    """2 ranks with --dp-read disjoint on a harvested cache: reads of one epoch, a run, a cut run and its resume."""
+    root = tmp_path_factory.mktemp("disjoint")
+    results = launch(2, [sys.executable, WORKER, str(root), "disjoint_reads", "disjoint_train", "disjoint_cut",
+                         "disjoint_resume"], timeout=240, env={**_env(), "SAEFORGE_TEST_CACHE": str(cache_one)})
+    for r, res in enumerate(results):
+        assert res.returncode == 0, f"rank {r} failed:\n{res.stdout[-4000:]}"
+    return root / "w2"
+
+
+def test_disjoint_reads_read_every_shard_of_an_epoch_once(cache_one, two_disjoint):
+    from saeforge.activations.cache import ActivationCache
+
+    cache = ActivationCache(cache_one)
+    parts = json.loads((two_disjoint / "disjoint_reads" / "reads.json").read_text())
+    shards = [i for p in parts for i in p["shards"]]
+    assert sorted(shards) == list(range(cache.n_shards)) and cache.n_shards >= 4  # each shard by one rank, once
+    assert all(p["shards"] for p in parts)
+    rows = [tuple(r) for p in parts for r in p["rows"]]
+    assert len(set(rows)) == len(rows)  # no row handed out twice across the ranks
+    steps = {p["steps"] for p in parts}
+    assert steps == {parts[0]["max_steps"]}  # the ranks stay in step: full batches only, the same count
+    assert len(rows) == parts[0]["max_steps"] * w.DB and len(rows) > cache.n_tokens - 2 * 512 - w.DB
+    total = sum((cache.path / s["file"]).stat().st_size for s in cache.manifest["shards"])
+    assert sum(p["bytes"] for p in parts) == total  # together the ranks read the cache once, not twice
+
+
+def test_disjoint_reads_train_save_and_resume_with_the_same_replicas(cache_one, two_disjoint, tmp_path, monkeypatch):
+    run = two_disjoint / "disjoint_train"
+    assert (run / "sae.safetensors").exists()
+    lines = [json.loads(l) for l in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["tokens"] for r in lines][-1] == 12 * w.DB and lines[-1]["fvu"] < lines[0]["fvu"]
+    _close(run, two_disjoint / "disjoint_resume")  # cut at step 6 and resumed on 2 ranks: the same SAE
+    from saeforge.train.checkpoint import load_checkpoint
+
+    meta, _, _ = load_checkpoint(two_disjoint / "disjoint_cut" / "checkpoint.safetensors")
+    assert meta["step"] == 6 and meta["identity"]["train"]["dp_replicas"] == 2
+    shutil.copy(two_disjoint / "disjoint_cut" / "checkpoint.safetensors", tmp_path / "checkpoint.safetensors")
+    monkeypatch.setenv("SAEFORGE_TEST_CACHE", str(cache_one))  # resumed by one process: refused, one line
+    with pytest.raises(SaeforgeError, match="resume with the same number of processes") as e:
+        _resume_disjoint_on_one(two_disjoint, tmp_path)
+    assert "\n" not in str(e.value)
+
+
+def _resume_disjoint_on_one(two_disjoint, out):
+    from saeforge.sae import make_config
+    from saeforge.train import Trainer
+
+    cfg = w.train_cfg(12, batch_size=w.DB, total_tokens=12 * w.DB, init_tokens=256, dp_read="disjoint",
+                      checkpoint_every=6)
+    Trainer({"": make_config("topk", d_in=64, d_sae=128, k=4)}, w.cache_stream(), cfg, out).fit(resume=True,
+                                                                                             progress=False)
+
+
+def test_disjoint_reads_refuse_a_stream_that_is_not_a_cache(tmp_path):
+    from saeforge.sae import make_config
+    from saeforge.train import Trainer
+
+    with pytest.raises(SaeforgeError, match="use --dp-read exact") as e:
+        Trainer({"": make_config("topk", d_in=w.D, d_sae=32, k=2)}, w.stream(), w.train_cfg(2, dp_read="disjoint"),
+                tmp_path)
+    assert "\n" not in str(e.value)
+    with pytest.raises(SaeforgeError, match="dp_read"):
+        w.train_cfg(2, dp_read="sometimes")
+
+
 # ---- pieces that need no process group ---------------------------------------------------------------------
 def test_without_a_process_group_every_helper_is_a_no_op():
     from saeforge import distributed as dist

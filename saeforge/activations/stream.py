@@ -428,6 +428,94 @@ class RankSlice(Stream):
         return self.iterate()
 
 
+class ShardSplit(Stream):
+    """Data parallelism at the cache (``--dp-read disjoint``): replica ``index`` of ``count`` reads only its own
+    shards of ``source`` (a :class:`CachedStream`) and yields its share of every global batch from them.
+
+    Per epoch the shard order is the one-process permutation (seeded by ``(seed, epoch)``) and replica ``r``
+    takes every ``count``-th shard starting at ``r``, so every shard of an epoch is read by exactly one replica
+    (cache I/O per process drops ``count``-fold). Each replica shuffles through its own buffer (``1/count`` of
+    ``shuffle_buffer``, seeded per replica) that carries rows over from one epoch into the next, so every batch
+    is full: replica ``r`` yields the ``split_bounds(batch_size, r, count)`` rows of each step and
+    ``global_rows`` is ``batch_size``. With finite ``epochs`` the stream ends after the steps every replica can
+    fill (computed from the manifest, the same on every process). The batches then depend on ``count``: a
+    checkpoint resumes only with the same number of replicas (the trainer refuses another).
+    """
+
+    def __init__(self, source: CachedStream, index: int, count: int):
+        if not 0 <= index < count:
+            raise SaeforgeError(f"replica {index} of {count} does not exist")
+        n_shards = source.cache.n_shards
+        if n_shards < count:
+            raise SaeforgeError(f"--dp-read disjoint deals the cache's shards over the replicas but it has "
+                                f"{n_shards} shards for {count} replicas; use --dp-read exact or a cache harvested "
+                                "with a smaller --shard-tokens")
+        if source.batch_size < count:
+            raise SaeforgeError(f"--batch-size {source.batch_size} is smaller than the {count} replicas; raise it")
+        self.source, self.index, self.count = source, index, count
+        self.hooks, self.d = source.hooks, source.d
+        self.shards_read: list[int] = []  # the shards this replica loaded, in order (tests, benchmarks)
+
+    def __getattr__(self, name: str) -> Any:  # model_spec, batch_size, ... of the source
+        if name == "source":
+            raise AttributeError(name)
+        return getattr(self.source, name)
+
+    def identity(self) -> dict[str, Any]:
+        return {**self.source.identity(), "dp_read": "disjoint", "replicas": self.count}
+
+    def shards_of(self, epoch: int, replica: int | None = None) -> list[int]:
+        """The shards ``replica`` (default: this one) reads in ``epoch``, in reading order."""
+        order = torch.randperm(self.source.cache.n_shards, generator=_epoch_generator(self.source.seed, epoch)).tolist()
+        return order[(self.index if replica is None else replica)::self.count]
+
+    def local_batch(self, replica: int | None = None) -> int:
+        lo, hi = split_bounds(self.source.batch_size, self.index if replica is None else replica, self.count)
+        return hi - lo
+
+    def max_steps(self) -> int | None:
+        """Steps every replica can fill with full batches (None: the stream loops forever)."""
+        if self.source.epochs is None:
+            return None
+        rows = self.source.cache.shard_rows
+        return min(sum(rows(i) for e in range(self.source.epochs) for i in self.shards_of(e, r)) // self.local_batch(r)
+                   for r in range(self.count))
+
+    def _chunks(self) -> Iterator[dict[str, torch.Tensor]]:
+        src = self.source
+
+        def load(i: int) -> dict[str, torch.Tensor]:
+            self.shards_read.append(i)
+            return src.cache.shard(i, src.hooks)
+
+        epoch = 0
+        while src.epochs is None or epoch < src.epochs:
+            mine = self.shards_of(epoch)
+            yield from (_prefetched(load, mine) if src.prefetch else map(load, mine))
+            epoch += 1
+
+    def iterate(self, skip_batches: int = 0) -> Iterator[ActivationBatch]:
+        src, local = self.source, self.local_batch()
+        gen = torch.Generator().manual_seed((src.seed * 1_000_003 + 7_919 * (self.index + 1)) % (2**63))
+        buf = ShuffleBuffer(max(local, -(-src.shuffle_buffer // self.count)), gen, src.device)
+        limit = self.max_steps()
+        step = 0
+        for rows in buf.shuffle_chunks(self._chunks(), local, gather=lambda: step >= skip_batches):
+            if limit is not None and step >= limit:
+                return
+            step += 1
+            if step <= skip_batches:
+                continue
+            b = src._to_batch(rows)
+            b.global_rows = src.batch_size
+            yield b
+        if step == 0:
+            raise SaeforgeError("ShardSplit has no rows to give; point it at a non-empty cache")
+
+    def __iter__(self) -> Iterator[ActivationBatch]:
+        return self.iterate()
+
+
 @dataclass
 class StreamConfig(JsonConfig):
     """Where a training run's activations come from: a cache folder from ``saeforge harvest``, or text

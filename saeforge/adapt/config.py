@@ -36,6 +36,9 @@ class AdaptConfig(JsonConfig):
     checkpoint_every: int = 200
     device: str = "auto"
     model_dtype: str = "float32"  # the frozen model's weights (bfloat16/float16 for big models); LoRA stays fp32
+    # HF models: spread the layers over the node's GPUs (e.g. "auto", through accelerate) instead of device; the
+    # SAEs sit on the embedding's device and activations move to them and back at each splice
+    device_map: str | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -14,7 +14,7 @@ def next_token_kl(clean_logits: Tensor, logits: Tensor, mask: Tensor | None = No
     kl = (lp_clean.exp() * (lp_clean - lp)).sum(-1)
     if mask is None:
         return kl.mean()
-    m = mask.to(kl.dtype)
+    m = mask.to(kl.device, kl.dtype)
     return (kl * m).sum() / m.sum().clamp_min(1)
 
 

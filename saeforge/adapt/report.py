@@ -29,9 +29,9 @@ class _SAEStats:
 
     def add(self, sae: SAE, x: torch.Tensor, ys: list[torch.Tensor], keep: torch.Tensor) -> None:
         """``x`` the SAE's input, ``ys`` the activations at its output hooks (its targets), at every position."""
-        k = keep.to(x.device)
-        x = x.float()[k]
-        y = torch.cat([a.float()[k] for a in ys], -1)
+        dev = next(sae.parameters()).device  # device_map: the rows move to the SAE's GPU
+        x = x.float()[keep.to(x.device)].to(dev)
+        y = torch.cat([a.float()[keep.to(a.device)].to(dev) for a in ys], -1)
         with torch.no_grad():
             f = sae.encode(x)
             rec = torch.cat([r.reshape(y.shape[0], -1) for r in sae.split_outputs(sae.decode(f))], -1)

@@ -74,11 +74,13 @@ def _splice_one(model: nn.Module, i: int, t: SpliceTarget, state: SpliceState, r
                 if missing:
                     raise SaeforgeError(f"the SAE writing {hp.name!r} reads {missing}, which the forward has not "
                                         "reached yet; splice it with spliced_logits (it reads its inputs first)")
-                x = t.sae.stack_inputs({h: src[p.name] for h, p in zip(t.sae.input_hooks(), t.inputs)})
+                # with a device_map the hooked layers may sit on other GPUs than the SAE: move there and back
+                dev = next(t.sae.parameters()).device
+                x = t.sae.stack_inputs({h: src[p.name].to(dev) for h, p in zip(t.sae.input_hooks(), t.inputs)})
                 cur["rec"] = t.sae.split_outputs(t.sae(x.float()))
                 cur["x"], cur["y"] = [x], []
             cur["y"].append(act)
-            rec = cur["rec"][outs[hp.name]].to(act.dtype)
+            rec = cur["rec"][outs[hp.name]].to(act.device, act.dtype)
             if len(cur["y"]) == len(outs):  # every output hook of this forward is done
                 if on_rows is not None:
                     on_rows(cur["x"][0], cur["y"])

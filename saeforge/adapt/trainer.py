@@ -65,7 +65,10 @@ def build(cfg: AdaptConfig) -> Adapted:
 
     if not cfg.model:
         raise SaeforgeError("no model to adapt: the SAE names none; pass --model")
-    loaded = load_model(cfg.model, tokenizer=cfg.tokenizer, device=device, dtype=DTYPES[cfg.model_dtype])
+    loaded = load_model(cfg.model, tokenizer=cfg.tokenizer, device=device, dtype=DTYPES[cfg.model_dtype],
+                        device_map=cfg.device_map)
+    if cfg.device_map is not None:
+        device = loaded.device  # the SAEs (and the inputs) go where the embedding is
     check_context_len(loaded, cfg.context_len)
     if not loaded.is_causal:
         raise SaeforgeError(f"{cfg.model} is not a causal LM; adaptation needs next-token distributions")
@@ -116,7 +119,7 @@ def _named_trainables(ad: Adapted) -> dict[str, torch.nn.Parameter]:
 
 RESUME_FIX = "delete it to start over, then rerun `saeforge adapt train`"
 # settings a resumed run may differ in without changing what it computes
-_RESUME_FREE = ("device", "checkpoint_every", "log_every")
+_RESUME_FREE = ("device", "device_map", "checkpoint_every", "log_every")
 
 
 def _resume_identity(cfg: AdaptConfig) -> dict:
@@ -226,7 +229,7 @@ def _loop(ad: Adapted, cfg: AdaptConfig, out: Path, progress: bool, on_log, trac
         opt.zero_grad(set_to_none=True)
         for s in ad.saes if cfg.trainable == "sae" else ():
             s.after_optimizer_step(step, total)
-        acc += loss.detach()
+        acc += loss.detach().to(device)  # with a device_map the loss sits on the LM head's GPU
         n_acc += 1
         step += 1
         pbar.update(1)
@@ -295,8 +298,8 @@ def _check_adapter(path: Path, manifest: dict) -> None:
                                "disk); rerun `saeforge adapt train` into a new --out")
 
 
-def load(path: str | Path, device: str = "auto") -> Adapted:
-    """Load model + adapter + SAEs written by :func:`save`."""
+def load(path: str | Path, device: str = "auto", device_map: str | None = None) -> Adapted:
+    """Load model + adapter + SAEs written by :func:`save` (``device_map``: as in :class:`AdaptConfig`)."""
     path = Path(path)
     mf = path / "adapt.json"
     if not mf.exists():
@@ -309,7 +312,10 @@ def load(path: str | Path, device: str = "auto") -> Adapted:
     dev = resolve_device(device)
 
     mdt = DTYPES.get((manifest.get("config") or {}).get("model_dtype", "float32"), torch.float32)
-    loaded = load_model(manifest["model"], tokenizer=manifest.get("tokenizer"), device=dev, dtype=mdt)
+    loaded = load_model(manifest["model"], tokenizer=manifest.get("tokenizer"), device=dev, dtype=mdt,
+                        device_map=device_map)
+    if device_map is not None:
+        dev = loaded.device
     saes = [load_sae(path / s["path"], device=dev).eval() for s in manifest["saes"]]
     hooks = resolve_sae_hooks(loaded.model, saes, loaded.family)
     ad = Adapted(loaded, saes, hooks, ranks=manifest.get("lora_ranks") or {})

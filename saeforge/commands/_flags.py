@@ -47,11 +47,14 @@ TRAIN_FLAGS = {
     "shard_latents": "under torchrun: split each SAE's latents over S processes (tensor parallel over d_sae; topk "
                      "only); the processes form replicas x S (data parallel x latent shards); bare flag: all "
                      "processes (docs/distributed.md). Without torchrun: ignored",
+    "dp_read": "under torchrun, how the replicas read a cache: exact = every replica reads every shard and keeps its "
+               "rows (resumes with any number of processes); disjoint = each reads only its own shards (1/R of the "
+               "I/O; resumes only with the same number of replicas). Default %(default)s",
 }
 _TRAIN_KW = {
     "total_tokens": {"type": parse_size}, "batch_size": {"type": parse_size}, "dead_tokens": {"type": parse_size},
     "lr_rule": {"choices": ["scaled", "published"]}, "kernels": {"choices": ["sparse", "dense"]},
-    "shard_latents": {"nargs": "?", "const": 0, "metavar": "S"},
+    "shard_latents": {"nargs": "?", "const": 0, "metavar": "S"}, "dp_read": {"choices": ["exact", "disjoint"]},
 }
 
 

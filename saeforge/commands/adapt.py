@@ -14,7 +14,8 @@ from saeforge.formats import load_sae
 from saeforge.io import write_json_atomic, write_text_atomic
 
 CONFIG_FIELDS = ("rank", "alpha", "dropout", "layers", "target_modules", "replace_special", "lr", "lr_schedule",
-                 "tokens", "batch_contexts", "context_len", "checkpoint_every", "device", "model_dtype", "seed")
+                 "tokens", "batch_contexts", "context_len", "checkpoint_every", "device", "model_dtype", "device_map",
+                 "seed")
 
 
 def _csv(text: str) -> list[str]:
@@ -69,6 +70,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         "checkpoint_every": "steps between checkpoints",
         "device": "auto, cpu, cuda, cuda:1, mps",
         "model_dtype": "dtype of the frozen model's weights (bf16/fp16 for big models)",
+        "device_map": "HF models: spread the layers over the node's GPUs through accelerate, e.g. auto "
+                      "(replaces --device)",
         "seed": "random seed",
     }, model_dtype={"choices": ["float32", "bfloat16", "float16"]})
     t.add_argument("--resume", action="store_true", help="continue from the checkpoint in --out")
@@ -84,6 +87,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--eval-tokens", type=parse_size, default="100k", help="held-out tokens")
     config_flag(e, AdaptConfig, "context_len", "tokens per context")
     e.add_argument("--device", default="auto")
+    config_flag(e, AdaptConfig, "device_map", "HF models: spread the layers over the node's GPUs, e.g. auto")
     e.add_argument("--no-progress", action="store_true")
     e.set_defaults(func=run_eval)
 
@@ -116,7 +120,7 @@ def run_train(args: argparse.Namespace) -> int:
 def run_eval(args: argparse.Namespace) -> int:
     from saeforge.adapt.trainer import load  # peft and transformers load only when used
 
-    ad = load(args.path, device=args.device)
+    ad = load(args.path, device=args.device, device_map=args.device_map)
     manifest = json.loads((Path(args.path) / "adapt.json").read_text())
     data = args.data or (manifest.get("report") or {}).get("eval_data") or manifest["config"]["data"]
     rep = _report(ad, data, args, manifest["config"].get("replace_special", False))

@@ -14,7 +14,7 @@ from saeforge.eval.runner import EvalConfig
 COUNT = {"type": parse_size}  # counts read as every count flag is (200k, 1M)
 CONFIG_FIELDS = ("text_field", "split", "n_tokens", "context_len", "batch_contexts", "chunk_batches",
                  "dense_threshold", "sample_tokens", "splice_all", "seed", "extras", "n2g_latents", "n2g_contexts",
-                 "probe_tasks", "probe_task_file", "probe_tokens", "ablation_positions")
+                 "probe_tasks", "probe_task_file", "probe_tokens", "ablation_positions", "device_map")
 
 
 def _names(text: str) -> list[str]:
@@ -78,6 +78,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, mps")
     p.add_argument("--dtype", "--model-dtype", dest="dtype", default="float32",
                    help="model weights dtype: float32, bfloat16, float16")
+    config_flag(p, EvalConfig, "device_map", "HF models: spread the layers over the node's GPUs through "
+                "accelerate, e.g. auto (replaces --device)")
     config_flag(p, EvalConfig, "seed", "seed of the quantile token sample")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=run)

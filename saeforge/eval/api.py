@@ -65,7 +65,7 @@ def evaluate_many(
                                     f"({sae.cfg.hook} -> {sae.cfg.target_hook}): evaluate it without --hook")
             set_hook(sae, str(hook))
     dist.init(device)  # under torchrun: before the model lands on this rank's GPU
-    lm = eval_model(model, named, tokenizer, device, dtype)
+    lm = eval_model(model, named, tokenizer, device, dtype, cfg.device_map)
     if model is not None:
         warn_model_mismatch({n: s.cfg.model for n, s in named.items()}, lm.spec, "eval",
                             "--model/--hook")

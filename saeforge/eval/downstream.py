@@ -64,7 +64,8 @@ class SpliceTarget:
               mask: Tensor | None) -> dict[str, Tensor]:
         def pick(hp: HookPoint) -> Tensor:
             a = acts[hp.name]
-            return a if mask is None else a[mask.to(a.device)]
+            a = a if mask is None else a[mask.to(a.device)]
+            return a.to(next(self.sae.parameters()).device)  # device_map: rows to the SAE's GPU
 
         return dict(zip(names, (pick(hp) for hp in points)))
 
@@ -90,6 +91,7 @@ def loss_mask(keep: Tensor, valid: Tensor, splice_all: bool) -> Tensor:
 def reconstruct_rows(sae: SAE, x: Tensor) -> list[Tensor]:
     """``sae(x)`` for input rows ``x`` (in steps that keep the codes small), one ``[N, d]`` per output hook."""
     step = rows_per_step(sae.cfg.d_sae)
+    x = x.to(next(sae.parameters()).device)  # device_map: the hook's layer may sit on another GPU
     if not x.shape[0]:
         return sae.split_outputs(x.new_zeros(0, sae.cfg.d_out))
     parts = [sae.split_outputs(encode_decode(sae, x[i:i + step])[1]) for i in range(0, x.shape[0], step)]

@@ -91,6 +91,9 @@ class EvalConfig(JsonConfig):
     probe_task_file: str | None = None  # a JSONL file of user probe tasks (format in docs/eval.md)
     probe_tokens: int | None = None  # text tokens for the built-in probe tasks (None: n_tokens)
     ablation_positions: int = 64  # positions sampled for ablation sparsity
+    # HF models: spread the layers over the node's GPUs (e.g. "auto", through accelerate) instead of --device;
+    # the SAEs sit on the embedding's device and each hook's rows move there (docs/distributed.md)
+    device_map: str | None = None
 
     FLAGS = {"n_tokens": "--tokens", "batch_contexts": "--batch-size"}  # the others: --<field-name>
 

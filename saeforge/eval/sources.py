@@ -82,7 +82,8 @@ def named_saes(saes: Any, device: Any) -> tuple[dict[str, SAE], dict[str, str]]:
     return loaded, sources
 
 
-def eval_model(model: Any, saes: Mapping[str, SAE], tokenizer: str | None, device: Any, dtype: Any) -> LoadedModel:
+def eval_model(model: Any, saes: Mapping[str, SAE], tokenizer: str | None, device: Any, dtype: Any,
+               device_map: str | None = None) -> LoadedModel:
     if model is not None and not isinstance(model, (str, Path)):
         return model
     if model is None:
@@ -98,7 +99,7 @@ def eval_model(model: Any, saes: Mapping[str, SAE], tokenizer: str | None, devic
         raise SaeforgeError(f"unknown dtype {dtype!r}; use one of float32, bfloat16, float16")
     dt = DTYPES[dtype] if isinstance(dtype, str) else dtype
     return load_model(str(model), tokenizer=tokenizer, device=resolve_device(device or "auto"),
-                      **({"dtype": dt} if dt is not None else {}))
+                      device_map=device_map, **({"dtype": dt} if dt is not None else {}))
 
 
 def set_hook(sae: SAE, hook: str) -> None:

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from saeforge.distributed import launched
 from saeforge.errors import SaeforgeError
 from saeforge.models.tokenizer import HFTokenizer, Llama2cTokenizer, Tokenizer, load_tokenizer
 from saeforge.models.llama2c import is_llama2c_checkpoint
@@ -42,7 +43,8 @@ class LoadedModel:
         dev = self.device
         am = attention_mask.to(dev) if attention_mask is not None else None
         with torch.no_grad():
-            return self.model(input_ids=input_ids.to(dev), attention_mask=am, use_cache=False).logits
+            # on the input's device: with a device_map the LM head may sit on another GPU
+            return self.model(input_ids=input_ids.to(dev), attention_mask=am, use_cache=False).logits.to(dev)
 
 
 def _llama2c_path(spec: str) -> Path | None:
@@ -86,6 +88,9 @@ def load_model(
     require_exists(spec[len("llama2c:"):] if spec.startswith("llama2c:") else spec, "model", "--model")
     if tokenizer is not None:
         require_exists(tokenizer, "tokenizer", "--tokenizer")
+    if device_map is not None and launched():
+        raise SaeforgeError("--device-map spreads one model over the node's GPUs but torchrun gives each process its "
+                            "own GPU; use one or the other")
     l2c = _llama2c_path(spec)
     if l2c is not None:
 

@@ -38,6 +38,10 @@ class TrainConfig(JsonConfig):
     # under torchrun (docs/distributed.md): latent shards per replica (1: pure data parallel; 0: all processes)
     shard_latents: int = 1
     spread: bool = False  # place whole SAEs on processes instead of splitting rows (sweeps, one SAE per layer)
+    # under torchrun, how data-parallel replicas read a cache: "exact" (each reads every shard and keeps its rows
+    # of the one-process batches; resumes with any number of processes) or "disjoint" (each reads only its own
+    # shards: 1/R of the I/O, but the batches depend on R, so a checkpoint resumes only with the same R)
+    dp_read: str = "exact"
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -52,6 +56,7 @@ class TrainConfig(JsonConfig):
                          "betas", "two numbers in [0, 1)")
         self.require(self.kernels in ("sparse", "dense"), "kernels", "sparse or dense")
         self.require(self.lr_rule in ("scaled", "published"), "lr_rule", "scaled or published")
+        self.require(self.dp_read in ("exact", "disjoint"), "dp_read", "exact or disjoint")
         self.require(self.dtype in ("auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16"), "dtype",
                      "auto, float32, bfloat16 or float16")
 

@@ -24,7 +24,7 @@ from typing import Any
 import torch
 
 from saeforge import distributed as dist
-from saeforge.activations.stream import LiveStream, RankSlice
+from saeforge.activations.stream import CachedStream, LiveStream, RankSlice, ShardSplit
 from saeforge.distributed import split_bounds  # noqa: F401  (re-exported)
 from saeforge.errors import SaeforgeError
 from saeforge.sae.base import SAE
@@ -55,7 +55,7 @@ def place(sizes: dict[str, int], n_procs: int) -> dict[str, int]:
 class Parallel:
     """The trainer's distributed policy (see the module docstring)."""
 
-    def __init__(self, shards: int = 1, spread: bool = False, device: Any = None):
+    def __init__(self, shards: int = 1, spread: bool = False, device: Any = None, dp_read: str = "exact"):
         dist.init(device)
         self.spread = spread and dist.world_size() > 1
         if self.spread and shards not in (0, 1):
@@ -65,6 +65,7 @@ class Parallel:
         dist.use_mesh(self.mesh)
         self.replicas, self.shards = self.mesh.replicas, self.mesh.shards
         self.world = dist.world_size()
+        self.dp_read = dp_read
 
     @property
     def rank(self) -> int:
@@ -83,10 +84,15 @@ class Parallel:
         return place(sizes, self.world)
 
     def stream(self, stream: Any) -> Any:
+        if self.dp_read == "disjoint" and not isinstance(stream, CachedStream):
+            raise SaeforgeError("--dp-read disjoint deals a cache's shards over the replicas; this stream is not a "
+                                "cache (a live stream already splits its forward passes): use --dp-read exact")
         if self.world > 1 and isinstance(stream, LiveStream):  # a LiveStream: share the model's forward passes
             stream.split_forward(dist.Group(list(range(self.world))))
         if self.replicas == 1:
             return stream
+        if self.dp_read == "disjoint":  # each replica reads its own shards (1/R of the I/O)
+            return ShardSplit(stream, self.mesh.replica, self.replicas)
         return RankSlice(stream, self.mesh.replica, self.replicas)
 
     def sae(self, sae: SAE) -> SAE:

@@ -118,7 +118,7 @@ def run_sweep(grid: dict[str, SAEConfig], stream: Any, train_cfg: TrainConfig, o
         if mfile.exists() and mfile.read_text().strip():
             metrics = json.loads(mfile.read_text().strip().splitlines()[-1])
         entries.append({
-            "name": name, "arch": cfg.arch, "recipe": getattr(cfg, "recipe", None), "d_sae": cfg.d_sae,
+            "name": name, "arch": cfg.arch, "recipe": cfg.to_dict().get("recipe"), "d_sae": cfg.d_sae,
             "sparsity_field": fld, "sparsity_value": getattr(cfg, fld), "path": str(Path(name)),
             "final": {k: metrics.get(k) for k in ("fvu", "l0", "dead_frac", "loss") if k in metrics},
         })

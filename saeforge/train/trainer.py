@@ -146,7 +146,7 @@ class Trainer:
         self.cfg = cfg
         self.tracking = tracking  # --log-to: copies of the metric lines (saeforge/tracking.py)
         self.tracker: Tracker = open_tracker(None, out)
-        self.par = Parallel(cfg.shard_latents, cfg.spread, cfg.device)  # torchrun: docs/distributed.md
+        self.par = Parallel(cfg.shard_latents, cfg.spread, cfg.device, cfg.dp_read)  # torchrun: docs/distributed.md
         if not isinstance(stream, ActivationStream):
             raise SaeforgeError(f"{type(stream).__name__} is not an activation stream: it needs hooks, d, iterate(), "
                                 "identity() and __iter__ (subclass saeforge.activations.Stream)")
@@ -219,6 +219,10 @@ class Trainer:
         train = self.cfg.to_dict()
         for k in ("shard_latents", "spread"):  # how the work is split, not what is computed
             train.pop(k, None)
+        if train.get("dp_read") == "exact":  # the default: checkpoints from before the option keep their identity
+            train.pop("dp_read")
+        elif self.par.replicas > 1:  # disjoint reads: the batches depend on the number of replicas
+            train["dp_replicas"] = self.par.replicas
         return {"train": train, "saes": self.init_cfgs, "data": self.source.identity()}
 
     def _resume(self, allow_changes: tuple[str, ...] = ()) -> bool:
@@ -228,6 +232,15 @@ class Trainer:
         meta, states, rng = load_checkpoint(path)
         if sorted(meta["names"]) != sorted(self.names):
             raise SaeforgeError(f"{path} holds SAEs {meta['names']}, not {sorted(self.names)}; use a new --out")
+        old = (meta.get("identity") or {}).get("train") or {}
+        new = self.identity()["train"]
+        r_old, r_new = old.get("dp_replicas", 1), new.get("dp_replicas", 1)
+        if old.get("dp_read") == new.get("dp_read") == "disjoint" and r_old != r_new:
+            raise SaeforgeError(
+                f"{path} was trained with --dp-read disjoint over {r_old} "
+                f"replica(s) and this run has {r_new}; with --dp-read disjoint the batches depend "
+                "on the number of replicas, so resume with the same number of processes (and --shard-latents)"
+            )
         guard.compare_resume(path, meta.get("identity") or {}, self.identity(), allow_changes)
         guard.check_finite_state(path, ((f"{n}.{k}", v) for n, st in states.items() for k, v in st["model"].items()),
                                  "delete it and train again with a lower --lr")
