@@ -2,6 +2,10 @@
 from __future__ import annotations
 
 import argparse
+from saeforge import formats
+from saeforge.formats import canonical_format
+from saeforge.errors import SaeforgeError
+from saeforge.lock import LOCK_FILE, folder_lock
 
 FORMAT_HELP = "saeforge, saelens, sparsify, dictionary_learning, gemma_scope, openai"
 
@@ -34,12 +38,9 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from saeforge.formats import canonical_format
 
     from pathlib import Path
 
-    from saeforge.errors import SaeforgeError
-    from saeforge.lock import LOCK_FILE, folder_lock
 
     to = canonical_format(args.to)
     dst = Path(args.dst)
@@ -55,9 +56,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _convert(args: argparse.Namespace, to: str) -> int:
-    from saeforge.formats import convert
-
-    sae, written = convert(
+    sae, written = formats.convert(
         args.src, args.dst, to, from_format=args.from_format, hookpoint=args.hookpoint,
         subfolder=args.subfolder, revision=args.revision, normalize_decoder=args.normalize_decoder,
         out_hookpoint=args.out_hookpoint,

@@ -5,6 +5,8 @@ import argparse
 
 from saeforge.activations.cache import STORE_DTYPES, HarvestConfig
 from saeforge.config import parse_size
+from saeforge.activations.cache import ActivationCache, harvest
+from saeforge import distributed as dist
 
 HELP = "run a model over text and save activations at hook points to a resumable on-disk cache"
 
@@ -75,8 +77,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from saeforge.activations.cache import ActivationCache, harvest
-
     cfg = HarvestConfig(
         model=args.model, data=args.data, hooks=_hooks(args.hooks), out=args.out, tokenizer=args.tokenizer,
         text_field=args.text_field, split=args.split, context_len=args.context_len,
@@ -84,7 +84,6 @@ def run(args: argparse.Namespace) -> int:
         dtype=args.dtype, device=args.device, keep_special=args.keep_special,
         on_nonfinite=args.on_nonfinite, model_dtype=args.model_dtype, device_map=args.device_map,
     )
-    from saeforge import distributed as dist
 
     out = harvest(cfg, progress=not args.quiet)
     if not dist.is_main():  # under torchrun: one cache, one summary line

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+from saeforge.publish import push
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -25,8 +26,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from saeforge.publish import push
-
     res = push(args.run, args.repo_id, dry_run=args.dry_run, private=args.private, revision=args.revision,
                commit_message=args.message, saelens=not args.no_saelens)
     for note in res.notes:
