@@ -42,7 +42,8 @@ def dense_codes(h: torch.Tensor, k: int) -> torch.Tensor:
 
 
 # ---- selection -------------------------------------------------------------------------------------
-@pytest.mark.parametrize("B,m,k", [(37, 4096, 32), (5, 1000, 7), (8, 64, 8), (3, 2048, 1), (4, 512, 512)])
+@pytest.mark.parametrize("B,m,k", [(37, 4096, 32), (5, 1000, 7), (8, 64, 8), (3, 2048, 1), (4, 512, 512),
+                                   (41, 1024, 32), (9, 512, 16), (6, 256, 4)])  # groups of 32, 8, 8, 16
 def test_topk_rows_selects_the_same_values_as_torch_topk(B, m, k):
     g = torch.Generator().manual_seed(m + k)
     h = torch.randn(B, m, generator=g)
@@ -53,8 +54,9 @@ def test_topk_rows_selects_the_same_values_as_torch_topk(B, m, k):
     assert (i.sort(-1).values.diff(dim=-1) > 0).all()  # no index twice
 
 
-def test_topk_rows_with_ties_and_bf16():
-    h = torch.randint(0, 5, (16, 4096)).float()  # massive ties: only the multiset is defined
+@pytest.mark.parametrize("m", [4096, 1024])
+def test_topk_rows_with_ties_and_bf16(m):
+    h = torch.randint(0, 5, (16, m)).float()  # massive ties: only the multiset is defined
     v, i = topk_rows(h, 32)
     assert torch.equal(v.sort(-1).values, h.topk(32).values.sort(-1).values)
     assert torch.equal(h.gather(1, i), v)
