@@ -171,7 +171,7 @@ def test_dashboard_and_adapt_warn_once_on_other_model(stories_model_path, tinyst
     capsys.readouterr()
     cfg = DashboardConfig(sae=str(tmp_path / "sae"), data=str(tinystories_valid), out=str(tmp_path / "d"),
                           model=str(stories_model_path), context_len=32)
-    open_source(cfg, sae, "resid_post.1", torch.device("cpu"))
+    open_source(cfg, sae, ["resid_post.1"], torch.device("cpu"))
     warn = [ln for ln in capsys.readouterr().err.splitlines() if "warning" in ln]
     assert len(warn) == 1 and "dashboard" in warn[0] and "--model/--hook" in warn[0], warn
     build(AdaptConfig(model=str(stories_model_path), saes=[str(tmp_path / "sae")], data=str(tinystories_valid),

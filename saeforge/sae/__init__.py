@@ -17,7 +17,7 @@ from saeforge.sae.base import (
     register,
 )
 
-_SKIP = {"base", "geometric_median"}
+_SKIP = {"base", "geometric_median", "step", "export"}
 for _m in pkgutil.iter_modules(__path__):
     if _m.name not in _SKIP and not _m.name.startswith("_"):
         importlib.import_module(f"{__name__}.{_m.name}")

@@ -34,6 +34,8 @@ from saeforge.io import load_safetensors_verified, save_safetensors_atomic, writ
 from saeforge.kernels.rows import remove_parallel_component_
 from saeforge.kernels.sparse_losses import fired_latents
 from saeforge.kernels.topk_autograd import sparse_decode
+from saeforge.sae.export import ExportSpec
+from saeforge.sae.step import Codes, StepState, TrainStepInput, TrainStepOutput
 
 FORMAT = "saeforge/1"
 INPUT_NORMS = ("none", "layer_norm", "constant_norm_rescale")
@@ -97,103 +99,6 @@ class SAEConfig(JsonConfig):
     @property
     def is_transcoder(self) -> bool:
         return (self.target_hook is not None and self.target_hook != self.hook) or self.d_out != self.d_in
-
-
-@dataclass
-class TrainStepInput:
-    """What the trainer hands an SAE for one step (SAELens's split between step input and output)."""
-
-    x: Tensor  # [B, d_in] raw input activations
-    y: Tensor  # [B, d_out] raw target activations (== x for an SAE)
-    step: int
-    total_steps: int
-    dead_mask: Tensor | None = None  # [d_sae] bool, latents that have not fired for dead_tokens
-    skip: Tensor | None = None  # [B, d_out] the skip term in the working space (set by SAE.train_step)
-
-
-@dataclass
-class TrainStepOutput:
-    """What one training forward returns. Every tensor stays on device (no host sync)."""
-
-    loss: Tensor  # scalar to backprop
-    losses: dict[str, Tensor]  # named scalar parts, e.g. {"mse": ..., "aux": ...}
-    y_hat: Tensor  # [B, d_out] reconstruction in the SAE's working (normalised) space
-    y: Tensor  # [B, d_out] target in the same space
-    fired: Tensor  # [d_sae] bool: latents active at least once in this batch
-    l0: Tensor  # scalar: mean number of active latents per row
-
-
-@dataclass
-class ExportSpec:
-    """How an SAE computes its codes, in terms every checkpoint format can name (saeforge/formats reads this
-    instead of branching on architecture names). Tensors are detached float32 on the CPU, in saeforge's
-    orientation; ``W_enc``/``b_enc``/``W_dec``/``b_dec``/``W_skip`` are read from the state dict as usual.
-
-    ``activation`` is one of:
-
-    * ``"relu"``: f = ReLU(h);
-    * ``"topk"``: f = ReLU(top-k of h per row), ``k`` set;
-    * ``"jumprelu"``: f = h · 1[h > θ], ``tensors["threshold"]`` per latent ``[d_sae]``;
-    * ``"batchtopk"``: f = ReLU(h) · 1[ReLU(h) > θ] with one global ``tensors["threshold"]`` (shape ``[]``) at
-      inference, ``k`` the batch top-k used in training; ``groups`` for nested (Matryoshka) latent groups;
-    * ``"gated"``: f = 1[x' W_enc + b_gate > 0] · ReLU(x' (W_enc ⊙ exp r_mag) + b_mag), ``tensors`` holds
-      ``b_gate``, ``r_mag``, ``b_mag`` (no ``b_enc``).
-
-    ``encoder_biases`` lists every pre-activation bias with the name of the tensor whose exp scales ``W_enc``'s
-    columns for it (None: plain ``W_enc``), so a writer can move the ``b_dec`` subtraction into the biases.
-    ``training`` names the saeforge architecture and ``details`` its training settings a format may record
-    (provenance only; writers must not branch on them).
-    """
-
-    activation: str
-    tensors: dict[str, Tensor] = field(default_factory=dict)
-    k: int | None = None
-    groups: list[int] | None = None
-    group_weights: list[float] | None = None
-    encoder_biases: tuple[tuple[str, str | None], ...] = (("b_enc", None),)
-    training: str = ""
-    details: dict[str, Any] = field(default_factory=dict)  # training settings a format may record (multi_topk)
-
-    ACTIVATIONS: ClassVar[tuple[str, ...]] = ("relu", "topk", "jumprelu", "batchtopk", "gated")
-
-    def __post_init__(self) -> None:
-        if self.activation not in self.ACTIVATIONS:
-            raise SaeforgeError(f"export activation {self.activation!r} is not one of {', '.join(self.ACTIVATIONS)}")
-
-
-@dataclass
-class Codes:
-    """One training step's latent codes, as an architecture's :meth:`SAE.training_codes` returns them:
-    sparse (``vals``/``idx``, the k kept values of each row and their latents) or dense (``f``)."""
-
-    f: Tensor | None = None  # [B, d_sae] dense codes, or
-    vals: Tensor | None = None  # [B, k] kept values ...
-    idx: Tensor | None = None  # [B, k] ... and their latent indices
-    h: Tensor | None = None  # [B, d_sae] dense pre-activations, when the architecture computed them
-    selection: Any = None  # the sparse kernels' selection (saeforge.kernels.selectors.TopKCodes): AuxK pairs
-    extra: dict[str, Any] = field(default_factory=dict)  # what an architecture's penalties need besides
-    fired: Tensor | None = None  # set by architectures that count firing themselves (latent sharding)
-    l0: Tensor | None = None
-
-    @property
-    def sparse(self) -> bool:
-        return self.vals is not None
-
-    def active(self) -> Tensor:
-        return (self.vals if self.sparse else self.f) > 0
-
-
-@dataclass
-class StepState:
-    """What the shared :meth:`SAE.training_forward` hands an architecture's :meth:`SAE.penalties`."""
-
-    inp: TrainStepInput
-    x: Tensor  # working-space input
-    y: Tensor  # working-space target (the skip term already subtracted)
-    codes: Codes
-    y_hat: Tensor  # reconstruction in the working space
-    e: Tensor  # y - y_hat
-    denom: Tensor | None  # the reconstruction loss's denominator (None: mean over rows)
 
 
 _REGISTRY: dict[str, type["SAE"]] = {}
