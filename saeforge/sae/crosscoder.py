@@ -26,7 +26,7 @@ from torch import Tensor, nn
 
 from saeforge.errors import SaeforgeError
 from saeforge.sae.base import SAE, SAEConfig, StepState, register
-from saeforge.sae.functional import TargetL0, fold_decoder_norms_, norm_scale, ramp
+from saeforge.sae.functional import TARGET_L0_START, TargetL0, fold_decoder_norms_, norm_scale, ramp
 
 
 @dataclass
@@ -34,7 +34,7 @@ class CrosscoderConfig(SAEConfig):
     apply_b_dec_to_input: bool = False
     hooks: list[str] = field(default_factory=list)  # the hook points read and reconstructed, in order
     hook_scales: list[float] | None = None  # per-hook E‖x_l‖ = √d scales (estimated before training)
-    l1_coefficient: float = 5.0  # λ
+    l1_coefficient: float | None = None  # λ; None: 5.0, or 0.5 when target_l0 steers it (as ReLU's)
     target_l0: float | None = None  # steer the coefficient to this mean L0 (TargetL0); None: fixed
     l1_warmup_frac: float = 0.05
     decoder_init_norm: float = 0.1
@@ -42,6 +42,8 @@ class CrosscoderConfig(SAEConfig):
     SPARSITY_FIELD: ClassVar[str] = "l1_coefficient"
 
     def __post_init__(self) -> None:
+        if self.l1_coefficient is None:
+            self.l1_coefficient = 5.0 if self.target_l0 is None else 5.0 * TARGET_L0_START
         super().__post_init__()
         L = len(self.hooks)
         if L < 1 or len(set(self.hooks)) != L:

@@ -20,17 +20,22 @@ from torch import Tensor
 
 from saeforge.errors import SaeforgeError
 from saeforge.sae.base import ExportSpec, SAE, SAEConfig, StepState, register
-from saeforge.sae.functional import BrickenResampling, TargetL0, fold_decoder_norms_, ramp, set_dataset_scales_
+from saeforge.sae.functional import (
+    TARGET_L0_START, BrickenResampling, TargetL0, fold_decoder_norms_, ramp, set_dataset_scales_,
+)
 from saeforge.sae.geometric_median import geometric_median
 
 RECIPES = ("anthropic2024", "monosemanticity")
+L1_DEFAULT = 5.0  # saeforge's λ on √n-scaled data (docs/recipes/relu.md)
 
 
 @dataclass
 class ReLUConfig(SAEConfig):
     apply_b_dec_to_input: bool | None = None  # None: the recipe's (anthropic2024 False, monosemanticity True)
     recipe: str = "anthropic2024"
-    l1_coefficient: float = 5.0  # λ
+    # λ; None: 5.0, or 0.5 when target_l0 steers it (started at 5.0, the penalty's warm-up kills a quarter of the
+    # latents before the controller can act; from 0.5 the code starts dense and L0 comes down to the target)
+    l1_coefficient: float | None = None
     target_l0: float | None = None  # steer the coefficient to this mean L0 (TargetL0); None: fixed
     l1_warmup_frac: float | None = None  # None: the recipe's (anthropic2024 0.05, monosemanticity 0)
     decoder_init_norm: float = 0.1  # anthropic2024 only ("heuristic" init of the April update)
@@ -56,6 +61,8 @@ class ReLUConfig(SAEConfig):
             self.l1_warmup_frac = 0.0 if mono else 0.05
         if self.scale_inputs is None:
             self.scale_inputs = not mono
+        if self.l1_coefficient is None:
+            self.l1_coefficient = L1_DEFAULT if self.target_l0 is None else L1_DEFAULT * TARGET_L0_START
         super().__post_init__()
 
 
