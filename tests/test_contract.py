@@ -104,8 +104,7 @@ def _metrics(sae: SAE, acts: dict[str, torch.Tensor]) -> tuple[float, float]:
 
 
 # Known failures, kept visible: strict xfail, so a fix makes the test fail until the entry is removed.
-KNOWN = {"jumprelu": "Anthropic's JumpReLU (Jan 2025) loses about half its latents at this size and budget and "
-                     "ends below the target L0 (docs/recipes/jumprelu.md)"}
+KNOWN: dict[str, str] = {}  # arch -> reason (JumpReLU's entry went when the target-L0 start fixed it)
 
 
 @pytest.mark.parametrize("arch", [pytest.param(a, marks=pytest.mark.xfail(reason=KNOWN[a], strict=True))

@@ -25,7 +25,7 @@ from saeforge.errors import SaeforgeError
 from saeforge.kernels import topk_autograd
 from saeforge.sae.base import ExportSpec, SAE, Codes, SAEConfig, StepState, TrainStepInput, register
 from saeforge.sae.functional import (
-    TargetL0, fold_decoder_norms_, jumprelu, jumprelu_log, ramp, set_dataset_scales_, step,
+    TARGET_L0_START, TargetL0, fold_decoder_norms_, jumprelu, jumprelu_log, ramp, set_dataset_scales_, step,
 )
 
 RECIPES = ("anthropic2025", "gemmascope")
@@ -59,7 +59,8 @@ class JumpReLUConfig(SAEConfig):
         if self.recipe not in RECIPES:
             raise SaeforgeError(f"jumprelu recipe {self.recipe!r} is not known; use one of {', '.join(RECIPES)}")
         lam, eps, t0 = _DEFAULTS[self.recipe]
-        self.sparsity_coefficient = lam if self.sparsity_coefficient is None else self.sparsity_coefficient
+        if self.sparsity_coefficient is None:  # with a target L0 the controller starts from a tenth (TARGET_L0_START)
+            self.sparsity_coefficient = lam if self.target_l0 is None else lam * TARGET_L0_START
         self.bandwidth = eps if self.bandwidth is None else self.bandwidth
         self.init_log_threshold = t0 if self.init_log_threshold is None else self.init_log_threshold
         if self.bandwidth <= 0:
