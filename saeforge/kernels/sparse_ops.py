@@ -69,17 +69,19 @@ def _sorted_coo(idx: Tensor, w: Tensor, n: int) -> Tensor:
     """The sparse matrix ``S [n, B]``, ``S[idx[b,j], b] = w[b,j]``, built already coalesced.
 
     ``sparse.mm`` needs its COO operand sorted by (row, column) without repeats. ATen's own
-    ``coalesce`` sorts the int64 keys with a parallel radix sort that, on a busy 2-core machine,
-    measured 100× slower than one thread (0.27 s against 0.003 s for 131k keys). Here the latent
-    indices are sorted as one row of a 2-D tensor (ATen's per-row stable sort, no radix passes); the
-    flattened order is token-major, so the stable sort leaves tokens ascending within each latent.
+    ``coalesce`` sorts int64 ``row·B + col`` keys, which on a busy 2-core machine measured 100× slower
+    than one thread (0.27 s against 0.003 s for 131k keys). Here only the latent indices are sorted, as
+    int32 with a stable 1-D sort: the flattened order is token-major, so the stable sort leaves tokens
+    ascending within each latent. 131k keys, 2 threads: 1.7 ms, against 17.8 ms for the per-row sort of a
+    1 × N int64 tensor used before and 3.2 ms for int64 keys (1.7 / 21 / 7 ms next to a 2-thread matmul
+    in another process).
     Repeated (latent, token) pairs (possible when index sets are concatenated, or in padding) are
     summed with one ``index_add``.
     """
     B, K = idx.shape
     rows = idx.reshape(-1)
     cols = torch.arange(B, device=idx.device).repeat_interleave(K)
-    order = rows.view(1, -1).sort(dim=1, stable=True).indices.view(-1)
+    order = rows.to(torch.int32).sort(stable=True).indices  # stable: tokens stay ascending within a latent
     rows, cols, vals = rows[order], cols[order], w.reshape(-1)[order]
     key = rows * B + cols
     if rows.numel() > 1 and bool((key[1:] == key[:-1]).any()):
