@@ -21,7 +21,8 @@ from typing import Any
 from saeforge.errors import SaeforgeError
 
 # the files each format's reader needs from a release folder
-FILES = {"gemma_scope": ("params.npz",), "saelens": ("cfg.json", "sae_weights.safetensors")}
+FILES = {"gemma_scope": ("params.npz",), "saelens": ("cfg.json", "sae_weights.safetensors"),
+         "llama_scope": ("checkpoints/final.safetensors", "hyperparams.json")}  # the last file's folder is returned
 
 
 @dataclass(frozen=True)
@@ -62,7 +63,7 @@ def close_release(spec: str | Path) -> list[str]:
 
 
 def _layer(sae_id: str) -> str | None:
-    m = re.search(r"(?:layer_|blocks\.)(\d+)", sae_id)
+    m = re.search(r"(?:layer_|blocks\.)(\d+)", sae_id) or re.match(r"l(\d+)[a-z]", sae_id)  # Llama Scope: l15r_8x
     return m.group(1) if m else None
 
 

@@ -37,11 +37,19 @@ def gpt2(name: str) -> dict | None:
     return None
 
 
+LLAMA_SITES = {"r": "resid_post.{layer}", "a": "attn_out.{layer}", "m": "mlp_out.{layer}"}
+
+
+def llama_scope(name: str) -> dict | None:
+    m = re.fullmatch(r"llama_scope_lx([ram])_(8|32)x", name)
+    return {"format": "llama_scope", "model": "meta-llama/Llama-3.1-8B", "hook": LLAMA_SITES[m.group(1)]} if m else None
+
+
 def main(src: str, dst: str = "saeforge/releases.json") -> None:
     data = yaml.safe_load(Path(src).read_text())
     out: dict[str, dict] = {}
     for name in sorted(data):
-        info = gemma(name) or gpt2(name)
+        info = gemma(name) or gpt2(name) or llama_scope(name)
         if info is None:
             continue
         entry = data[name]

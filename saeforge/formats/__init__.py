@@ -21,7 +21,7 @@ from saeforge import releases
 from saeforge.errors import SaeforgeError
 from saeforge.hooknames import to_saeforge
 from saeforge.paths import looks_local
-from saeforge.formats import dictionary_learning, gemma_scope, hub, openai, saelens, sparsify
+from saeforge.formats import dictionary_learning, gemma_scope, hub, llama_scope, openai, saelens, sparsify
 from saeforge.formats.common import (
     DICTIONARY_LEARNING,
     GEMMA_SCOPE,
@@ -41,10 +41,11 @@ MODULES: dict[str, ModuleType] = {
     DICTIONARY_LEARNING: dictionary_learning,
     GEMMA_SCOPE: gemma_scope,
     OPENAI: openai,
+    llama_scope.LLAMA_SCOPE: llama_scope,
 }
 FORMATS = (SAEFORGE, *MODULES)
 _ALIASES = {"sae_lens": SAELENS, "native": SAEFORGE, "dictlearn": DICTIONARY_LEARNING, "gemmascope": GEMMA_SCOPE,
-            "dl": DICTIONARY_LEARNING}
+            "dl": DICTIONARY_LEARNING, "llamascope": llama_scope.LLAMA_SCOPE}
 
 
 def canonical_format(name: str) -> str:
@@ -82,7 +83,7 @@ def detect_format(path: str | Path) -> str:
         path = path.parent  # cfg.json / *.safetensors: the folder is the checkpoint
     if _is_native(path):
         return SAEFORGE
-    for name in (SAELENS, SPARSIFY, DICTIONARY_LEARNING, GEMMA_SCOPE, OPENAI):
+    for name in (SAELENS, SPARSIFY, DICTIONARY_LEARNING, GEMMA_SCOPE, OPENAI, llama_scope.LLAMA_SCOPE):
         if MODULES[name].detect(path):
             return name
     listing = ", ".join(sorted(p.name for p in path.iterdir())[:12]) or "empty"
