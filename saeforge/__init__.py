@@ -7,6 +7,8 @@ The Python API mirrors the CLI::
 """
 from __future__ import annotations
 
+from saeforge.lazy import lazy_getattr
+
 __version__ = "0.1.0"
 
 _LAZY = {
@@ -37,13 +39,8 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str):
-    """Import submodules lazily so ``import saeforge`` stays fast (torch/transformers load on first use)."""
-    if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'saeforge' has no attribute {name!r}")
+# submodules load on first use, so ``import saeforge`` stays fast (torch/transformers load when needed)
+__getattr__ = lazy_getattr(__name__, _LAZY)
 
 
 __all__ = ["__version__", *_LAZY]

@@ -105,3 +105,22 @@ def test_llama_scope_matches_saelens_loader(tmp_path, monkeypatch):
     with torch.no_grad():
         assert torch.allclose(ours.encode(x), sl.encode(x), atol=1e-5)
         assert torch.allclose(ours(x), sl.decode(sl.encode(x)), atol=1e-4)
+
+
+@pytest.mark.parametrize("damage", ["cut_weights", "nan_threshold", "width_mismatch", "zero_norm"])
+def test_a_damaged_llama_scope_folder_is_one_line(tmp_path, capsys, damage):
+    from saeforge.cli import main
+
+    path, _ = _folder(tmp_path / "ls")
+    cfg = json.loads((path / "hyperparams.json").read_text())
+    if damage == "cut_weights":
+        f = path / "checkpoints" / "final.safetensors"
+        f.write_bytes(f.read_bytes()[:100])
+    else:
+        cfg.update({"nan_threshold": {"jump_relu_threshold": float("nan")}, "width_mismatch": {"d_model": 8},
+                    "zero_norm": {"dataset_average_activation_norm": {"in": 0.0}}}[damage])
+        (path / "hyperparams.json").write_text(json.dumps(cfg))
+    capsys.readouterr()
+    rc = main(["convert", str(path), str(tmp_path / "out"), "--to", "saeforge"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "error:" in err[0], err

@@ -11,6 +11,8 @@ import torch.nn.functional as F
 
 from saeforge.sae import create_sae, make_config
 
+from test_dashboard import _records  # the site's latent records, shard by shard
+
 CC_HOOKS = ["resid_post.1", "resid_post.3"]  # model.layers.1 / .3 outputs
 TC_IN, TC_OUT = "resid_mid.1", "mlp_out.1"  # input of layers.1.post_attention_layernorm -> layers.1.mlp output
 N_TOK, CTX, BATCH = 192, 64, 4
@@ -250,18 +252,6 @@ def _cache_rows(path):
     return {h: torch.cat([r[f"acts.{h}"] for r in rows]).float() for h in CC_HOOKS + [TC_IN]}
 
 
-def _site_records(site):
-    from saeforge.dashboard.site import read_payload, shard_path
-
-    index = read_payload(site / "data" / "index.js")
-    size = index["info"]["shard_size"]
-    recs = []
-    for i in index["id"]:
-        shard = read_payload(shard_path(site, i, size))
-        recs.append(shard["latents"][i - shard["first"]])
-    return index, recs
-
-
 def _check_top(recs, A, k):
     for lat, rec in enumerate(recs):
         want = np.sort(A[:, lat][A[:, lat] > 0])[::-1][:k]
@@ -285,7 +275,7 @@ def test_dashboard_crosscoder_and_transcoder(dash_cache, stories_model_path, tmp
     build_dashboard(DashboardConfig(sae=str(tmp_path / "tc"), data=str(cache), out=str(tmp_path / "s_tc"), **kw),
                     progress=False)
     # crosscoder: codes from both hooks; decoder norm per hook on every latent
-    index, recs = _site_records(tmp_path / "s_cc")
+    index, recs = _records(tmp_path / "s_cc")
     A = cc_math(cc, [acts[h] for h in CC_HOOKS])[0].numpy()
     assert len(recs) == cc.cfg.d_sae and index["info"]["input_hooks"] == CC_HOOKS
     assert index["info"]["output_hooks"] == CC_HOOKS and index["info"]["logit_hook"] == CC_HOOKS[-1]
@@ -295,7 +285,7 @@ def test_dashboard_crosscoder_and_transcoder(dash_cache, stories_model_path, tmp
         assert rec["fires"] == int((A[:, lat] > 0).sum())
         assert rec["decoder_norms"] == {h: pytest.approx(float(norms[lat, l]), abs=1e-4) for l, h in enumerate(CC_HOOKS)}
     # transcoder: the input hook's activations drive the codes; logit effects of the output
-    index, recs = _site_records(tmp_path / "s_tc")
+    index, recs = _records(tmp_path / "s_tc")
     A = tc_math(tc, acts[TC_IN])[0].numpy()
     assert len(recs) == tc.cfg.d_sae and index["info"]["transcoder"] and index["info"]["input_hooks"] == [TC_IN]
     _check_top(recs, A, 4)
@@ -303,8 +293,8 @@ def test_dashboard_crosscoder_and_transcoder(dash_cache, stories_model_path, tmp
     # from text through the model: the same latents as from the cache
     build_dashboard(DashboardConfig(sae=str(tmp_path / "cc"), data=str(text), out=str(tmp_path / "t_cc"),
                                     batch_contexts=4, **kw), progress=False)
-    _, from_text = _site_records(tmp_path / "t_cc")
-    _, from_cache = _site_records(tmp_path / "s_cc")
+    _, from_text = _records(tmp_path / "t_cc")
+    _, from_cache = _records(tmp_path / "s_cc")
     for a, b in zip(from_text, from_cache):
         assert a["fires"] == b["fires"]
         np.testing.assert_allclose([e[0] for e in a["top"]], [e[0] for e in b["top"]], atol=1e-4)

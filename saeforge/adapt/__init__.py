@@ -4,6 +4,8 @@ Names load on first use, so reading :class:`AdaptConfig` (the CLI's flags) does 
 """
 from __future__ import annotations
 
+from saeforge.lazy import lazy_getattr
+
 _LAZY = {
     "AdaptConfig": "saeforge.adapt.config",
     "adapt_report": "saeforge.adapt.report",
@@ -19,12 +21,7 @@ _LAZY = {
 }
 
 
-def __getattr__(name: str):
-    if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(_LAZY[name]), name)
-    raise AttributeError(f"module 'saeforge.adapt' has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, _LAZY)
 
 
 __all__ = list(_LAZY)

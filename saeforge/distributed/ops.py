@@ -75,20 +75,22 @@ def sum_grad(t: Tensor, group: dist.Group) -> Tensor:
 
 
 @torch.no_grad()
-def batch_topk_threshold(v: Tensor, k: int, group: dist.Group | None = None) -> Tensor:
+def batch_topk_threshold(v: Tensor, k: int, global_rows: int | None = None, group: dist.Group | None = None) -> Tensor:
     """The smallest of the top ``rows · k`` entries of ``v [rows, n]`` over the *global* batch (the rows of
     every process of the data group): BatchTopK's selection is ``v >= threshold``. Each process offers its
     own top ``N`` values (``N`` = global rows · k, the most any one process can contribute), padded with
     −inf; one all-gather and a top-``N`` of the union give the exact global threshold on every process. With
-    one process (or ``N`` ≥ every value) it is the ``N``-th largest value of ``v`` itself."""
+    one process (or ``N`` ≥ every value) it is the ``N``-th largest value of ``v`` itself. ``global_rows`` (the
+    trainer knows it) saves a row-count all-reduce and its host read."""
     g = group if group is not None else dist.data_group()
     flat = v.detach().flatten()
     if g.size == 1 or not dist.active():
         n = min(flat.numel(), v.shape[0] * k)
         return flat.topk(n, sorted=False).values.min()
-    rows = v.new_tensor([v.shape[0]], dtype=torch.float64)
-    dist.all_reduce(rows, group=g)
-    n = int(rows.item()) * k
+    if global_rows is None:
+        rows = v.new_tensor([v.shape[0]], dtype=torch.float64)
+        global_rows = int(dist.all_reduce(rows, group=g).item())
+    n = global_rows * k
     local = flat.topk(min(n, flat.numel()), sorted=False).values
     if local.numel() < n:
         local = torch.cat([local, local.new_full((n - local.numel(),), float("-inf"))])

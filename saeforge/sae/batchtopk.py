@@ -61,14 +61,14 @@ def batch_topk(h: Tensor, k: int) -> Tensor:
     return torch.zeros_like(flat).scatter_(0, idx, vals).view_as(h)
 
 
-def global_batch_topk(h: Tensor, k: int) -> Tensor:
+def global_batch_topk(h: Tensor, k: int, global_rows: int | None = None) -> Tensor:
     """:func:`batch_topk` over the global batch under data parallelism (the rows of every process of the
     data group; an exact threshold from one all-gather, :func:`~saeforge.distributed.ops.batch_topk_threshold`).
     With one process it is :func:`batch_topk`."""
-    if dist.data_group().size == 1 or not dist.active():
+    if not data_parallel():
         return batch_topk(h, k)
     v = h.relu()
-    return v * (v >= batch_topk_threshold(v, k))
+    return v * (v >= batch_topk_threshold(v, k, global_rows))
 
 
 def data_parallel() -> bool:
@@ -146,7 +146,7 @@ class BatchTopKSAE(SAE):
             codes = Codes(vals=sel.vals, idx=sel.idx, selection=sel)
         else:
             h = self.pre_acts(x)
-            codes = Codes(f=global_batch_topk(h, cfg.k), h=h)
+            codes = Codes(f=global_batch_topk(h, cfg.k, inp.global_rows), h=h)
         self.update_threshold(codes.vals if codes.sparse else codes.f, inp.step, inp.total_steps)
         return codes
 

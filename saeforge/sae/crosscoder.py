@@ -29,6 +29,9 @@ from saeforge.sae.base import SAE, SAEConfig, StepState, register
 from saeforge.sae.functional import TARGET_L0_START, TargetL0, fold_decoder_norms_, norm_scale, ramp
 
 
+L1_DEFAULT = 5.0  # λ of the April 2024 recipe on √d-scaled hooks, as ReLU's
+
+
 @dataclass
 class CrosscoderConfig(SAEConfig):
     apply_b_dec_to_input: bool = False
@@ -43,7 +46,7 @@ class CrosscoderConfig(SAEConfig):
 
     def __post_init__(self) -> None:
         if self.l1_coefficient is None:
-            self.l1_coefficient = 5.0 if self.target_l0 is None else 5.0 * TARGET_L0_START
+            self.l1_coefficient = L1_DEFAULT if self.target_l0 is None else L1_DEFAULT * TARGET_L0_START
         super().__post_init__()
         L = len(self.hooks)
         if L < 1 or len(set(self.hooks)) != L:

@@ -71,7 +71,7 @@ class MatryoshkaSAE(BatchTopKSAE):
     def training_codes(self, x: Tensor, inp: TrainStepInput) -> Codes:
         """BatchTopK's dense codes (the prefix losses need the dense code of every group)."""
         h = self.pre_acts(x)
-        f = global_batch_topk(h, self.cfg.k)
+        f = global_batch_topk(h, self.cfg.k, inp.global_rows)
         self.update_threshold(f, inp.step, inp.total_steps)
         return Codes(f=f, h=h)
 

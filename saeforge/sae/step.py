@@ -20,6 +20,7 @@ class TrainStepInput:
     total_steps: int
     dead_mask: Tensor | None = None  # [d_sae] bool, latents that have not fired for dead_tokens
     skip: Tensor | None = None  # [B, d_out] the skip term in the working space (set by SAE.train_step)
+    global_rows: int | None = None  # rows of the global batch under data parallelism (None: x is the whole batch)
 
 
 @dataclass

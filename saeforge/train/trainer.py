@@ -350,7 +350,8 @@ class Trainer:
         # (and its extra top-k) without a host sync. _refresh_dead() proves that bound at each metrics line.
         dead = run.since_fired >= self.dead_tokens if run.maybe_dead else None
         with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype != torch.float32):
-            out = run.sae.train_step(TrainStepInput(x, y, self.global_step, self.total_steps, dead))
+            out = run.sae.train_step(TrainStepInput(x, y, self.global_step, self.total_steps, dead,
+                                                         global_rows=n_rows))
         out.loss.float().backward()
         self.par.sync_grads(run.sae, x.shape[0], n_rows)
         run.sae.before_optimizer_step()
