@@ -134,8 +134,22 @@ def test_jumprelu_anthropic2025_init():
     assert sae.W_dec.abs().max() <= 1 / math.sqrt(n)
     assert torch.allclose(sae.W_enc, (n / m) * sae.W_dec.T)
     assert torch.allclose(sae.log_threshold, torch.full((m,), 0.1))  # t = 0.1, so θ = e^0.1
-    assert sae.cfg.bandwidth == 2.0 and sae.cfg.tanh_scale == 4 and sae.cfg.pre_act_coefficient == 3e-6
+    assert sae.cfg.bandwidth == 2.0 and sae.cfg.tanh_scale == 4
+    # λ_P: the update's 3e-6 at m >= 2^20 latents, 3e-6·2^20/m below ("scaled") up to 3e-6·2^10; the named
+    # "published" rule keeps 3e-6
+    assert sae.cfg.pre_act_coefficient == pytest.approx(3e-6 * 2**10)
+    assert make_config("jumprelu", d_in=n, d_sae=2**21).pre_act_coefficient == 3e-6
+    assert make_config("jumprelu", d_in=n, d_sae=2**15).pre_act_coefficient == pytest.approx(3e-6 * 2**5)
+    assert make_config("jumprelu", d_in=n, d_sae=m, pre_act_rule="published").pre_act_coefficient == 3e-6
+    assert make_config("jumprelu", d_in=n, d_sae=m, pre_act_coefficient=1e-5).pre_act_coefficient == 1e-5
+    with pytest.raises(SaeforgeError):
+        make_config("jumprelu", d_in=n, d_sae=m, pre_act_rule="nope")
     assert sae.cfg.sparsity_coefficient == 20.0 and sae.b_dec.abs().max() == 0
+    # with a target L0, λ_S starts at 0.1·n_out/target (anthropic2025), a tenth of the default (gemmascope)
+    assert make_config("jumprelu", d_in=64, d_sae=m, target_l0=32.0).sparsity_coefficient == pytest.approx(0.2)
+    assert make_config("jumprelu", d_in=n, d_sae=m, d_out=3, target_hook="t", hook="s", apply_b_dec_to_input=False,
+                       target_l0=3.0).sparsity_coefficient == pytest.approx(0.1)
+    assert make_config("jumprelu", d_in=n, d_sae=m, recipe="gemmascope", target_l0=4.0).sparsity_coefficient == 0.1
     x = torch.randn(4000, n) * 5
     sae.init_from_data(x, x)
     h = sae.pre_acts(sae.normalize_input(x)[0])
@@ -146,7 +160,7 @@ def test_jumprelu_anthropic2025_init():
 
 
 def test_jumprelu_anthropic2025_loss_hand_worked_and_gradients_reach_everything():
-    sae = create_sae(make_config("jumprelu", d_in=2, d_sae=2, sparsity_coefficient=10.0))
+    sae = create_sae(make_config("jumprelu", d_in=2, d_sae=2, sparsity_coefficient=10.0, pre_act_rule="published"))
     _set(sae, W_enc=[[1.0, -0.5], [2.0, 1.0]], b_enc=[0.0, 0.2], W_dec=[[0.06, 0.08], [0.0, 0.5]],
          b_dec=[0.1, 0.0], log_threshold=[0.1, 0.0])
     x = torch.tensor([[1.0, 0.5], [0.2, 0.1]])

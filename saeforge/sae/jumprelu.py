@@ -4,7 +4,8 @@
 ``anthropic2025`` (Anthropic, Circuits Updates January 2025, "Dictionary learning optimization techniques"):
     straight-through gradients ∂f/∂h = 1[h > e^t], ∂f/∂t = −e^t/ε on |h − e^t| < ε/2 (ε = 2) that reach
     every parameter; loss = ‖y − ŷ‖² + λ_S Σ tanh(c |f_i| ‖W_d,i‖) + λ_P Σ ReLU(e^t_i − h_i) ‖W_d,i‖,
-    c = 4, λ_P = 3e-6, λ_S ramped linearly from 0 over all of training; W_d ~ U(±1/√n),
+    c = 4, λ_P = 3e-6 (below 2^20 latents scaled by 2^20/m, capped at 2^10; ``pre_act_rule``), λ_S ramped
+    linearly from 0 over all of training (with a target L0: steered, from 0.1·n_out/target); W_d ~ U(±1/√n),
     W_e = (n/m) W_dᵀ, b_d = 0, t = 0.1 (log threshold), b_e set so each latent fires on 10000/m of a
     data sample; E‖x‖ = √n; Adam (0.9, 0.999), lr 2e-4; decoder norms folded when saved.
 ``gemmascope`` (Rajamanoharan et al. 2024b, arXiv:2407.14435; Lieberum et al. 2024, Gemma Scope):
@@ -33,6 +34,18 @@ _DEFAULTS = {  # recipe -> (sparsity coefficient, bandwidth ε, initial log thre
     "anthropic2025": (20.0, 2.0, 0.1),
     "gemmascope": (1.0, 0.001, math.log(0.001)),
 }
+# λ_P (anthropic2025). The update's 3e-6 (``pre_act_rule="published"``) is kept for m >= 2^20 latents; smaller
+# dictionaries get 3e-6·2^20/m (``"scaled"``, the default): a latent's reconstruction gradient scales with its
+# firing rate L0/m, its pre-activation gradient does not, so λ_P·m is what keeps their balance; the factor is
+# capped at 2^10 (3.07e-3, the value measured at m = 1,024; larger ones hurt at m = 128) (docs/recipes/jumprelu.md,
+# "Small dictionaries").
+PUBLISHED_PRE_ACT = 3e-6
+PRE_ACT_REF_LATENTS = 2 ** 20
+PRE_ACT_MAX_SCALE = 2 ** 10
+PRE_ACT_RULES = ("scaled", "published")
+# anthropic2025 with a target L0: λ_S starts where the tanh penalty of the target L0 (≈ λ_S per firing latent)
+# is this fraction of the signal energy E‖y‖² ≈ n_out: λ_S₀ = 0.1·n_out / target_l0 (measured, docs)
+TARGET_L0_ENERGY = 0.1
 
 
 @dataclass
@@ -44,7 +57,9 @@ class JumpReLUConfig(SAEConfig):
     bandwidth: float | None = None  # ε; None: the recipe's (2 or 0.001)
     init_log_threshold: float | None = None  # t₀; None: the recipe's (0.1, or log 0.001)
     tanh_scale: float = 4.0  # c (anthropic2025)
-    pre_act_coefficient: float = 3e-6  # λ_P (anthropic2025)
+    # λ_P (anthropic2025); None: by ``pre_act_rule``, "scaled" (3e-6·clamp(2^20/m, 1, 2^10)) or "published" (3e-6)
+    pre_act_coefficient: float | None = None
+    pre_act_rule: str = "scaled"
     # anthropic2025: b_e makes each latent fire on init_fire_count / m of inputs. None: the paper's 10,000, capped
     # at a tenth of the latents (10000/m is a rate only for m >= 10^5; below that every latent fired on every
     # input and λ_S then killed half of them, docs/recipes/jumprelu.md)
@@ -59,8 +74,21 @@ class JumpReLUConfig(SAEConfig):
         if self.recipe not in RECIPES:
             raise SaeforgeError(f"jumprelu recipe {self.recipe!r} is not known; use one of {', '.join(RECIPES)}")
         lam, eps, t0 = _DEFAULTS[self.recipe]
-        if self.sparsity_coefficient is None:  # with a target L0 the controller starts from a tenth (TARGET_L0_START)
-            self.sparsity_coefficient = lam if self.target_l0 is None else lam * TARGET_L0_START
+        if self.pre_act_rule not in PRE_ACT_RULES:
+            raise SaeforgeError(f"pre_act_rule {self.pre_act_rule!r} is not known; use one of {', '.join(PRE_ACT_RULES)}")
+        if self.pre_act_coefficient is None:
+            scale = 1.0 if self.pre_act_rule == "published" else \
+                min(PRE_ACT_MAX_SCALE, max(1.0, PRE_ACT_REF_LATENTS / max(1, self.d_sae)))
+            self.pre_act_coefficient = PUBLISHED_PRE_ACT * scale
+        if self.sparsity_coefficient is None:
+            if self.target_l0 is None:
+                self.sparsity_coefficient = lam
+            elif self.recipe == "anthropic2025" and self.target_l0 > 0:
+                # the controller starts near where it settles, from the dense side (docs/recipes/jumprelu.md)
+                n_out = self.d_out if self.d_out is not None else self.d_in
+                self.sparsity_coefficient = TARGET_L0_ENERGY * n_out / self.target_l0
+            else:  # gemmascope: from a tenth of the fixed default (TARGET_L0_START)
+                self.sparsity_coefficient = lam * TARGET_L0_START
         self.bandwidth = eps if self.bandwidth is None else self.bandwidth
         self.init_log_threshold = t0 if self.init_log_threshold is None else self.init_log_threshold
         if self.bandwidth <= 0:
