@@ -13,7 +13,7 @@ are installed by the ``bench`` extra, never needed by saeforge itself), then pri
 the ratios saeforge / best peer.
 
     python benchmarks/quality.py                               # saeforge only, all three sets, 3M tokens
-    python benchmarks/quality.py --sets stories --tokens 3M --set lr_scale=2
+    python benchmarks/quality.py --sets stories --tokens 3M --set optimizer=adam
     python benchmarks/quality.py --peers --peer-python /path/to/venv/bin/python
     python benchmarks/quality.py --sets toy --tokens 10M        # the recovery target
 """

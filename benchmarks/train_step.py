@@ -15,7 +15,7 @@ decoder-gradient projection, gradient clipping, Adam, LR schedule, decoder renor
 counters and on-device metric accumulation.
 
 ``--impl sparse``  ``TopKSAE.training_forward`` as the trainer runs it by default (``TrainConfig.kernels =
-"sparse"``: the kernels of ``saeforge.kernels``) + the trainer's fused Adam (``make_adam``);
+"sparse"``: the kernels of ``saeforge.kernels``) + the trainer's fused Adam (``make_adam``; ``--optimizer signum``: schedule-free sign descent, TopK's default);
 ``--impl reference``  the dense autograd path (``kernels = "dense"``, ``training_forward_with(sparse=False)``) + the
 unfused Adam, for comparison.
 
@@ -87,6 +87,7 @@ def run_config(c: dict) -> dict:
     from saeforge.kernels import topk_autograd
     from saeforge.kernels.allocator import tune_cpu_allocator
     from saeforge.sae import TrainStepInput, create_sae, fvu, make_config
+    from saeforge.train.optim import ScheduleFreeSign
     from saeforge.train.trainer import make_adam
 
     if c.get("threads"):
@@ -115,7 +116,10 @@ def run_config(c: dict) -> dict:
     sparse = c["impl"] == "sparse"
     sae.sparse_kernels = sparse
     fused = c["adam"] == "fused" or (c["adam"] == "auto" and sparse)
-    opt = make_adam(sae.parameters(), 1e-4, (0.9, 0.999), 6.25e-10, fused)
+    if c.get("optimizer", "adam") == "signum":
+        opt = ScheduleFreeSign(sae.parameters(), 1e-4)
+    else:
+        opt = make_adam(sae.parameters(), 1e-4, (0.9, 0.999), 6.25e-10, fused)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
     since = torch.zeros(m, dtype=torch.long, device=device)
     gen = torch.Generator().manual_seed(1)
@@ -187,6 +191,7 @@ def run_config(c: dict) -> dict:
         breakdown_s={k2: round(v, 4) for k2, v in best_rep["phases"].items()},
         repeats=len(repeats),
         steps_per_repeat=c["steps"],
+        optimizer=c.get("optimizer", "adam"),
         adam="fused" if opt.defaults.get("fused") else "default",
         dead_frac=c["dead_frac"],
         final_loss=round(float(acc["loss"] / (1 + len(repeats) * c["steps"])), 5),
@@ -210,6 +215,7 @@ def configs(a: argparse.Namespace) -> list[dict]:
                                     "device": a.device, "repeats": a.repeats, "steps": a.steps,
                                     "time_cap": a.time_cap, "peak_cap": a.peak_cap, "bf16_cap": a.bf16_cap,
                                     "force_bf16": a.force_bf16, "threads": a.threads, "adam": a.adam,
+                                    "optimizer": a.optimizer,
                                     "dead_frac": a.dead_frac, "chunk_rows": a.chunk_rows,
                                     "tune_malloc": not a.no_malloc_tuning})
     return out
@@ -226,6 +232,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--batch", type=int, nargs="+", default=[4096, 16384])
     p.add_argument("--dtype", nargs="+", choices=["fp32", "bf16"], default=["fp32", "bf16"])
     p.add_argument("--impl", nargs="+", choices=["sparse", "reference"], default=["sparse"])
+    p.add_argument("--optimizer", choices=["adam", "signum"], default="signum",
+                   help="the optimizer of the step: signum (schedule-free sign descent, the trainer's default for "
+                        "TopK; saeforge/train/optim.py) or adam (the paper's)")
     p.add_argument("--adam", choices=["auto", "default", "fused"], default="auto",
                    help="auto: fused for --impl sparse (the trainer's default), unfused for reference")
     p.add_argument("--dead-frac", type=float, default=0.0, help="share of latents marked dead (AuxK cost)")

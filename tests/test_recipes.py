@@ -384,10 +384,10 @@ D, NF, P = 32, 64, 0.05
 E2E = {  # tiny-size settings: lr and λ scaled for 300 steps of 512 rows (recipe constants unchanged)
     "relu": ({"l1_coefficient": 1.0}, 5e-3, 128),
     "relu-monosemanticity": ({"recipe": "monosemanticity", "l1_coefficient": 1.0}, 5e-3, 128),
-    "topk": ({"k": 4}, 1e-2, 128),
-    "batchtopk": ({"k": 4, "threshold_start_step": 100, "threshold_beta": 0.99}, 2e-2, 128),
+    "topk": ({"k": 4}, None, 128),  # None: the default rule (signum for the k-architectures)
+    "batchtopk": ({"k": 4, "threshold_start_step": 100, "threshold_beta": 0.99}, None, 128),
     "matryoshka": ({"k": 4, "threshold_start_step": 100, "threshold_beta": 0.99, "group_fractions": [0.5, 0.5]},
-                   1e-2, 256),
+                   None, 256),
     # 10000/m is the paper's firing count for millions of latents; a tiny SAE starts at 20/m
     "jumprelu": ({"sparsity_coefficient": 20.0, "init_fire_count": 20.0}, 1e-2, 128),
     # GDM's θ₀ = ε = 0.001 barely move in 300 steps of Adam on a log threshold; tiny runs start higher

@@ -13,6 +13,7 @@ from saeforge.errors import SaeforgeError
 from saeforge.sae import make_config
 from saeforge.synthetic import SuperpositionStream
 from saeforge.train import TrainConfig, Trainer
+from saeforge.train.optim import ScheduleFreeSign
 
 D, B = 16, 128
 
@@ -125,16 +126,21 @@ def test_recipe_optimizer_defaults_fill_what_the_train_config_leaves_open(tmp_pa
     tr = Trainer(cfgs, _stream(), _tc(2, lr=None, betas=None, eps=None, lr_rule="published"), tmp_path)
     g = tr.runs["g"].opt.param_groups[0]
     assert g["betas"] == (0.0, 0.999) and g["lr"] == pytest.approx(5e-5)  # Rajamanoharan et al. 2024a
-    t = tr.runs["t"].opt.param_groups[0]
-    assert t["betas"] == (0.9, 0.999) and t["lr"] == pytest.approx(2e-4 / (32 / 2**14) ** 0.5)
+    # TopK's default optimizer is schedule-free sign descent; its published lr is sparsify's 5e-3/sqrt(n/2^14)
+    t = tr.runs["t"].opt
+    assert isinstance(t, ScheduleFreeSign) and t.param_groups[0]["lr"] == pytest.approx(5e-3 / (32 / 2**14) ** 0.5)
+    adam = Trainer(cfgs, _stream(), _tc(2, lr=None, betas=None, eps=None, lr_rule="published", optimizer="adam"),
+                   tmp_path / "a")
+    t = adam.runs["t"].opt.param_groups[0]
+    assert t["betas"] == (0.9, 0.999) and t["lr"] == pytest.approx(2e-4 / (32 / 2**14) ** 0.5)  # Gao et al.
     # the default rule: Gao et al.'s 2e-4/sqrt(n/2^14) moved from d = 768 to d_in as 1/sqrt(d_in), times
-    # LR_SCALE, for every architecture (betas stay the recipe's)
-    from saeforge.sae.base import LR_SCALE
+    # LR_SCALE, for every Adam-trained architecture (betas stay the recipe's); sign descent: SIGNUM_LR0/sqrt(n/2^14)
+    from saeforge.sae.base import LR_SCALE, SIGNUM_LR0
 
     scaled = Trainer(cfgs, _stream(), _tc(2, lr=None, betas=None, eps=None), tmp_path / "s")
-    want = LR_SCALE * 2e-4 * (2**14 / 32) ** 0.5 * (768 / D) ** 0.5
-    for name in ("g", "t"):
-        assert scaled.runs[name].opt.param_groups[0]["lr"] == pytest.approx(want)
+    assert scaled.runs["g"].opt.param_groups[0]["lr"] == pytest.approx(LR_SCALE * 2e-4 * (2**14 / 32) ** 0.5
+                                                                       * (768 / D) ** 0.5)
+    assert scaled.runs["t"].opt.param_groups[0]["lr"] == pytest.approx(SIGNUM_LR0 * (2**14 / 32) ** 0.5)
     assert scaled.runs["g"].opt.param_groups[0]["betas"] == (0.0, 0.999)
     explicit = Trainer(cfgs, _stream(), _tc(2, betas=(0.5, 0.9)), tmp_path / "x")
     assert explicit.runs["g"].opt.param_groups[0]["betas"] == (0.5, 0.9)

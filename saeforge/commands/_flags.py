@@ -14,6 +14,7 @@ from saeforge.activations.stream import StreamConfig
 from saeforge.config import config_flag, config_flags, config_values, parse_size
 from saeforge.errors import SaeforgeError
 from saeforge.train.config import TrainConfig
+from saeforge.train.optim import OPTIMIZERS
 
 STREAM_FLAGS = {
     "data": "an activation cache folder from `saeforge harvest`, or a text source (.txt/.jsonl/.parquet/HF "
@@ -29,10 +30,14 @@ TRAIN_FLAGS = {
     "total_tokens": "training tokens (default %(default)s; loops the data)",
     "batch_size": "rows per step (default %(default)s); under torchrun the GLOBAL batch, split over the replicas",
     "lr": "learning rate (default: from --lr-rule)",
-    "lr_rule": "an unset --lr: scaled = Gao et al.'s 2e-4/sqrt(n/2^14) transferred to the input width (every "
-               "architecture; docs/recipes/README.md); published = the recipe's own constant",
-    "warmup_steps": "LR warm-up steps (default min(1000, 5%% of steps))",
-    "decay_frac": "linear LR decay over the last fraction (default %(default)s)",
+    "lr_rule": "an unset --lr: scaled = for adam, Gao et al.'s 2e-4/sqrt(n/2^14) transferred to the input width; "
+               "for signum, 2.5e-3/sqrt(n/2^14) (docs/recipes/README.md); published = the recipe's own constant "
+               "(sparsify's 5e-3/sqrt(n/2^14) for signum)",
+    "optimizer": "adam, or signum = schedule-free sign descent as sparsify (saeforge/train/optim.py); default: the "
+                 "architecture's (signum for topk, batchtopk, matryoshka; adam for the others; docs/recipes/README.md)",
+    "momentum": "signum: the schedule-free interpolation beta (default %(default)s, as sparsify)",
+    "warmup_steps": "LR warm-up steps (default: adam min(1000, 5%% of steps); signum 0)",
+    "decay_frac": "linear LR decay to 0 over the last fraction of steps (default: adam 0.2; signum 0)",
     "grad_clip": "gradient-norm clip, 0 to disable (default %(default)s)",
     "dead_tokens": "tokens without firing before a latent counts as dead (default 10M as Gao et al., or a tenth "
                    "of a shorter run)",
@@ -53,7 +58,7 @@ TRAIN_FLAGS = {
 }
 _TRAIN_KW = {
     "total_tokens": {"type": parse_size}, "batch_size": {"type": parse_size}, "dead_tokens": {"type": parse_size},
-    "lr_rule": {"choices": ["scaled", "published"]}, "kernels": {"choices": ["sparse", "dense"]},
+    "lr_rule": {"choices": ["scaled", "published"]}, "optimizer": {"choices": list(OPTIMIZERS)}, "kernels": {"choices": ["sparse", "dense"]},
     "shard_latents": {"nargs": "?", "const": 0, "metavar": "S"}, "dp_read": {"choices": ["exact", "disjoint"]},
 }
 

@@ -378,15 +378,22 @@ class SAE(nn.Module):
         """The recipe's own learning rate, as its paper or reference code gives it (``lr_rule="published"``)."""
         return 2e-4
 
-    def recommended_lr(self, total_tokens: int | None = None, rule: str = "scaled") -> float:
+    def recommended_lr(self, total_tokens: int | None = None, rule: str = "scaled", optimizer: str = "adam") -> float:
         """The learning rate used when ``TrainConfig.lr`` is unset (``TrainConfig.lr_rule`` picks the rule):
-        ``"scaled"`` (default) is :func:`scaled_lr` for this SAE's widths, the same rule for every
-        architecture; ``"published"`` is the recipe's constant (:meth:`published_lr`)."""
-        if rule == "published":
-            return self.published_lr()
-        if rule != "scaled":
+        ``"scaled"`` (default) is :func:`scaled_lr` for this SAE's widths and ``optimizer``, the same rule for
+        every architecture; ``"published"`` is the recipe's constant (:meth:`published_lr`) for Adam, and
+        sparsify's 5e-3/√(n/2^14) for schedule-free sign descent."""
+        if rule not in ("scaled", "published"):
             raise SaeforgeError(f"unknown lr rule {rule!r}; use 'scaled' or 'published'")
-        return scaled_lr(self.cfg.d_in, self.cfg.d_sae)
+        if rule == "published":
+            return SIGNUM_PUBLISHED * math.sqrt(LR_REFERENCE[2] / self.cfg.d_sae) if optimizer == "signum" \
+                else self.published_lr()
+        return scaled_lr(self.cfg.d_in, self.cfg.d_sae, optimizer)
+
+    def default_optimizer(self) -> str:
+        """The optimizer used where ``TrainConfig.optimizer`` is unset: ``"adam"`` (every paper's), unless an
+        architecture measured better with ``"signum"`` (saeforge/train/optim.py; docs/recipes/README.md)."""
+        return "adam"
 
     def adam_defaults(self) -> dict[str, Any]:
         """Adam ``betas`` / ``eps`` of the recipe (used where ``TrainConfig`` leaves them unset)."""
@@ -528,18 +535,27 @@ def check_finite_weights(state: dict[str, Tensor], where: object) -> None:
 
 
 LR_REFERENCE = (2e-4, 768, 2**14)  # Gao et al.'s lr at GPT-2 small's width with 2^14 latents
+SIGNUM_PUBLISHED = 5e-3  # sparsify's signum lr at 2^14 latents (its trainer: 5e-3 / √(n / 2^14))
+SIGNUM_LR0 = 2.5e-3  # schedule-free sign descent at 2^14 latents, measured (docs/recipes/README.md)
 LR_SCALE = 2.5  # measured: short (3M-token) runs train best above the transferred value (docs/recipes/README.md)
 
 
-def scaled_lr(d_in: int, d_sae: int) -> float:
-    """The default learning rate of every architecture: Gao et al.'s 2e-4 / √(n / 2^14), fitted at GPT-2
-    small's width d = 768, transferred to width ``d_in`` as lr ∝ 1/√d_in.
+def scaled_lr(d_in: int, d_sae: int, optimizer: str = "adam") -> float:
+    """The default learning rate of every architecture.
 
-    Why 1/√d: Adam moves each weight by about lr per step whatever the scale of its gradient, and decoder
-    rows (and encoder columns at init) have a fixed norm, so their entries are of size 1/√d. The angle a
-    latent's direction turns per step is thus ≈ lr·√d; keeping it equal to its value at the reference
-    width gives lr ∝ 1/√d (docs/recipes/README.md shows the measurements, at d = 32, 64, 128 and 384)."""
+    Adam: Gao et al.'s 2e-4 / √(n / 2^14), fitted at GPT-2 small's width d = 768, transferred to width
+    ``d_in`` as lr ∝ 1/√d_in, times LR_SCALE. Why 1/√d: Adam moves each weight by about lr per step whatever
+    the scale of its gradient, and decoder rows (and encoder columns at init) have a fixed norm, so their
+    entries are of size 1/√d. The angle a latent's direction turns per step is thus ≈ lr·√d; keeping it equal
+    to its value at the reference width gives lr ∝ 1/√d (docs/recipes/README.md shows the measurements, at
+    d = 32, 64, 128 and 384).
+
+    Schedule-free sign descent (``optimizer="signum"``): SIGNUM_LR0 / √(n / 2^14), sparsify's law with half its
+    constant. Measured at d = 64, 128 and 384 (docs/recipes/README.md), the best lr did not depend on d_in (unlike
+    Adam's), so this rule has no width factor."""
     lr0, d0, n0 = LR_REFERENCE
+    if optimizer == "signum":
+        return SIGNUM_LR0 * math.sqrt(n0 / d_sae)
     return LR_SCALE * lr0 * math.sqrt(n0 / d_sae) * math.sqrt(d0 / d_in)
 
 

@@ -96,6 +96,10 @@ class BatchTopKSAE(SAE):
     def published_lr(self) -> float:
         return 2e-4 / math.sqrt(self.cfg.d_sae / 2**14)
 
+    def default_optimizer(self) -> str:
+        """Schedule-free sign descent, as TopK (docs/recipes/batchtopk.md: far fewer dead latents than Adam)."""
+        return "signum"
+
     @torch.no_grad()
     def init_from_data(self, x: Tensor, y: Tensor) -> None:
         if self.cfg.init_b_dec_geometric_median and not self.cfg.is_transcoder:

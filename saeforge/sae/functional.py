@@ -135,14 +135,18 @@ def fold_decoder_norms_(sae: Any, norms: Tensor, encoder_cols: bool = True) -> N
 
 # ---- dead-latent resampling (Bricken et al. 2023, "Neuron resampling") ----------------------------
 @torch.no_grad()
-def reset_adam_rows_(opt: torch.optim.Optimizer, param: Tensor, index: Tensor, dim: int) -> None:
-    """Zero Adam's first and second moments for the slices ``index`` of ``param`` along ``dim``."""
+def reset_optimizer_rows_(opt: torch.optim.Optimizer, param: Tensor, index: Tensor, dim: int) -> None:
+    """Forget the optimizer's memory of the slices ``index`` of ``param`` along ``dim`` (a resampled latent
+    starts fresh): Adam's moments become zero; schedule-free's ``z`` (saeforge.train.optim) takes the new
+    value, so that its average and interpolation points equal it there too."""
     state = opt.state.get(param)
     if not state:
         return
     for key in ("exp_avg", "exp_avg_sq"):
         if key in state:
             state[key].index_fill_(dim, index, 0.0)
+    if "z" in state:
+        state["z"].index_copy_(dim, index, param.detach().index_select(dim, index))
 
 
 @torch.no_grad()
@@ -181,12 +185,12 @@ def bricken_resample_(
     enc_norm = sae.W_enc[:, alive].norm(dim=0).mean() if alive.any() else sae.W_enc.new_tensor(1.0)
     sae.W_enc[:, idx] = (v / v.norm(dim=1, keepdim=True).clamp_min(1e-12) * enc_norm * enc_scale).T.to(sae.W_enc.dtype)
     sae.W_dec[idx] = (u / u.norm(dim=1, keepdim=True).clamp_min(1e-12)).to(sae.W_dec.dtype)
-    reset_adam_rows_(opt, sae.W_enc, idx, 1)
-    reset_adam_rows_(opt, sae.W_dec, idx, 0)
+    reset_optimizer_rows_(opt, sae.W_enc, idx, 1)
+    reset_optimizer_rows_(opt, sae.W_dec, idx, 0)
     for name in zero:
         b = getattr(sae, name)
         b[idx] = 0.0
-        reset_adam_rows_(opt, b, idx, 0)
+        reset_optimizer_rows_(opt, b, idx, 0)
     return idx
 
 

@@ -71,6 +71,11 @@ class TopKSAE(SAE):
     def published_lr(self) -> float:
         return 2e-4 / math.sqrt(self.cfg.d_sae / 2**14)
 
+    def default_optimizer(self) -> str:
+        """Schedule-free sign descent, as sparsify (a deviation from Gao et al.'s Adam, kept because it measured
+        better at every budget we tried: docs/recipes/topk.md); ``TrainConfig.optimizer="adam"`` is the paper's."""
+        return "signum"
+
     def adam_defaults(self) -> dict:
         """Gao et al. §A.4: Adam ε = 6.25e-10 (used when TrainConfig leaves betas/eps unset)."""
         return {"betas": (0.9, 0.999), "eps": 6.25e-10}

@@ -7,6 +7,7 @@ from typing import ClassVar
 DEAD_TOKENS = 10_000_000
 
 from saeforge.config import JsonConfig
+from saeforge.train.optim import OPTIMIZERS
 
 
 @dataclass
@@ -19,10 +20,14 @@ class TrainConfig(JsonConfig):
     # how an unset lr is chosen: "scaled" (every architecture: Gao et al.'s 2e-4/√(n/2^14) transferred to
     # the SAE's input width, saeforge.sae.base.scaled_lr) or "published" (the recipe's own constant)
     lr_rule: str = "scaled"
+    # "adam", or "signum" (schedule-free sign descent, as sparsify; saeforge/train/optim.py); None: the
+    # architecture's default_optimizer() (docs/recipes/README.md says which and why)
+    optimizer: str | None = None
+    momentum: float = 0.95  # signum: the schedule-free interpolation β (sparsify's 0.95)
     betas: tuple[float, float] | None = None  # None: the recipe's (adam_defaults()), else (0.9, 0.999)
     eps: float | None = None  # None: the recipe's (e.g. Gao et al.'s 6.25e-10 for topk), else 1e-8
-    warmup_steps: int | None = None  # None: min(1000, 5% of steps)
-    decay_frac: float = 0.2  # linear decay to 0 over the last fraction of steps (0 disables)
+    warmup_steps: int | None = None  # None: adam min(1000, 5% of steps); signum 0
+    decay_frac: float | None = None  # linear decay to 0 over the last fraction of steps; None: adam 0.2, signum 0
     grad_clip: float = 1.0  # global gradient-norm clip (0 disables)
     # a latent is dead after this many tokens without firing (Gao et al. §A.2: 10M); None: 10M, or a tenth
     # of the run when that is shorter, so AuxK and dead-latent counts engage on short runs too
@@ -54,6 +59,9 @@ class TrainConfig(JsonConfig):
         if self.betas is not None:
             self.require(len(self.betas) == 2 and all(isinstance(b, (int, float)) and 0 <= b < 1 for b in self.betas),
                          "betas", "two numbers in [0, 1)")
+        self.require(self.optimizer in (None, *OPTIMIZERS), "optimizer", " or ".join(OPTIMIZERS))
+        self.require_finite("momentum", minimum=0.0, maximum=1.0)
+        self.require(0 < self.momentum < 1, "momentum", "a number in (0, 1)")
         self.require(self.kernels in ("sparse", "dense"), "kernels", "sparse or dense")
         self.require(self.lr_rule in ("scaled", "published"), "lr_rule", "scaled or published")
         self.require(self.dp_read in ("exact", "disjoint"), "dp_read", "exact or disjoint")

@@ -2,14 +2,14 @@
 
 Each step pulls one :class:`~saeforge.activations.stream.ActivationBatch`, and every SAE takes its
 input/target from it (``SAE.inputs_from``), runs ``training_forward`` under autocast, and steps its own
-Adam. The loop never synchronises with the host except on logging steps: losses accumulate on device
+optimizer (Adam, or schedule-free sign descent: ``saeforge/train/optim.py``). The loop never synchronises with the host except on logging steps: losses accumulate on device
 and dead-latent counters are updated with tensor ops.
 
 Recipes reach the loop only through the training contract declared in ``saeforge/sae/base.py`` (every
 method has a default there), never through ``if arch == ...``:
 
-* ``recommended_lr(total_tokens, rule)`` and ``adam_defaults()`` (betas/eps) fill what ``TrainConfig`` leaves
-  as None;
+* ``default_optimizer()``, ``recommended_lr(total_tokens, rule, optimizer)`` and ``adam_defaults()``
+  (betas/eps) fill what ``TrainConfig`` leaves as None;
 * ``train_step(inp)`` (the architecture's ``training_forward`` plus the skip term) returns one
   ``TrainStepOutput``;
 * ``before_optimizer_step()`` / ``after_optimizer_step(step, total)`` (decoder-norm constraints);
@@ -53,6 +53,7 @@ from saeforge.train.checkpoint import load_checkpoint, save_checkpoint
 from saeforge.tracking import Tracker, TrackingConfig, open_tracker
 from saeforge.train.config import TrainConfig
 from saeforge.train import guard
+from saeforge.train.optim import ScheduleFreeSign
 from saeforge.train.parallel import Parallel
 from saeforge.train.schedule import default_warmup, lr_factor
 
@@ -158,7 +159,6 @@ class Trainer:
             raise SaeforgeError(f"TrainConfig.kernels={cfg.kernels!r}: use 'sparse' or 'dense'")
         self.total_steps = max(1, math.ceil(cfg.total_tokens / cfg.batch_size))
         self.dead_tokens = cfg.dead_window()
-        self.warmup = cfg.warmup_steps if cfg.warmup_steps is not None else default_warmup(self.total_steps)
         self.runs: dict[str, _Run] = {}
         self.names = list(saes)  # every SAE of the run (with spread=True a process trains only its own)
         owner = self.par.owners({n: (s.cfg if isinstance(s, SAE) else s).d_sae for n, s in saes.items()})
@@ -171,14 +171,13 @@ class Trainer:
             _seeded(cfg.seed)
             sae = s if isinstance(s, SAE) else create_sae(s)
             sae = self.par.sae(sae.to(self.device))  # its latent-sharded form under --shard-latents
-            lr = cfg.lr if cfg.lr is not None else sae.recommended_lr(cfg.total_tokens, cfg.lr_rule)
-            hints = sae.adam_defaults()
-            betas = tuple(cfg.betas) if cfg.betas is not None else tuple(hints.get("betas", (0.9, 0.999)))
-            eps = cfg.eps if cfg.eps is not None else hints.get("eps", 1e-8)
+            kind = cfg.optimizer or sae.default_optimizer()
+            lr = cfg.lr if cfg.lr is not None else sae.recommended_lr(cfg.total_tokens, cfg.lr_rule, kind)
             sae.sparse_kernels = cfg.kernels == "sparse"
-            opt = make_adam(sae.parameters(), lr, betas, eps, cfg.fused_adam)
+            opt = self._optimizer(kind, sae, lr)
+            warmup, decay = self._schedule(kind)
             sched = torch.optim.lr_scheduler.LambdaLR(
-                opt, lambda st: lr_factor(st, self.total_steps, self.warmup, cfg.decay_frac)
+                opt, lambda st, w=warmup, d=decay: lr_factor(st, self.total_steps, w, d)
             )
             since = torch.zeros(sae.cfg.d_sae, dtype=torch.long, device=self.device)
             run_out = self.out if (len(saes) == 1 and name == "") else self.out / name
@@ -199,6 +198,25 @@ class Trainer:
         self._comm0 = self.par.comm_seconds() or 0.0
 
     # ---- setup ----------------------------------------------------------------------------------
+    def _optimizer(self, kind: str, sae: SAE, lr: float) -> torch.optim.Optimizer:
+        """``TrainConfig.optimizer`` (else the architecture's ``default_optimizer()``) for ``sae``."""
+        cfg = self.cfg
+        if kind == "signum":
+            return ScheduleFreeSign(sae.parameters(), lr, cfg.momentum)
+        hints = sae.adam_defaults()
+        betas = tuple(cfg.betas) if cfg.betas is not None else tuple(hints.get("betas", (0.9, 0.999)))
+        eps = cfg.eps if cfg.eps is not None else hints.get("eps", 1e-8)
+        return make_adam(sae.parameters(), lr, betas, eps, cfg.fused_adam)
+
+    def _schedule(self, kind: str) -> tuple[int, float]:
+        """(warm-up steps, decay fraction): TrainConfig's, else Adam's min(1000, 5 %) warm-up and 20 % linear
+        decay; schedule-free sign descent needs neither (its average replaces the decay)."""
+        cfg = self.cfg
+        free = kind == "signum"
+        warmup = cfg.warmup_steps if cfg.warmup_steps is not None else (0 if free else default_warmup(self.total_steps))
+        decay = cfg.decay_frac if cfg.decay_frac is not None else (0.0 if free else 0.2)
+        return warmup, decay
+
     def init_from_data(self, batch: ActivationBatch) -> None:
         """Data-dependent initialisation of every SAE built here from a config (geometric median, scales...)
         from the rows of ``batch``; an SAE handed in (pre-trained, loaded, hand-set) keeps its weights.
