@@ -33,7 +33,8 @@ def test_zero_gradient_leaves_the_weight():
     assert torch.equal(p.detach(), torch.tensor([0.5, -0.25]))
 
 
-def test_matches_the_schedulefree_package():
+@pytest.mark.parametrize("power", [0.0, 2.0])
+def test_matches_the_schedulefree_package(power):
     schedulefree = pytest.importorskip("schedulefree")
     torch.manual_seed(0)
     a = torch.nn.Parameter(torch.randn(6, 5))
@@ -49,8 +50,8 @@ def test_matches_the_schedulefree_package():
                 for p in g["params"]:
                     p.add_(p.grad.sign(), alpha=-g["lr"])
 
-    ours = ScheduleFreeSign([a], lr=0.01, momentum=0.95)
-    ref = schedulefree.ScheduleFreeWrapper(SignSGD([b], lr=0.01), momentum=0.95)
+    ours = ScheduleFreeSign([a], lr=0.01, momentum=0.95, power=power)
+    ref = schedulefree.ScheduleFreeWrapper(SignSGD([b], lr=0.01), momentum=0.95, r=power)
     ref.train()
     target = torch.randn(6, 5)
     for _ in range(30):

@@ -36,6 +36,8 @@ TRAIN_FLAGS = {
     "optimizer": "adam, or signum = schedule-free sign descent as sparsify (saeforge/train/optim.py); default: the "
                  "architecture's (signum for topk, batchtopk, matryoshka; adam for the others; docs/recipes/README.md)",
     "momentum": "signum: the schedule-free interpolation beta (default %(default)s, as sparsify)",
+    "average_power": "signum: iterate k weighs (k+1)^r in the schedule-free average (default %(default)s; the "
+                     "paper's and sparsify's 0 weigh all iterates alike; docs/recipes/README.md)",
     "warmup_steps": "LR warm-up steps (default: adam min(1000, 5%% of steps); signum 0)",
     "decay_frac": "linear LR decay to 0 over the last fraction of steps (default: adam 0.2; signum 0)",
     "grad_clip": "gradient-norm clip, 0 to disable (default %(default)s)",

@@ -24,6 +24,8 @@ class TrainConfig(JsonConfig):
     # architecture's default_optimizer() (docs/recipes/README.md says which and why)
     optimizer: str | None = None
     momentum: float = 0.95  # signum: the schedule-free interpolation β (sparsify's 0.95)
+    # signum: iterate k weighs (k+1)^r in the schedule-free average (Defazio et al.'s r; theirs and sparsify's 0)
+    average_power: float = 0.0
     betas: tuple[float, float] | None = None  # None: the recipe's (adam_defaults()), else (0.9, 0.999)
     eps: float | None = None  # None: the recipe's (e.g. Gao et al.'s 6.25e-10 for topk), else 1e-8
     warmup_steps: int | None = None  # None: adam min(1000, 5% of steps); signum 0
@@ -62,6 +64,7 @@ class TrainConfig(JsonConfig):
         self.require(self.optimizer in (None, *OPTIMIZERS), "optimizer", " or ".join(OPTIMIZERS))
         self.require_finite("momentum", minimum=0.0, maximum=1.0)
         self.require(0 < self.momentum < 1, "momentum", "a number in (0, 1)")
+        self.require_finite("average_power", minimum=0.0)
         self.require(self.kernels in ("sparse", "dense"), "kernels", "sparse or dense")
         self.require(self.lr_rule in ("scaled", "published"), "lr_rule", "scaled or published")
         self.require(self.dp_read in ("exact", "disjoint"), "dp_read", "exact or disjoint")

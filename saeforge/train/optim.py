@@ -7,7 +7,8 @@
   like Adam's; ``tests/test_optim.py`` checks it step for step against the ``schedulefree`` package.
 
 Schedule-free sign descent keeps two points per weight: ``z``, moved by ``lr · sign(grad)`` each step, and
-``x``, the running average of the ``z`` iterates (weights ∝ lr², so a warm-up's small steps count less).
+``x``, the running average of the ``z`` iterates (iterate k weighs (k+1)^r · lr², the paper's polynomial
+weighting: a warm-up's small steps count less and, with ``power`` r > 0, recent iterates more).
 Gradients are taken at ``y = β·x + (1−β)·z``, which is the parameter's value between steps. ``step()`` leaves
 each ``.grad`` holding its sign (the gradients are spent by then; the trainer clears them next).
 
@@ -27,14 +28,18 @@ OPTIMIZERS = ("adam", "signum")
 
 
 class ScheduleFreeSign(torch.optim.Optimizer):
-    """Schedule-free sign descent; ``momentum`` is the interpolation β of ``y = β·x + (1−β)·z``."""
+    """Schedule-free sign descent; ``momentum`` is the interpolation β of ``y = β·x + (1−β)·z``, ``power`` the
+    weighting exponent r of the average (``schedulefree``'s ``r``; 0 there by default)."""
 
-    def __init__(self, params: Iterable[Tensor], lr: float, momentum: float = 0.95):
+    def __init__(self, params: Iterable[Tensor], lr: float, momentum: float = 0.95, power: float = 0.0):
         if not lr > 0:
             raise ValueError(f"lr must be positive, got {lr}")
         if not 0 < momentum < 1:
             raise ValueError(f"momentum must be in (0, 1), got {momentum}")
-        super().__init__(params, {"lr": lr, "momentum": momentum, "k": 0, "lr_max": 0.0, "weight_sum": 0.0})
+        if not power >= 0:
+            raise ValueError(f"power must be >= 0, got {power}")
+        super().__init__(params, {"lr": lr, "momentum": momentum, "power": power, "k": 0, "lr_max": 0.0,
+                                  "weight_sum": 0.0})
 
     @torch.no_grad()
     def step(self, closure=None):  # noqa: D102 (torch's signature)
@@ -45,7 +50,7 @@ class ScheduleFreeSign(torch.optim.Optimizer):
         for group in self.param_groups:
             lr, beta = group["lr"], group["momentum"]
             group["lr_max"] = max(lr, group["lr_max"])
-            weight = group["lr_max"] ** 2
+            weight = (group["k"] + 1) ** group.get("power", 0.0) * group["lr_max"] ** 2
             group["weight_sum"] += weight
             c = weight / group["weight_sum"] if group["weight_sum"] > 0 else 1.0
             # With x = (y − (1−β)z)/β, z' = z − lr·s, x' = (1−c)x + c·z' and y' = βx' + (1−β)z', the new y is
