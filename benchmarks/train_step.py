@@ -15,7 +15,8 @@ decoder-gradient projection, gradient clipping, Adam, LR schedule, decoder renor
 counters and on-device metric accumulation.
 
 ``--impl sparse``  ``TopKSAE.training_forward`` as the trainer runs it by default (``TrainConfig.kernels =
-"sparse"``: the kernels of ``saeforge.kernels``) + the trainer's fused Adam (``make_adam``; ``--optimizer signum``: schedule-free sign descent, TopK's default);
+"sparse"``: the kernels of ``saeforge.kernels``) + the trainer's optimizer (``--optimizer signum``, TopK's default:
+schedule-free sign descent; ``--optimizer adam``: the fused Adam of ``make_adam``);
 ``--impl reference``  the dense autograd path (``kernels = "dense"``, ``training_forward_with(sparse=False)``) + the
 unfused Adam, for comparison.
 
@@ -116,7 +117,7 @@ def run_config(c: dict) -> dict:
     sparse = c["impl"] == "sparse"
     sae.sparse_kernels = sparse
     fused = c["adam"] == "fused" or (c["adam"] == "auto" and sparse)
-    if c.get("optimizer", "adam") == "signum":
+    if c["optimizer"] == "signum":
         opt = ScheduleFreeSign(sae.parameters(), 1e-4)
     else:
         opt = make_adam(sae.parameters(), 1e-4, (0.9, 0.999), 6.25e-10, fused)
@@ -191,7 +192,7 @@ def run_config(c: dict) -> dict:
         breakdown_s={k2: round(v, 4) for k2, v in best_rep["phases"].items()},
         repeats=len(repeats),
         steps_per_repeat=c["steps"],
-        optimizer=c.get("optimizer", "adam"),
+        optimizer=c["optimizer"],
         adam="fused" if opt.defaults.get("fused") else "default",
         dead_frac=c["dead_frac"],
         final_loss=round(float(acc["loss"] / (1 + len(repeats) * c["steps"])), 5),

@@ -116,8 +116,9 @@ class JsonConfig:
     def __post_init__(self) -> None:
         self.check_types()
 
-    def _flag(self, name: str) -> str:
-        return self.FLAGS.get(name, _flag(name))
+    @classmethod
+    def _flag(cls, name: str) -> str:
+        return cls.FLAGS.get(name, _flag(name))
 
     def check_types(self) -> None:
         hints = typing.get_type_hints(type(self))
@@ -188,9 +189,9 @@ class JsonConfig:
         for k, v in kwargs.items():  # before construction: a recipe's own __post_init__ may compare values
             ok, fixed, want = _check_value(hints.get(k, Any), v)
             if not ok:
-                flag = cls.FLAGS.get(k, _flag(k))
-                raise ConfigError(f"{cls.__name__}.{k} must be {want}, got {v!r}; pass a valid {flag} "
-                                  f"(or --set {k}=VALUE)")
+                flag = cls._flag(k)
+                also = "" if flag.startswith("--set") else f" (or --set {k}=VALUE)"
+                raise ConfigError(f"{cls.__name__}.{k} must be {want}, got {v!r}; pass a valid {flag}{also}")
             kwargs[k] = fixed
         try:
             return cls(**kwargs)

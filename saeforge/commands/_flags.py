@@ -60,7 +60,8 @@ TRAIN_FLAGS = {
 }
 _TRAIN_KW = {
     "total_tokens": {"type": parse_size}, "batch_size": {"type": parse_size}, "dead_tokens": {"type": parse_size},
-    "lr_rule": {"choices": ["scaled", "published"]}, "optimizer": {"choices": list(OPTIMIZERS)}, "kernels": {"choices": ["sparse", "dense"]},
+    "lr_rule": {"choices": ["scaled", "published"]}, "optimizer": {"choices": list(OPTIMIZERS)},
+    "kernels": {"choices": ["sparse", "dense"]},
     "shard_latents": {"nargs": "?", "const": 0, "metavar": "S"}, "dp_read": {"choices": ["exact", "disjoint"]},
 }
 

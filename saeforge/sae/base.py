@@ -45,7 +45,8 @@ INPUT_NORMS = ("none", "layer_norm", "constant_norm_rescale")
 class SAEConfig(JsonConfig):
     """Fields every architecture shares. Architectures subclass this to add their own."""
 
-    FLAGS: ClassVar[dict[str, str]] = {"d_sae": "--width", "d_in": "--set d_in", "d_out": "--set d_out"}
+    # the CLI sets SAE fields with --set key=value; only these have flags of their own
+    FLAGS: ClassVar[dict[str, str]] = {"d_sae": "--width", "k": "--k"}
 
     arch: str = ""  # the architecture; each architecture's config class fills in its own (ARCH)
     d_in: int = 0
@@ -69,6 +70,10 @@ class SAEConfig(JsonConfig):
     SPARSITY_FIELD: ClassVar[str | None] = None
     # named published recipes the architecture implements (the ``recipe`` field), if any
     RECIPES: ClassVar[tuple[str, ...]] = ()
+
+    @classmethod
+    def _flag(cls, name: str) -> str:
+        return cls.FLAGS.get(name, f"--set {name}=VALUE")
 
     def __post_init__(self) -> None:
         super().__post_init__()

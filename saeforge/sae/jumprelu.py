@@ -74,8 +74,7 @@ class JumpReLUConfig(SAEConfig):
         if self.recipe not in RECIPES:
             raise SaeforgeError(f"jumprelu recipe {self.recipe!r} is not known; use one of {', '.join(RECIPES)}")
         lam, eps, t0 = _DEFAULTS[self.recipe]
-        if self.pre_act_rule not in PRE_ACT_RULES:
-            raise SaeforgeError(f"pre_act_rule {self.pre_act_rule!r} is not known; use one of {', '.join(PRE_ACT_RULES)}")
+        self.require(self.pre_act_rule in PRE_ACT_RULES, "pre_act_rule", " or ".join(PRE_ACT_RULES))
         if self.pre_act_coefficient is None:
             scale = 1.0 if self.pre_act_rule == "published" else \
                 min(PRE_ACT_MAX_SCALE, max(1.0, PRE_ACT_REF_LATENTS / max(1, self.d_sae)))
@@ -91,8 +90,8 @@ class JumpReLUConfig(SAEConfig):
                 self.sparsity_coefficient = lam * TARGET_L0_START
         self.bandwidth = eps if self.bandwidth is None else self.bandwidth
         self.init_log_threshold = t0 if self.init_log_threshold is None else self.init_log_threshold
-        if self.bandwidth <= 0:
-            raise SaeforgeError(f"bandwidth must be positive (got {self.bandwidth})")
+        self.require_finite("bandwidth", positive=True)
+        self.require_finite("pre_act_coefficient", "sparsity_coefficient", minimum=0.0)
         super().__post_init__()
 
 

@@ -50,9 +50,9 @@ class ScheduleFreeSign(torch.optim.Optimizer):
         for group in self.param_groups:
             lr, beta = group["lr"], group["momentum"]
             group["lr_max"] = max(lr, group["lr_max"])
-            weight = (group["k"] + 1) ** group.get("power", 0.0) * group["lr_max"] ** 2
+            weight = (group["k"] + 1) ** group["power"] * group["lr_max"] ** 2
             group["weight_sum"] += weight
-            c = weight / group["weight_sum"] if group["weight_sum"] > 0 else 1.0
+            c = weight / group["weight_sum"]  # > 0: lr > 0 from the first step
             # With x = (y − (1−β)z)/β, z' = z − lr·s, x' = (1−c)x + c·z' and y' = βx' + (1−β)z', the new y is
             # y' = lerp(y, z, c) − (1 − β(1−c))·lr·s: three multi-tensor passes instead of five per-tensor ones.
             by_kind: dict[tuple, tuple[list, list, list]] = {}
@@ -67,10 +67,9 @@ class ScheduleFreeSign(torch.optim.Optimizer):
                 zs.append(state["z"])
                 gs.append(p.grad)
             for ys, zs, gs in by_kind.values():
-                signs = gs
-                torch._foreach_sign_(signs)  # in place: the gradients are spent (no new 2 × |params| buffer per step)
+                torch._foreach_sign_(gs)  # in place: the gradients are spent (no 2 × |params| buffer per step)
                 torch._foreach_lerp_(ys, zs, c)
-                torch._foreach_add_(ys, signs, alpha=-(1 - beta * (1 - c)) * lr)
-                torch._foreach_add_(zs, signs, alpha=-lr)
+                torch._foreach_add_(ys, gs, alpha=-(1 - beta * (1 - c)) * lr)
+                torch._foreach_add_(zs, gs, alpha=-lr)
             group["k"] += 1
         return loss

@@ -2,8 +2,9 @@
 
 Each step pulls one :class:`~saeforge.activations.stream.ActivationBatch`, and every SAE takes its
 input/target from it (``SAE.inputs_from``), runs ``training_forward`` under autocast, and steps its own
-optimizer (Adam, or schedule-free sign descent: ``saeforge/train/optim.py``). The loop never synchronises with the host except on logging steps: losses accumulate on device
-and dead-latent counters are updated with tensor ops.
+optimizer (Adam, or schedule-free sign descent: ``saeforge/train/optim.py``). The loop never synchronises
+with the host except on logging steps: losses accumulate on device and dead-latent counters are updated
+with tensor ops.
 
 Recipes reach the loop only through the training contract declared in ``saeforge/sae/base.py`` (every
 method has a default there), never through ``if arch == ...``:
