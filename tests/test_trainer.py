@@ -146,6 +146,25 @@ def test_recipe_optimizer_defaults_fill_what_the_train_config_leaves_open(tmp_pa
     assert explicit.runs["g"].opt.param_groups[0]["betas"] == (0.5, 0.9)
 
 
+def test_free_norm_recipes_take_their_own_adam_scale(tmp_path):
+    # ReLU anthropic2024 and JumpReLU anthropic2025 (no decoder-norm constraint) steered to a target L0 use
+    # FREE_NORM_LR_SCALE (4 x LR_SCALE, measured); their unit-norm siblings and every other Adam recipe keep LR_SCALE
+    from saeforge.sae.base import FREE_NORM_LR_SCALE, LR_SCALE
+
+    assert FREE_NORM_LR_SCALE == 4 * LR_SCALE
+    gao = 2e-4 * (2**14 / 32) ** 0.5 * (768 / D) ** 0.5  # Gao et al.'s lr moved to d_in = D, n = 32
+    t = {"target_l0": 8}  # the scale was measured with the coefficient steered; a fixed one keeps LR_SCALE
+    cases = {"relu": (t, FREE_NORM_LR_SCALE), "relu_fixed": ({}, LR_SCALE),
+             "mono": ({"recipe": "monosemanticity", **t}, LR_SCALE), "jumprelu": (t, FREE_NORM_LR_SCALE),
+             "jumprelu_fixed": ({}, LR_SCALE), "gs": ({"recipe": "gemmascope", **t}, LR_SCALE),
+             "gated": (t, LR_SCALE)}
+    arch = {"mono": "relu", "gs": "jumprelu", "relu_fixed": "relu", "jumprelu_fixed": "jumprelu"}
+    cfgs = {name: make_config(arch.get(name, name), d_in=D, d_sae=32, **kw) for name, (kw, _) in cases.items()}
+    tr = Trainer(cfgs, _stream(), _tc(2, lr=None), tmp_path)
+    for name, (_, scale) in cases.items():
+        assert tr.runs[name].opt.param_groups[0]["initial_lr"] == pytest.approx(scale * gao), name
+
+
 # ---- sweep ----------------------------------------------------------------------------------------
 def test_build_grid_names_and_options():
     d = {"h": 16, "t": 8, "a": 16, "b": 16}

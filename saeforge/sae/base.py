@@ -393,7 +393,12 @@ class SAE(nn.Module):
         if rule == "published":
             return SIGNUM_PUBLISHED * math.sqrt(LR_REFERENCE[2] / self.cfg.d_sae) if optimizer == "signum" \
                 else self.published_lr()
-        return scaled_lr(self.cfg.d_in, self.cfg.d_sae, optimizer)
+        return scaled_lr(self.cfg.d_in, self.cfg.d_sae, optimizer, self.adam_lr_scale())
+
+    def adam_lr_scale(self) -> float:
+        """The multiple of Gao et al.'s lr (transferred to ``d_in``) that the shared Adam rule gives this recipe:
+        ``LR_SCALE``, measured on TopK, where more lr brings dead latents (docs/recipes/README.md)."""
+        return LR_SCALE
 
     def default_optimizer(self) -> str:
         """The optimizer used where ``TrainConfig.optimizer`` is unset: ``"adam"`` (every paper's), unless an
@@ -543,13 +548,17 @@ LR_REFERENCE = (2e-4, 768, 2**14)  # Gao et al.'s lr at GPT-2 small's width with
 SIGNUM_PUBLISHED = 5e-3  # sparsify's signum lr at 2^14 latents (its trainer: 5e-3 / √(n / 2^14))
 SIGNUM_LR0 = 2.5e-3  # schedule-free sign descent at 2^14 latents, measured (docs/recipes/README.md)
 LR_SCALE = 2.5  # measured: short (3M-token) runs train best above the transferred value (docs/recipes/README.md)
+# measured: the recipes without a decoder-norm constraint (ReLU anthropic2024, JumpReLU anthropic2025) steered to a
+# target L0 train best at 4 × LR_SCALE, the largest multiple with no dead latents on stories260K (docs/recipes/README.md)
+FREE_NORM_LR_SCALE = 4 * LR_SCALE
 
 
-def scaled_lr(d_in: int, d_sae: int, optimizer: str = "adam") -> float:
+def scaled_lr(d_in: int, d_sae: int, optimizer: str = "adam", scale: float = LR_SCALE) -> float:
     """The default learning rate of every architecture.
 
     Adam: Gao et al.'s 2e-4 / √(n / 2^14), fitted at GPT-2 small's width d = 768, transferred to width
-    ``d_in`` as lr ∝ 1/√d_in, times LR_SCALE. Why 1/√d: Adam moves each weight by about lr per step whatever
+    ``d_in`` as lr ∝ 1/√d_in, times ``scale`` (LR_SCALE, or the recipe's ``adam_lr_scale()``). Why 1/√d: Adam
+    moves each weight by about lr per step whatever
     the scale of its gradient, and decoder rows (and encoder columns at init) have a fixed norm, so their
     entries are of size 1/√d. The angle a latent's direction turns per step is thus ≈ lr·√d; keeping it equal
     to its value at the reference width gives lr ∝ 1/√d (docs/recipes/README.md shows the measurements, at
@@ -561,7 +570,7 @@ def scaled_lr(d_in: int, d_sae: int, optimizer: str = "adam") -> float:
     lr0, d0, n0 = LR_REFERENCE
     if optimizer == "signum":
         return SIGNUM_LR0 * math.sqrt(n0 / d_sae)
-    return LR_SCALE * lr0 * math.sqrt(n0 / d_sae) * math.sqrt(d0 / d_in)
+    return scale * lr0 * math.sqrt(n0 / d_sae) * math.sqrt(d0 / d_in)
 
 
 def config_fields(cfg_cls: type[SAEConfig]) -> list[str]:

@@ -24,7 +24,9 @@ from torch import Tensor, nn
 
 from saeforge.errors import SaeforgeError
 from saeforge.kernels import topk_autograd
-from saeforge.sae.base import ExportSpec, SAE, Codes, SAEConfig, StepState, TrainStepInput, register
+from saeforge.sae.base import (
+    FREE_NORM_LR_SCALE, LR_SCALE, ExportSpec, SAE, Codes, SAEConfig, StepState, TrainStepInput, register,
+)
 from saeforge.sae.functional import (
     TARGET_L0_START, TargetL0, fold_decoder_norms_, jumprelu, jumprelu_log, ramp, set_dataset_scales_, step,
 )
@@ -161,6 +163,11 @@ class JumpReLUSAE(TargetL0, SAE):
     # ---- training ---------------------------------------------------------------------------------
     def published_lr(self) -> float:
         return 2e-4 if self._anthropic else 7e-5
+
+    def adam_lr_scale(self) -> float:
+        """anthropic2025 (no decoder-norm constraint) steered to a target L0: FREE_NORM_LR_SCALE, measured
+        (docs/recipes/jumprelu.md); otherwise LR_SCALE."""
+        return FREE_NORM_LR_SCALE if self._anthropic and self.cfg.target_l0 is not None else LR_SCALE
 
     def adam_defaults(self) -> dict:
         return {"betas": (0.9, 0.999)} if self._anthropic else {"betas": (0.0, 0.999), "eps": 1e-8}

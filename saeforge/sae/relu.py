@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from saeforge.errors import SaeforgeError
-from saeforge.sae.base import ExportSpec, SAE, SAEConfig, StepState, register
+from saeforge.sae.base import FREE_NORM_LR_SCALE, LR_SCALE, ExportSpec, SAE, SAEConfig, StepState, register
 from saeforge.sae.functional import (
     TARGET_L0_START, BrickenResampling, TargetL0, fold_decoder_norms_, ramp, set_dataset_scales_,
 )
@@ -91,6 +91,11 @@ class ReLUSAE(TargetL0, BrickenResampling, SAE):
 
     def published_lr(self) -> float:
         return 2e-4 if self._mono else 5e-5  # April 2024 update: lr 5e-5
+
+    def adam_lr_scale(self) -> float:
+        """anthropic2024 (no decoder-norm constraint) steered to a target L0: FREE_NORM_LR_SCALE, measured; with a
+        fixed λ the larger lr only kills latents faster, so LR_SCALE (docs/recipes/relu.md)."""
+        return FREE_NORM_LR_SCALE if not self._mono and self.cfg.target_l0 is not None else LR_SCALE
 
     @torch.no_grad()
     def init_from_data(self, x: Tensor, y: Tensor) -> None:

@@ -129,9 +129,12 @@ class Parallel:
             p.grad.copy_(flat[off:off + n].view_as(p.grad))
             off += n
 
-    def clip_grad_norm_(self, sae: Any, max_norm: float) -> torch.Tensor:
-        """Clip to the norm of the whole SAE's gradient; returns that norm (as torch's clip does)."""
+    def clip_grad_norm_(self, sae: Any, max_norm: float, scale: bool = True) -> torch.Tensor:
+        """Clip to the norm of the whole SAE's gradient; returns that norm (as torch's clip does). With
+        ``scale=False`` only the norm is computed (sign descent: one positive factor cannot change a sign)."""
         if self.shards == 1:
+            if not scale:
+                return torch.nn.utils.get_total_norm([p.grad for p in sae.parameters() if p.grad is not None])
             return torch.nn.utils.clip_grad_norm_(sae.parameters(), max_norm)
         sharded = sae.sharded_parameter_names()
         with torch.no_grad():
@@ -144,7 +147,7 @@ class Parallel:
             dist.all_reduce(part, group=self.mesh.shard)
             total = (part + (torch.stack(sq[False]).sum() if sq[False] else zero)).sqrt()
             coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
-            for p in sae.parameters():
+            for p in sae.parameters() if scale else ():
                 if p.grad is not None:
                     p.grad.mul_(coef.to(p.grad.dtype))
         return total

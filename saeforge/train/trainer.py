@@ -375,7 +375,9 @@ class Trainer:
         self.par.sync_grads(run.sae, x.shape[0], n_rows)
         run.sae.before_optimizer_step()
         if self.cfg.grad_clip > 0:
-            norm = self.par.clip_grad_norm_(run.sae, self.cfg.grad_clip)
+            # the norm feeds the log and the non-finite guard; sign descent skips the rescale (no effect on signs)
+            rescale = not isinstance(run.opt, ScheduleFreeSign)
+            norm = self.par.clip_grad_norm_(run.sae, self.cfg.grad_clip, scale=rescale)
             run.grad_norms = norm.detach() if run.grad_norms is None else run.grad_norms + norm.detach()
         run.opt.step()
         run.sched.step()
