@@ -470,3 +470,17 @@ def test_crosscoder_recovers_directions_in_every_hook(tmp_path):
     assert recovered_fraction(base.directions, W[:, 0]) >= 0.9
     assert recovered_fraction(base.directions @ stream.R, W[:, 1]) >= 0.9
     assert sae.cfg.hook_scales[0] == pytest.approx(3 * sae.cfg.hook_scales[1], rel=0.02)
+
+
+def test_target_l0_starts_scale_with_the_data_width():
+    # anthropic2024 ReLU: λ₀ = 0.35·√(n_out/target) (the L1 term at the target is λ·√(n·L0) on √n-scaled data);
+    # JumpReLU anthropic2025: λ_S₀ = 0.1·n_out/target; explicit coefficients and the unscaled recipe are untouched
+    for d, target in [(64, 32), (384, 32), (128, 8)]:
+        assert make_config("relu", d_in=d, d_sae=4 * d, target_l0=target).l1_coefficient == \
+            pytest.approx(0.35 * math.sqrt(d / target))
+        assert make_config("jumprelu", d_in=d, d_sae=4 * d, target_l0=target).sparsity_coefficient == \
+            pytest.approx(0.1 * d / target)
+    assert make_config("relu", d_in=64, d_sae=128, d_out=256, target_l0=16).l1_coefficient == pytest.approx(1.4)
+    assert make_config("relu", d_in=64, d_sae=128, target_l0=32, l1_coefficient=2.0).l1_coefficient == 2.0
+    assert make_config("relu", d_in=64, d_sae=128, target_l0=32, recipe="monosemanticity").l1_coefficient == 0.5
+    assert make_config("relu", d_in=64, d_sae=128).l1_coefficient == 5.0

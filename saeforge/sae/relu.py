@@ -12,6 +12,7 @@
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -27,14 +28,20 @@ from saeforge.sae.geometric_median import geometric_median
 
 RECIPES = ("anthropic2024", "monosemanticity")
 L1_DEFAULT = 5.0  # saeforge's λ on √n-scaled data (docs/recipes/relu.md)
+# anthropic2024 with a target L0: λ starts at L1_TARGET_START·√(n_out / target_l0). On √n-scaled data each of the L0
+# firing latents carries ≈ √(n/L0) of ‖x‖, so the penalty at the target is λ·√(n·L0) against a signal energy n: a
+# fixed share of it needs λ ∝ √(n/L0). 0.35 is the start measured best on stories260K (≈ 0.5 at n = 64, target 32;
+# docs/recipes/relu.md); monosemanticity (unscaled data) keeps L1_DEFAULT · TARGET_L0_START.
+L1_TARGET_START = 0.35
 
 
 @dataclass
 class ReLUConfig(SAEConfig):
     apply_b_dec_to_input: bool | None = None  # None: the recipe's (anthropic2024 False, monosemanticity True)
     recipe: str = "anthropic2024"
-    # λ; None: 5.0, or 0.5 when target_l0 steers it (started at 5.0, the penalty's warm-up kills a quarter of the
-    # latents before the controller can act; from 0.5 the code starts dense and L0 comes down to the target)
+    # λ; None: 5.0, or when target_l0 steers it L1_TARGET_START·√(n_out/target) (anthropic2024; 0.49 at n = 64,
+    # target 32) or 0.5 (monosemanticity) (started at 5.0, the penalty's warm-up kills a quarter of the latents
+    # before the controller can act; from 0.5 the code starts dense and L0 comes down to the target)
     l1_coefficient: float | None = None
     target_l0: float | None = None  # steer the coefficient to this mean L0 (TargetL0); None: fixed
     l1_warmup_frac: float | None = None  # None: the recipe's (anthropic2024 0.05, monosemanticity 0)
@@ -63,6 +70,9 @@ class ReLUConfig(SAEConfig):
             self.scale_inputs = not mono
         if self.l1_coefficient is None:
             self.l1_coefficient = L1_DEFAULT if self.target_l0 is None else L1_DEFAULT * TARGET_L0_START
+            if not mono and self.target_l0 is not None and self.target_l0 > 0:
+                n_out = self.d_out if self.d_out is not None else self.d_in
+                self.l1_coefficient = L1_TARGET_START * math.sqrt(n_out / self.target_l0)
         super().__post_init__()
 
 
