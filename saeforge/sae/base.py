@@ -386,7 +386,7 @@ class SAE(nn.Module):
     def recommended_lr(self, total_tokens: int | None = None, rule: str = "scaled", optimizer: str = "adam") -> float:
         """The learning rate used when ``TrainConfig.lr`` is unset (``TrainConfig.lr_rule`` picks the rule):
         ``"scaled"`` (default) is :func:`scaled_lr` for this SAE's widths and ``optimizer``, the same rule for
-        every architecture; ``"published"`` is the recipe's constant (:meth:`published_lr`) for Adam, and
+        every architecture (with Adam, times the recipe's :meth:`adam_lr_scale`); ``"published"`` is the recipe's constant (:meth:`published_lr`) for Adam, and
         sparsify's 5e-3/√(n/2^14) for schedule-free sign descent."""
         if rule not in ("scaled", "published"):
             raise SaeforgeError(f"unknown lr rule {rule!r}; use 'scaled' or 'published'")
