@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 from saeforge.train.sweep import build_grid, run_sweep
 from saeforge.errors import SaeforgeError
-from saeforge.sae import make_config
+from saeforge.sae import create_sae, make_config
 from saeforge.synthetic import SuperpositionStream
 from saeforge.train import TrainConfig, Trainer
 from saeforge.train.optim import ScheduleFreeSign
@@ -67,6 +67,45 @@ def test_resume_after_interruption_reproduces_the_uninterrupted_run(tmp_path):
     # the resampling really happened after the resume point
     lines = [json.loads(l) for l in (resumed_dir / "mono" / "metrics.jsonl").read_text().splitlines()]
     assert any(r.get("resampled", 0) > 0 for r in lines)
+
+
+def test_a_target_l0_run_resumes_after_its_controller_has_steered(tmp_path):
+    """The controller's state lives in the config's metadata, which changes during training: a checkpoint taken
+    after it steered resumes (the identity is the config as given) and ends where the uninterrupted run ends."""
+    def group():
+        return {"relu": make_config("relu", d_in=D, d_sae=32, target_l0=4),
+                "jr": make_config("jumprelu", d_in=D, d_sae=32, target_l0=4, init_fire_count=8.0)}
+
+    N = 20
+    full = Trainer(group(), _stream(), _tc(N, checkpoint_every=N // 2), tmp_path / "full")
+    full.fit(progress=False)
+    cut = Trainer(group(), _stream(n_batches=N // 2), _tc(N, checkpoint_every=N // 2), tmp_path / "cut")
+    with pytest.raises(SaeforgeError, match="ran out"):
+        cut.fit(progress=False)
+    steered = cut.runs["relu"].sae.cfg
+    assert steered.metadata["target_l0_step"] == N // 2 and "target_l0_error" in steered.metadata
+    assert steered.l1_coefficient != group()["relu"].l1_coefficient  # it steered before the checkpoint
+    resumed_dir = tmp_path / "resumed"
+    resumed_dir.mkdir()
+    shutil.copy(tmp_path / "cut" / "checkpoint.safetensors", resumed_dir / "checkpoint.safetensors")
+    Trainer(group(), _stream(), _tc(N, checkpoint_every=N // 2), resumed_dir).fit(resume=True, progress=False)
+    for name in group():
+        a, b = _weights(tmp_path / "full" / name), _weights(resumed_dir / name)
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+        assert json.loads((tmp_path / "full" / name / "cfg.json").read_text()) == \
+            json.loads((resumed_dir / name / "cfg.json").read_text())
+
+
+def test_the_controller_steers_only_on_windows_after_the_warm_up():
+    """A metrics line whose window began inside the recipe's warm-up records its error but does not steer."""
+    sae = create_sae(make_config("relu", d_in=D, d_sae=32, target_l0=4))  # λ warm-up: the first 5% of steps
+    lam0 = sae.cfg.l1_coefficient
+    sae.after_metrics({"l0": 40.0}, 50, 1000)  # window 0-50 began in the warm-up (50 steps): record only
+    assert sae.cfg.l1_coefficient == lam0 and sae.cfg.metadata["target_l0_step"] == 50
+    sae.after_metrics({"l0": 40.0}, 100, 1000)  # window 50-100, L0 not closing in: steer up by the clip 4/3
+    assert sae.cfg.l1_coefficient == pytest.approx(lam0 * 4 / 3)
+    sae.after_metrics({"l0": 8.0}, 150, 1000)  # closing in (|log 2| < 0.9 |log 10|): hold
+    assert sae.cfg.l1_coefficient == pytest.approx(lam0 * 4 / 3)
 
 
 def test_a_trainer_driven_step_by_step_matches_fit(tmp_path):

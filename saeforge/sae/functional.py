@@ -277,15 +277,21 @@ class TargetL0:
     def after_metrics(self, metrics: dict[str, float], step: int, total_steps: int) -> None:
         cfg = self.cfg
         field_ = cfg.SPARSITY_FIELD
-        # steer only once the recipe's warm-up is over: during it L0 is high by design
+        # steer only once the recipe's warm-up is over: during it L0 is high by design. The line's L0 averages the
+        # steps since the previous line, so a window that began in the warm-up only records its error (for the
+        # anti-windup below) and does not steer: it still carries the dense start's L0
         steering = cfg.target_l0 is not None and metrics.get("l0") is not None
+        window_start = cfg.metadata.get("target_l0_step", 0)
+        if steering:
+            cfg.metadata["target_l0_step"] = step
         if steering and self.sparsity_ramp(step, total_steps) >= 1:
             error = math.log(max(metrics["l0"], 1e-3) / cfg.target_l0)  # log(L0 / target)
             prev = cfg.metadata.get("target_l0_error")  # in the config, so a resumed run steers the same
             cfg.metadata["target_l0_error"] = error
             # anti-windup: while L0 is already closing in on the target (error down by a tenth since the
             # last line), hold the coefficient; L0 lags the coefficient by tens of steps
-            if prev is None or abs(error) >= 0.9 * abs(prev):
+            whole_window = self.sparsity_ramp(window_start, total_steps) >= 1
+            if whole_window and (prev is None or abs(error) >= 0.9 * abs(prev)):
                 factor = min(self.L0_STEP, max(1 / self.L0_STEP, math.exp(self.L0_GAIN * error)))
                 setattr(cfg, field_, getattr(cfg, field_) * factor)
         metrics[field_] = getattr(cfg, field_)

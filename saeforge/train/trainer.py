@@ -31,6 +31,7 @@ global fired masks, who writes files; docs/distributed.md). With one process the
 """
 from __future__ import annotations
 
+import copy
 import json
 import math
 import time
@@ -186,9 +187,10 @@ class Trainer:
         _seeded(cfg.seed)
         self.amp_dtype = resolve_dtype(cfg.dtype, self.device,
                                        min((s.cfg if isinstance(s, SAE) else s).d_in for s in saes.values()))
-        # compared on resume; every SAE's (a process may train only some of them)
-        self.init_cfgs = {n: (self.runs[n].sae.cfg if n in self.runs else (s.cfg if isinstance(s, SAE) else s)
-                              ).to_dict() for n, s in saes.items()}
+        # compared on resume; every SAE's (a process may train only some of them). A deep copy: the configs'
+        # metadata changes during training (e.g. the target-L0 controller's state) and is not part of the identity
+        self.init_cfgs = {n: copy.deepcopy((self.runs[n].sae.cfg if n in self.runs else
+                                            (s.cfg if isinstance(s, SAE) else s)).to_dict()) for n, s in saes.items()}
         self.last_checkpoint: int | None = None
         self.global_step = 0  # optimizer steps taken (the checkpoint's step)
         self.tokens = 0
