@@ -655,3 +655,13 @@ def test_adapt_eval_refuses_a_damaged_adapter(w, adapt_run, tmp_path, capsys):
     _flip(weights)
     rc, line = _error_line(capsys, ["adapt", "eval", str(out), "--eval-tokens", "100", "--no-progress", "--device", "cpu"])
     assert rc == 2 and "fails its checksum" in line
+
+
+@pytest.mark.parametrize("arch", ["relu", "gated", "jumprelu", "crosscoder"])
+@pytest.mark.parametrize("target", [-1.0, 0.0, float("nan"), float("inf")])
+def test_target_l0_must_be_a_positive_number(arch, target):
+    from saeforge.errors import SaeforgeError
+    from saeforge.sae import make_config
+
+    with pytest.raises(SaeforgeError, match=r"target_l0 must be a finite number > 0.*--set target_l0=VALUE"):
+        make_config(arch, d_in=16, d_sae=32, target_l0=target)

@@ -43,27 +43,35 @@ def _weights(folder):
     return load_file(str(folder / "sae.safetensors"))
 
 
-def test_resume_after_interruption_reproduces_the_uninterrupted_run(tmp_path):
-    N = 20
-    full = Trainer(_group(), _stream(), _tc(N, checkpoint_every=N // 2), tmp_path / "full")
+def _full_cut_and_resumed(group, N, tmp_path):
+    """Train ``group()`` for N steps uninterrupted, and again cut after the step-N/2 checkpoint (its data runs
+    out) then resumed from that checkpoint; assert the resumed SAEs equal the uninterrupted ones, weights and
+    cfg.json. Returns the cut and the resumed trainers."""
+    full = Trainer(group(), _stream(), _tc(N, checkpoint_every=N // 2), tmp_path / "full")
     full.fit(progress=False)
-    # the interrupted run: its data ends after N/2 batches, just after the step-N/2 checkpoint
-    cut = Trainer(_group(), _stream(n_batches=N // 2), _tc(N, checkpoint_every=N // 2), tmp_path / "cut")
+    cut = Trainer(group(), _stream(n_batches=N // 2), _tc(N, checkpoint_every=N // 2), tmp_path / "cut")
     with pytest.raises(SaeforgeError, match="ran out"):
         cut.fit(progress=False)
     resumed_dir = tmp_path / "resumed"
     resumed_dir.mkdir()
     shutil.copy(tmp_path / "cut" / "checkpoint.safetensors", resumed_dir / "checkpoint.safetensors")
-    resumed = Trainer(_group(), _stream(), _tc(N, checkpoint_every=N // 2), resumed_dir)
+    resumed = Trainer(group(), _stream(), _tc(N, checkpoint_every=N // 2), resumed_dir)
     resumed.fit(resume=True, progress=False)
-    assert resumed.global_step == N and resumed.tokens == N * B
-    for name in _group():
+    for name in group():
         a, b = _weights(tmp_path / "full" / name), _weights(resumed_dir / name)
         assert a.keys() == b.keys()
         for k in a:
             assert torch.equal(a[k], b[k]), (name, k)
         assert json.loads((tmp_path / "full" / name / "cfg.json").read_text()) == \
             json.loads((resumed_dir / name / "cfg.json").read_text())
+    return cut, resumed
+
+
+def test_resume_after_interruption_reproduces_the_uninterrupted_run(tmp_path):
+    N = 20
+    cut, resumed = _full_cut_and_resumed(_group, N, tmp_path)
+    assert resumed.global_step == N and resumed.tokens == N * B
+    resumed_dir = tmp_path / "resumed"
     # the resampling really happened after the resume point
     lines = [json.loads(l) for l in (resumed_dir / "mono" / "metrics.jsonl").read_text().splitlines()]
     assert any(r.get("resampled", 0) > 0 for r in lines)
@@ -77,23 +85,10 @@ def test_a_target_l0_run_resumes_after_its_controller_has_steered(tmp_path):
                 "jr": make_config("jumprelu", d_in=D, d_sae=32, target_l0=4, init_fire_count=8.0)}
 
     N = 20
-    full = Trainer(group(), _stream(), _tc(N, checkpoint_every=N // 2), tmp_path / "full")
-    full.fit(progress=False)
-    cut = Trainer(group(), _stream(n_batches=N // 2), _tc(N, checkpoint_every=N // 2), tmp_path / "cut")
-    with pytest.raises(SaeforgeError, match="ran out"):
-        cut.fit(progress=False)
+    cut, _ = _full_cut_and_resumed(group, N, tmp_path)  # asserts the resumed run equals the uninterrupted one
     steered = cut.runs["relu"].sae.cfg
     assert steered.metadata["target_l0_step"] == N // 2 and "target_l0_error" in steered.metadata
     assert steered.l1_coefficient != group()["relu"].l1_coefficient  # it steered before the checkpoint
-    resumed_dir = tmp_path / "resumed"
-    resumed_dir.mkdir()
-    shutil.copy(tmp_path / "cut" / "checkpoint.safetensors", resumed_dir / "checkpoint.safetensors")
-    Trainer(group(), _stream(), _tc(N, checkpoint_every=N // 2), resumed_dir).fit(resume=True, progress=False)
-    for name in group():
-        a, b = _weights(tmp_path / "full" / name), _weights(resumed_dir / name)
-        assert all(torch.equal(a[k], b[k]) for k in a), name
-        assert json.loads((tmp_path / "full" / name / "cfg.json").read_text()) == \
-            json.loads((resumed_dir / name / "cfg.json").read_text())
 
 
 def test_the_controller_steers_only_on_windows_after_the_warm_up():

@@ -89,6 +89,8 @@ class SAEConfig(JsonConfig):
         if self.d_out is None:
             self.d_out = self.d_in
         self.require_finite("input_scale", "output_scale", positive=True)
+        if "target_l0" in config_fields(type(self)):  # the penalty architectures' TargetL0 mode
+            self.require_finite("target_l0", positive=True)
         if self.input_norm not in INPUT_NORMS:
             raise SaeforgeError(
                 f"input_norm={self.input_norm!r} is not known; use one of {', '.join(INPUT_NORMS)}"
@@ -386,8 +388,8 @@ class SAE(nn.Module):
     def recommended_lr(self, total_tokens: int | None = None, rule: str = "scaled", optimizer: str = "adam") -> float:
         """The learning rate used when ``TrainConfig.lr`` is unset (``TrainConfig.lr_rule`` picks the rule):
         ``"scaled"`` (default) is :func:`scaled_lr` for this SAE's widths and ``optimizer``, the same rule for
-        every architecture (with Adam, times the recipe's :meth:`adam_lr_scale`); ``"published"`` is the recipe's constant (:meth:`published_lr`) for Adam, and
-        sparsify's 5e-3/√(n/2^14) for schedule-free sign descent."""
+        every architecture (with Adam, times the recipe's :meth:`adam_lr_scale`); ``"published"`` is the recipe's
+        constant (:meth:`published_lr`) for Adam, and sparsify's 5e-3/√(n/2^14) for schedule-free sign descent."""
         if rule not in ("scaled", "published"):
             raise SaeforgeError(f"unknown lr rule {rule!r}; use 'scaled' or 'published'")
         if rule == "published":
@@ -558,8 +560,7 @@ def scaled_lr(d_in: int, d_sae: int, optimizer: str = "adam", scale: float = LR_
 
     Adam: Gao et al.'s 2e-4 / √(n / 2^14), fitted at GPT-2 small's width d = 768, transferred to width
     ``d_in`` as lr ∝ 1/√d_in, times ``scale`` (LR_SCALE, or the recipe's ``adam_lr_scale()``). Why 1/√d: Adam
-    moves each weight by about lr per step whatever
-    the scale of its gradient, and decoder rows (and encoder columns at init) have a fixed norm, so their
+    moves each weight by about lr per step whatever the scale of its gradient, and decoder rows (and encoder columns at init) have a fixed norm, so their
     entries are of size 1/√d. The angle a latent's direction turns per step is thus ≈ lr·√d; keeping it equal
     to its value at the reference width gives lr ∝ 1/√d (docs/recipes/README.md shows the measurements, at
     d = 32, 64, 128 and 384).

@@ -69,9 +69,12 @@ class ReLUConfig(SAEConfig):
         if self.scale_inputs is None:
             self.scale_inputs = not mono
         if self.l1_coefficient is None:
-            self.l1_coefficient = L1_DEFAULT if self.target_l0 is None else L1_DEFAULT * TARGET_L0_START
-            if not mono and self.target_l0 is not None and self.target_l0 > 0:
-                n_out = self.d_out if self.d_out is not None else self.d_in
+            n_out = self.d_out if self.d_out is not None else self.d_in
+            if self.target_l0 is None:
+                self.l1_coefficient = L1_DEFAULT
+            elif mono or not self.target_l0 > 0:  # a bad target is refused by the base validation
+                self.l1_coefficient = L1_DEFAULT * TARGET_L0_START
+            else:
                 self.l1_coefficient = L1_TARGET_START * math.sqrt(n_out / self.target_l0)
         super().__post_init__()
 

@@ -146,10 +146,11 @@ class Parallel:
             part = torch.stack(sq[True]).sum() if sq[True] else zero
             dist.all_reduce(part, group=self.mesh.shard)
             total = (part + (torch.stack(sq[False]).sum() if sq[False] else zero)).sqrt()
-            coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
-            for p in sae.parameters() if scale else ():
-                if p.grad is not None:
-                    p.grad.mul_(coef.to(p.grad.dtype))
+            if scale:
+                coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
+                for p in sae.parameters():
+                    if p.grad is not None:
+                        p.grad.mul_(coef.to(p.grad.dtype))
         return total
 
     @torch.no_grad()
