@@ -4,7 +4,13 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-DEAD_TOKENS = 10_000_000
+DEAD_TOKENS = 10_000_000  # Gao et al. §A.2's dead-latent window
+# Schedule-free sign descent's default window, in tokens per latent (at k = 32: 192 times the mean gap n/k between
+# a latent's firings), measured with SIGNUM_AVERAGE_POWER: longer windows left the toy set's surplus latents dead
+# (docs/recipes/README.md, "Seventh session")
+SIGNUM_DEAD_TOKENS_PER_LATENT = 6
+# schedule-free sign descent's default averaging exponent r (Defazio et al.'s and sparsify's is 0), measured
+SIGNUM_AVERAGE_POWER = 2.0
 
 from saeforge.config import JsonConfig
 from saeforge.train.optim import OPTIMIZERS
@@ -24,15 +30,17 @@ class TrainConfig(JsonConfig):
     # architecture's default_optimizer() (docs/recipes/README.md says which and why)
     optimizer: str | None = None
     momentum: float = 0.95  # signum: the schedule-free interpolation β (sparsify's 0.95)
-    # signum: iterate k weighs (k+1)^r in the schedule-free average (Defazio et al.'s r; theirs and sparsify's 0)
-    average_power: float = 0.0
+    # signum: iterate k weighs (k+1)^r in the schedule-free average (Defazio et al.'s r); None: SIGNUM_AVERAGE_POWER
+    # (2, measured: docs/recipes/README.md); 0 is the paper's and sparsify's
+    average_power: float | None = None
     betas: tuple[float, float] | None = None  # None: the recipe's (adam_defaults()), else (0.9, 0.999)
     eps: float | None = None  # None: the recipe's (e.g. Gao et al.'s 6.25e-10 for topk), else 1e-8
     warmup_steps: int | None = None  # None: adam min(1000, 5% of steps); signum 0
     decay_frac: float | None = None  # linear decay to 0 over the last fraction of steps; None: adam 0.2, signum 0
     grad_clip: float = 1.0  # global gradient-norm clip (0 disables)
-    # a latent is dead after this many tokens without firing (Gao et al. §A.2: 10M); None: 10M, or a tenth
-    # of the run when that is shorter, so AuxK and dead-latent counts engage on short runs too
+    # a latent is dead after this many tokens without firing (Gao et al. §A.2: 10M); None: with adam 10M, or a
+    # tenth of the run when that is shorter, so AuxK and dead-latent counts engage on short runs too; with signum
+    # SIGNUM_DEAD_TOKENS_PER_LATENT · d_sae (at least one batch, at most 10M)
     dead_tokens: int | None = None
     init_tokens: int = 16384  # rows used for data-dependent initialisation (geometric median, scales)
     log_every: int = 25  # steps between metric lines (the only host syncs in the loop)
@@ -71,8 +79,14 @@ class TrainConfig(JsonConfig):
         self.require(self.dtype in ("auto", "float32", "fp32", "bfloat16", "bf16", "float16", "fp16"), "dtype",
                      "auto, float32, bfloat16 or float16")
 
-    def dead_window(self) -> int:
-        """The dead-latent window in tokens (``dead_tokens``, or its default for this run length)."""
+    def dead_window(self, optimizer: str, d_sae: int) -> int:
+        """The dead-latent window in tokens: ``dead_tokens``, or its default for this optimizer, run length and
+        dictionary size (see the field's comment)."""
         if self.dead_tokens is not None:
             return self.dead_tokens
-        return min(DEAD_TOKENS, max(self.batch_size, self.total_tokens // 10))
+        default = SIGNUM_DEAD_TOKENS_PER_LATENT * d_sae if optimizer == "signum" else self.total_tokens // 10
+        return min(DEAD_TOKENS, max(self.batch_size, default))
+
+    def average_power_or_default(self) -> float:
+        """Schedule-free sign descent's averaging exponent r (``average_power``, else SIGNUM_AVERAGE_POWER)."""
+        return SIGNUM_AVERAGE_POWER if self.average_power is None else self.average_power

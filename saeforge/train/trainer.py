@@ -72,6 +72,7 @@ class _Run:
     out: Path
     acc: dict[str, torch.Tensor]
     n_acc: int = 0
+    dead_tokens: int = 0  # the dead-latent window of this run's optimizer (TrainConfig.dead_window)
     maybe_dead: bool = True  # host-side: can any latent be dead before the next metrics line?
     fresh: bool = True  # built here from a config: gets data-dependent init; an SAE passed in is kept as is
     resampled: int = 0  # latents reset by resampling since the last metrics line
@@ -160,7 +161,6 @@ class Trainer:
         if cfg.kernels not in ("sparse", "dense"):
             raise SaeforgeError(f"TrainConfig.kernels={cfg.kernels!r}: use 'sparse' or 'dense'")
         self.total_steps = max(1, math.ceil(cfg.total_tokens / cfg.batch_size))
-        self.dead_tokens = cfg.dead_window()
         self.runs: dict[str, _Run] = {}
         self.names = list(saes)  # every SAE of the run (with spread=True a process trains only its own)
         owner = self.par.owners({n: (s.cfg if isinstance(s, SAE) else s).d_sae for n, s in saes.items()})
@@ -183,7 +183,8 @@ class Trainer:
             )
             since = torch.zeros(sae.cfg.d_sae, dtype=torch.long, device=self.device)
             run_out = self.out if (len(saes) == 1 and name == "") else self.out / name
-            self.runs[name] = _Run(name, sae, opt, sched, since, run_out, {}, fresh=not isinstance(s, SAE))
+            self.runs[name] = _Run(name, sae, opt, sched, since, run_out, {},
+                                   dead_tokens=cfg.dead_window(kind, sae.cfg.d_sae), fresh=not isinstance(s, SAE))
         _seeded(cfg.seed)
         self.amp_dtype = resolve_dtype(cfg.dtype, self.device,
                                        min((s.cfg if isinstance(s, SAE) else s).d_in for s in saes.values()))
@@ -205,7 +206,7 @@ class Trainer:
         """``TrainConfig.optimizer`` (else the architecture's ``default_optimizer()``) for ``sae``."""
         cfg = self.cfg
         if kind == "signum":
-            return ScheduleFreeSign(sae.parameters(), lr, cfg.momentum, cfg.average_power)
+            return ScheduleFreeSign(sae.parameters(), lr, cfg.momentum, cfg.average_power_or_default())
         hints = sae.adam_defaults()
         betas = tuple(cfg.betas) if cfg.betas is not None else tuple(hints.get("betas", (0.9, 0.999)))
         eps = cfg.eps if cfg.eps is not None else hints.get("eps", 1e-8)
@@ -369,7 +370,7 @@ class Trainer:
         x, y = run.sae.inputs_from(acts)
         # While no latent can have reached dead_tokens, the dead mask is all False and AuxK is zero: skip it
         # (and its extra top-k) without a host sync. _refresh_dead() proves that bound at each metrics line.
-        dead = run.since_fired >= self.dead_tokens if run.maybe_dead else None
+        dead = run.since_fired >= run.dead_tokens if run.maybe_dead else None
         with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype != torch.float32):
             out = run.sae.train_step(TrainStepInput(x, y, self.global_step, self.total_steps, dead,
                                                          global_rows=n_rows))
@@ -424,7 +425,7 @@ class Trainer:
             return  # no batch seen yet: keep the default (maybe dead)
         horizon = (self.cfg.log_every + 1) * self._max_rows
         for run in self.runs.values():
-            run.maybe_dead = bool((run.since_fired.max() + horizon >= self.dead_tokens).item())
+            run.maybe_dead = bool((run.since_fired.max() + horizon >= run.dead_tokens).item())
 
     def _metric_lines(self) -> dict[str, dict[str, Any]]:
         """Each SAE's metric line (the averages since the last one); resets the sums."""
@@ -438,7 +439,7 @@ class Trainer:
                                                     if run.grad_norms is not None else {})},
                                self.global_step, self.last_checkpoint)
             run.grad_norms = None
-            rec["dead_frac"] = (run.since_fired >= self.dead_tokens).float().mean().item()
+            rec["dead_frac"] = (run.since_fired >= run.dead_tokens).float().mean().item()
             rec["elapsed_s"] = round(time.perf_counter() - self._t0, 3)
             comm = self.par.comm_seconds()
             if comm is not None:  # under torchrun: time in collectives since the start (this process)
