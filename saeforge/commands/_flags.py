@@ -41,8 +41,8 @@ TRAIN_FLAGS = {
     "warmup_steps": "LR warm-up steps (default: adam min(1000, 5%% of steps); signum 0)",
     "decay_frac": "linear LR decay to 0 over the last fraction of steps (default: adam 0.2; signum 0)",
     "grad_clip": "gradient-norm clip, 0 to disable (default %(default)s)",
-    "dead_tokens": "tokens without firing before a latent counts as dead (default 10M as Gao et al., or a share "
-                   "of a shorter run with adam; 6 per latent with signum, docs/recipes/README.md)",
+    "dead_tokens": "tokens without firing before a latent counts as dead (default 10M as Gao et al., or a tenth "
+                   "of a shorter run, with adam; 6 per latent with signum, docs/recipes/README.md)",
     "log_every": "steps between metric lines (default %(default)s)",
     "checkpoint_every": "steps between checkpoints (default %(default)s)",
     "seed": "random seed",
