@@ -199,7 +199,6 @@ def test_free_norm_recipes_take_their_own_adam_scale(tmp_path):
         assert tr.runs[name].opt.param_groups[0]["initial_lr"] == pytest.approx(scale * gao), name
 
 
-
 def test_sign_descent_defaults_average_power_and_dead_window(tmp_path):
     # schedule-free sign descent (TopK's default) weighs iterate k by (k+1)^2 and counts a latent dead after
     # 6 tokens per latent without firing; Adam keeps the run-length window (a tenth, at most 10M) and an explicit
@@ -218,10 +217,11 @@ def test_sign_descent_defaults_average_power_and_dead_window(tmp_path):
     cfgs = {"topk": make_config("topk", d_in=D, d_sae=64, k=4), "relu": make_config("relu", d_in=D, d_sae=64)}
     tr = Trainer(cfgs, _stream(), _tc(2, lr=None, total_tokens=10 * 4096, batch_size=4096, dead_tokens=None), tmp_path)
     assert isinstance(tr.runs["topk"].opt, ScheduleFreeSign) and tr.runs["topk"].opt.defaults["power"] == 2.0
-    assert tr.runs["topk"].dead_tokens == max(4096, 6 * 64)
+    assert tr.runs["topk"].dead_tokens == 4096  # 6 · 64 = 384 tokens, raised to one batch
     assert tr.runs["relu"].dead_tokens == 4096  # adam: a tenth of 40,960 tokens
     tr2 = Trainer({"a": cfgs["topk"]}, _stream(), _tc(2, optimizer="adam", dead_tokens=777), tmp_path / "b")
     assert tr2.runs["a"].dead_tokens == 777
+
 
 # ---- sweep ----------------------------------------------------------------------------------------
 def test_build_grid_names_and_options():

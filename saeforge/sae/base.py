@@ -551,7 +551,8 @@ SIGNUM_PUBLISHED = 5e-3  # sparsify's signum lr at 2^14 latents (its trainer: 5e
 SIGNUM_LR0 = 2.5e-3  # schedule-free sign descent at 2^14 latents, measured (docs/recipes/README.md)
 LR_SCALE = 2.5  # measured: short (3M-token) runs train best above the transferred value (docs/recipes/README.md)
 # measured: the recipes without a decoder-norm constraint (ReLU anthropic2024, JumpReLU anthropic2025) steered to a
-# target L0 train best at 4 × LR_SCALE, the largest multiple with no dead latents on stories260K (docs/recipes/README.md)
+# target L0 train best at 4 × LR_SCALE, the largest multiple with no dead latents on stories260K
+# (docs/recipes/README.md)
 FREE_NORM_LR_SCALE = 4 * LR_SCALE
 
 
@@ -560,8 +561,8 @@ def scaled_lr(d_in: int, d_sae: int, optimizer: str = "adam", scale: float = LR_
 
     Adam: Gao et al.'s 2e-4 / √(n / 2^14), fitted at GPT-2 small's width d = 768, transferred to width
     ``d_in`` as lr ∝ 1/√d_in, times ``scale`` (LR_SCALE, or the recipe's ``adam_lr_scale()``). Why 1/√d: Adam
-    moves each weight by about lr per step whatever the scale of its gradient, and decoder rows (and encoder columns at init) have a fixed norm, so their
-    entries are of size 1/√d. The angle a latent's direction turns per step is thus ≈ lr·√d; keeping it equal
+    moves each weight by about lr per step whatever the scale of its gradient, and decoder rows (and encoder
+    columns at init) have a fixed norm, so their entries are of size 1/√d. The angle a latent's direction turns per step is thus ≈ lr·√d; keeping it equal
     to its value at the reference width gives lr ∝ 1/√d (docs/recipes/README.md shows the measurements, at
     d = 32, 64, 128 and 384).
 

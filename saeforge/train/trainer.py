@@ -71,8 +71,8 @@ class _Run:
     since_fired: torch.Tensor
     out: Path
     acc: dict[str, torch.Tensor]
+    dead_tokens: int  # the dead-latent window of this run's optimizer (TrainConfig.dead_window)
     n_acc: int = 0
-    dead_tokens: int = 0  # the dead-latent window of this run's optimizer (TrainConfig.dead_window)
     maybe_dead: bool = True  # host-side: can any latent be dead before the next metrics line?
     fresh: bool = True  # built here from a config: gets data-dependent init; an SAE passed in is kept as is
     resampled: int = 0  # latents reset by resampling since the last metrics line
@@ -183,8 +183,8 @@ class Trainer:
             )
             since = torch.zeros(sae.cfg.d_sae, dtype=torch.long, device=self.device)
             run_out = self.out if (len(saes) == 1 and name == "") else self.out / name
-            self.runs[name] = _Run(name, sae, opt, sched, since, run_out, {},
-                                   dead_tokens=cfg.dead_window(kind, sae.cfg.d_sae), fresh=not isinstance(s, SAE))
+            self.runs[name] = _Run(name, sae, opt, sched, since, run_out, {}, cfg.dead_window(kind, sae.cfg.d_sae),
+                                   fresh=not isinstance(s, SAE))
         _seeded(cfg.seed)
         self.amp_dtype = resolve_dtype(cfg.dtype, self.device,
                                        min((s.cfg if isinstance(s, SAE) else s).d_in for s in saes.values()))
