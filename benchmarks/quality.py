@@ -83,7 +83,8 @@ def run_saeforge(args, name: str, tokens: int) -> dict:
     cfg = make_config(args.arch, **sae_kw)
     tcfg = TrainConfig(**train_kw)
     stream = TensorStream(name, train, args.batch, tokens, args.seed)
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as scratch:
+        tmp = str(args.keep / name) if args.keep else scratch  # --keep: the run folder outlives the benchmark
         trainer = Trainer({"": cfg}, stream, tcfg, tmp)
         t0 = time.perf_counter()
         trainer.fit(progress=not args.quiet)
@@ -152,6 +153,8 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--peer-libs", default=",".join(PEERS))
     ap.add_argument("--peer-python", default=sys.executable, help="interpreter that has the peer libraries")
     ap.add_argument("--no-saeforge", action="store_true", help="run the peers only")
+    ap.add_argument("--keep", type=Path, help="keep saeforge's run folder of each set as KEEP/<set> (for "
+                    "benchmarks/magnitudes.py or `saeforge eval`)")
     ap.add_argument("--quiet", action="store_true")
     ap.add_argument("--render", nargs="+", metavar="JSONL", help="print the markdown table of earlier runs' outputs")
     args = ap.parse_args(argv)

@@ -135,11 +135,13 @@ def test_jumprelu_anthropic2025_init():
     assert torch.allclose(sae.W_enc, (n / m) * sae.W_dec.T)
     assert torch.allclose(sae.log_threshold, torch.full((m,), 0.1))  # t = 0.1, so θ = e^0.1
     assert sae.cfg.bandwidth == 2.0 and sae.cfg.tanh_scale == 4
-    # λ_P: the update's 3e-6 at m >= 2^20 latents, 3e-6·2^20/m below ("scaled") up to 3e-6·2^10; the named
-    # "published" rule keeps 3e-6
-    assert sae.cfg.pre_act_coefficient == pytest.approx(3e-6 * 2**10)
+    # λ_P: the update's 3e-6 at m >= 2^20 latents, 3e-6·2^20/m below ("scaled") up to 3e-6·2^8 (reached at
+    # m = 2^12); the named "published" rule keeps 3e-6
+    assert sae.cfg.pre_act_coefficient == pytest.approx(3e-6 * 2**8)
     assert make_config("jumprelu", d_in=n, d_sae=2**21).pre_act_coefficient == 3e-6
     assert make_config("jumprelu", d_in=n, d_sae=2**15).pre_act_coefficient == pytest.approx(3e-6 * 2**5)
+    assert make_config("jumprelu", d_in=n, d_sae=2**12).pre_act_coefficient == pytest.approx(3e-6 * 2**8)
+    assert make_config("jumprelu", d_in=n, d_sae=2**13).pre_act_coefficient == pytest.approx(3e-6 * 2**7)
     assert make_config("jumprelu", d_in=n, d_sae=m, pre_act_rule="published").pre_act_coefficient == 3e-6
     assert make_config("jumprelu", d_in=n, d_sae=m, pre_act_coefficient=1e-5).pre_act_coefficient == 1e-5
     with pytest.raises(SaeforgeError):

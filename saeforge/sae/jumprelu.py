@@ -4,7 +4,7 @@
 ``anthropic2025`` (Anthropic, Circuits Updates January 2025, "Dictionary learning optimization techniques"):
     straight-through gradients ∂f/∂h = 1[h > e^t], ∂f/∂t = −e^t/ε on |h − e^t| < ε/2 (ε = 2) that reach
     every parameter; loss = ‖y − ŷ‖² + λ_S Σ tanh(c |f_i| ‖W_d,i‖) + λ_P Σ ReLU(e^t_i − h_i) ‖W_d,i‖,
-    c = 4, λ_P = 3e-6 (below 2^20 latents scaled by 2^20/m, capped at 2^10; ``pre_act_rule``), λ_S ramped
+    c = 4, λ_P = 3e-6 (below 2^20 latents scaled by 2^20/m, capped at 2^8; ``pre_act_rule``), λ_S ramped
     linearly from 0 over all of training (with a target L0: steered, from 0.1·n_out/target); W_d ~ U(±1/√n),
     W_e = (n/m) W_dᵀ, b_d = 0, t = 0.1 (log threshold), b_e set so each latent fires on 10000/m of a
     data sample; E‖x‖ = √n; Adam (0.9, 0.999), lr 2e-4; decoder norms folded when saved.
@@ -39,11 +39,13 @@ _DEFAULTS = {  # recipe -> (sparsity coefficient, bandwidth ε, initial log thre
 # λ_P (anthropic2025). The update's 3e-6 (``pre_act_rule="published"``) is kept for m >= 2^20 latents; smaller
 # dictionaries get 3e-6·2^20/m (``"scaled"``, the default): a latent's reconstruction gradient scales with its
 # firing rate L0/m, its pre-activation gradient does not, so λ_P·m is what keeps their balance; the factor is
-# capped at 2^10 (3.07e-3, the value measured at m = 1,024; larger ones hurt at m = 128) (docs/recipes/jumprelu.md,
+# capped at 2^8 (7.68e-4 for m <= 4,096). The cap was 2^10 (3.07e-3) until the eighth session; with the 4x lr of a
+# target-L0 run, stories260K (m = 1,024, 3M tokens, target 32) gave FVU ÷ TopK at the same L0 of 1.38 / 1.28 / 1.09
+# / 1.01 at λ_P = 3.07e-3 / 1.54e-3 / 1.0e-3 / 7.68e-4, and collapsed at 3e-4 (L0 13.5) (docs/recipes/jumprelu.md,
 # "Small dictionaries").
 PUBLISHED_PRE_ACT = 3e-6
 PRE_ACT_REF_LATENTS = 2 ** 20
-PRE_ACT_MAX_SCALE = 2 ** 10
+PRE_ACT_MAX_SCALE = 2 ** 8
 PRE_ACT_RULES = ("scaled", "published")
 # anthropic2025 with a target L0: λ_S starts where the tanh penalty of the target L0 (≈ λ_S per firing latent)
 # is this fraction of the signal energy E‖y‖² ≈ n_out: λ_S₀ = 0.1·n_out / target_l0 (measured, docs)
@@ -59,7 +61,7 @@ class JumpReLUConfig(SAEConfig):
     bandwidth: float | None = None  # ε; None: the recipe's (2 or 0.001)
     init_log_threshold: float | None = None  # t₀; None: the recipe's (0.1, or log 0.001)
     tanh_scale: float = 4.0  # c (anthropic2025)
-    # λ_P (anthropic2025); None: by ``pre_act_rule``, "scaled" (3e-6·clamp(2^20/m, 1, 2^10)) or "published" (3e-6)
+    # λ_P (anthropic2025); None: by ``pre_act_rule``, "scaled" (3e-6·clamp(2^20/m, 1, 2^8)) or "published" (3e-6)
     pre_act_coefficient: float | None = None
     pre_act_rule: str = "scaled"
     # anthropic2025: b_e makes each latent fire on init_fire_count / m of inputs. None: the paper's 10,000, capped
