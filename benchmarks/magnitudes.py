@@ -25,56 +25,55 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import quality_data as qd  # noqa: E402
 
+from saeforge.errors import SaeforgeError  # noqa: E402
 from saeforge.sae.base import SAE  # noqa: E402
+
+
+def _fvu(held: torch.Tensor, reconstruct, chunk: int) -> float:
+    """‖x − x̂‖² / ‖x − mean x‖² over the held-out rows, as ``quality_data.heldout_metrics`` counts it."""
+    var = (held - held.mean(0)).pow(2).sum().item()
+    err = sum((x.double() - reconstruct(x)).pow(2).sum().item() for x in held.split(chunk))
+    return err / var
 
 
 @torch.no_grad()
 def oracle_fvu(sae: SAE, held: torch.Tensor, chunk: int = 2048) -> float:
-    err = var = 0.0
-    mu = held.mean(0)
-    for s in range(0, held.shape[0], chunk):
-        x = held[s:s + chunk]
+    def reconstruct(x: torch.Tensor) -> torch.Tensor:
         f = sae.encode(x).float()
         at_zero = sae.decode(torch.zeros_like(f)).float()  # b_d and anything else the decoder adds at f = 0
-        width = max(int((f > 0).sum(1).max()), 1)
-        vals, idx = f.topk(width, dim=1)
-        A = sae.W_dec.float()[idx] * (vals > 0).float().unsqueeze(-1)  # rows x width x d; inactive slots zeroed
+        width = max(int((f != 0).sum(1).max()), 1)
+        idx = f.abs().topk(width, dim=1).indices
+        active = (f.gather(1, idx) != 0).float().unsqueeze(-1)
+        A = sae.W_dec.float()[idx] * active  # rows x width x d; the slots of inactive latents zeroed
         gram = A @ A.transpose(1, 2) + 1e-6 * torch.eye(width)  # the ridge only pins the zeroed slots
         c = torch.linalg.solve(gram, A @ (x - at_zero).unsqueeze(-1))
-        x_hat = at_zero + (c.transpose(1, 2) @ A).squeeze(1)
-        err += ((x - x_hat) ** 2).sum().item()
-        var += ((x - mu) ** 2).sum().item()
-    return err / var
+        return (at_zero + (c.transpose(1, 2) @ A).squeeze(1)).double()
+
+    return _fvu(held, reconstruct, chunk)
 
 
 @torch.no_grad()
 def refit_fvu(sae: SAE, train: torch.Tensor, held: torch.Tensor, chunk: int = 8192) -> float:
     m = sae.W_dec.shape[0]
 
-    def design(x):
+    def design(x: torch.Tensor) -> torch.Tensor:  # the codes and a constant column (for b_d)
         f = sae.encode(x).double()
         return torch.cat([f, torch.ones(len(f), 1, dtype=torch.float64)], 1)
 
     gram = torch.zeros(m + 1, m + 1, dtype=torch.float64)
     cross = torch.zeros(m + 1, train.shape[1], dtype=torch.float64)
-    for s in range(0, train.shape[0], chunk):
-        f1 = design(train[s:s + chunk])
+    for x in train.split(chunk):
+        f1 = design(x)
         gram += f1.T @ f1
-        cross += f1.T @ train[s:s + chunk].double()
+        cross += f1.T @ x.double()
     B = torch.linalg.solve(gram + 1e-6 * torch.eye(m + 1, dtype=torch.float64), cross)
-    err = var = 0.0
-    mu = held.mean(0)
-    for s in range(0, held.shape[0], chunk):
-        x = held[s:s + chunk]
-        err += ((x.double() - design(x) @ B) ** 2).sum().item()
-        var += ((x - mu) ** 2).sum().item()
-    return err / var
+    return _fvu(held, lambda x: design(x) @ B, chunk)
 
 
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("saes", nargs="+", type=Path, help="saved SAE folders")
-    ap.add_argument("--set", default="stories", help="the quality set the SAEs were trained on")
+    ap.add_argument("--set", default="stories", choices=qd.SETS, help="the quality set the SAEs were trained on")
     ap.add_argument("--data", type=Path, default=qd.REPO / "runs" / "quality_data")
     ap.add_argument("--fit-rows", type=int, default=1_000_000, help="training rows for the decoder refit")
     args = ap.parse_args(argv)
@@ -83,7 +82,10 @@ def main(argv: list[str] | None = None) -> None:
         train = qd.toy_rows(args.fit_rows, torch.Generator().manual_seed(777), qd.toy_directions())  # not the held-out seed
     train, held = train[:args.fit_rows].float(), held.float()
     for path in args.saes:
-        sae = SAE.load(path)
+        try:
+            sae = SAE.load(path)
+        except SaeforgeError as e:  # a missing, partial or corrupt folder: one line, not a traceback
+            sys.exit(f"magnitudes.py: {path}: {e}")
         sae.eval()
         rec = {"sae": str(path), **{k: round(v, 5) for k, v in qd.heldout_metrics(sae.encode, sae.decode, held).items()}}
         rec["oracle_fvu"] = round(oracle_fvu(sae, held), 5)

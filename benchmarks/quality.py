@@ -84,13 +84,13 @@ def run_saeforge(args, name: str, tokens: int) -> dict:
     tcfg = TrainConfig(**train_kw)
     stream = TensorStream(name, train, args.batch, tokens, args.seed)
     with tempfile.TemporaryDirectory() as scratch:
-        tmp = str(args.keep / name) if args.keep else scratch  # --keep: the run folder outlives the benchmark
-        trainer = Trainer({"": cfg}, stream, tcfg, tmp)
+        run_dir = str(args.keep / name) if args.keep else scratch  # --keep: the run folder outlives the benchmark
+        trainer = Trainer({"": cfg}, stream, tcfg, run_dir)
         t0 = time.perf_counter()
         trainer.fit(progress=not args.quiet)
         secs = time.perf_counter() - t0
-        sae = SAE.load(tmp)  # what the user gets: the saved SAE, not the object in memory
-        last = [json.loads(line) for line in open(Path(tmp) / "metrics.jsonl")][-1]
+        sae = SAE.load(run_dir)  # what the user gets: the saved SAE, not the object in memory
+        last = [json.loads(line) for line in open(Path(run_dir) / "metrics.jsonl")][-1]
     sae.eval()
     rec = {"lib": "saeforge", "set": name, "arch": args.arch, "tokens": tokens, "d_in": d,
            "d_sae": cfg.d_sae, "k": args.k, "lr": trainer.runs[""].opt.param_groups[0]["initial_lr"],
@@ -162,6 +162,11 @@ def main(argv: list[str] | None = None) -> None:
         print(render(args.render))
         return
     tokens = parse_size(args.tokens)
+    if args.keep and not args.no_saeforge:
+        for name in args.sets.split(","):
+            if (args.keep / name).exists() and any((args.keep / name).iterdir()):
+                ap.error(f"--keep: {args.keep / name} is not empty (it would resume an earlier run and time only "
+                         f"its rest); pass a new folder")
     results = []
     for name in args.sets.split(","):
         if name != "toy":
