@@ -5,7 +5,9 @@ For each configuration (d, m, k, batch, dtype) it prints one JSON line with toke
 GFLOP/s counting only the unavoidable encoder product (2·d·m FLOPs per token), that figure as a
 fraction of the machine's peak for a ``[batch, d] × [d, m]`` product in the same dtype (measured in
 the same process right before each repeat), the step-time breakdown (encode, topk, decode, backward,
-optimizer; backward is split into the encoder's and decoder's sparse gradients and the rest) and the
+optimizer; backward is split into the encoder's and decoder's sparse gradients and the rest, the optimizer into the
+decoder-gradient projection, the gradient norm (and clip, under Adam), the optimizer step and the decoder
+renormalisation) and the
 peak RSS. Each configuration runs in its own subprocess so the RSS figures do not mix; the subprocess
 gets ``OMP_WAIT_POLICY=PASSIVE`` unless told otherwise (``--omp-wait-policy``): on a machine shared with
 other jobs, spinning OpenMP workers waste the time slices that the busy ones need (docs/performance.md).
@@ -73,12 +75,26 @@ def measure_peak(B: int, d: int, m: int, dtype, device, cap_s: float, reps: int 
     return 2.0 * B * d * m / best / 1e9, {"shape": [B, d, m], "runs": len(times), "best_s": round(best, 5)}
 
 
+def _lap(prof: dict | None, key: str, device, t0: float) -> float:
+    """Add the seconds since ``t0`` to ``prof[key]`` (when profiling); returns now."""
+    _sync(device)
+    t1 = time.perf_counter()
+    if prof is not None:
+        prof[key] = prof.get(key, 0.0) + (t1 - t0)
+    return t1
+
+
+OPT_PARTS = ("opt_project", "opt_clip", "opt_step", "opt_renorm")
+
+
 def _phase_times(prof: dict, t_fwd: float, t_bwd: float, t_opt: float) -> dict:
     enc, topk = prof.get("encode", 0.0), prof.get("topk", 0.0)
     be, bd = prof.get("bwd_encoder", 0.0), prof.get("bwd_decoder", 0.0)
+    parts = {k: prof.get(k, 0.0) for k in OPT_PARTS}
     return {"encode": enc, "topk": topk, "decode": max(0.0, t_fwd - enc - topk), "backward": t_bwd,
             "backward_encoder_grad": be, "backward_decoder_grad": bd,
-            "backward_other": max(0.0, t_bwd - be - bd), "optimizer": t_opt}
+            "backward_other": max(0.0, t_bwd - be - bd), "optimizer": t_opt, **parts,
+            "opt_other": max(0.0, t_opt - sum(parts.values()))}
 
 
 def run_config(c: dict) -> dict:
@@ -147,11 +163,18 @@ def run_config(c: dict) -> dict:
         _sync(device)
         t2 = time.perf_counter()
         sae.before_optimizer_step()
-        torch.nn.utils.clip_grad_norm_(sae.parameters(), 1.0)
+        t = _lap(prof, "opt_project", device, t2)
+        if c["optimizer"] == "signum":  # as the trainer: the norm only (a positive factor cannot change a sign)
+            torch.nn.utils.get_total_norm([p.grad for p in sae.parameters() if p.grad is not None])
+        else:
+            torch.nn.utils.clip_grad_norm_(sae.parameters(), 1.0)
+        t = _lap(prof, "opt_clip", device, t)
         opt.step()
         sched.step()
         opt.zero_grad(set_to_none=True)
+        t = _lap(prof, "opt_step", device, t)
         sae.after_optimizer_step(i, 10**6)
+        t = _lap(prof, "opt_renorm", device, t)
         since.add_(B)
         since.masked_fill_(out.fired, 0)
         with torch.no_grad():

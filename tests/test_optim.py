@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from saeforge.train.optim import ScheduleFreeSign
+from saeforge.train.optim import ScheduleFreeSign, match_param_layout
 
 
 def test_two_steps_worked_by_hand():
@@ -81,3 +81,19 @@ def test_resampling_resets_the_schedule_free_state_of_the_reset_rows_only():
     p.grad = torch.zeros(3, 2)
     opt.step()
     assert torch.equal(p.detach()[1], torch.tensor([5.0, 6.0]))
+
+
+def test_loaded_state_takes_its_weight_layout_and_keeps_its_values():
+    w = torch.nn.Parameter(torch.randn(6, 4).t())  # stored transposed, as SAE.W_enc
+    opt = ScheduleFreeSign([w], lr=0.1)
+    w.grad = torch.randn(4, 6)
+    opt.step()
+    saved = {k: v for k, v in opt.state_dict().items()}
+    z = saved["state"][0]["z"]
+    saved["state"][0]["z"] = z.contiguous()  # as read back from a safetensors checkpoint
+    assert saved["state"][0]["z"].stride() != w.stride()
+    fresh = ScheduleFreeSign([w], lr=0.1)
+    fresh.load_state_dict(saved)
+    match_param_layout(fresh)
+    z2 = fresh.state[w]["z"]
+    assert z2.stride() == w.stride() and torch.equal(z2, z)

@@ -254,6 +254,25 @@ def test_topk_training_forward_matches_dense_and_the_sae(multi_topk, any_dead):
     assert close(outs[0].y_hat, outs[1].y_hat)
 
 
+@pytest.mark.parametrize("sparse", [True, False])
+def test_encoder_weight_and_its_gradient_are_latent_major(sparse):
+    # W_enc is [d_in, d_sae] stored as [d_sae, d_in], the layout the sparse backward writes its gradient in,
+    # so autograd keeps that gradient as it is instead of copying it transposed each step.
+    torch.manual_seed(0)
+    sae = create_sae(make_config("topk", d_in=16, d_sae=128, k=4))
+    assert sae.W_enc.shape == (16, 128) and sae.W_enc.stride() == (1, 16)
+    x = torch.randn(32, 16)
+    sae.training_forward_with(TrainStepInput(x, x, 0, 10, None), sparse=sparse).loss.backward()
+    assert sae.W_enc.grad.stride() == sae.W_enc.stride()
+    # a transcoder's W_enc is drawn, not copied: the same numbers as drawing into a [d_in, d_sae] tensor
+    tc = create_sae(make_config("topk", d_in=16, d_sae=128, k=4, d_out=8, apply_b_dec_to_input=False))
+    torch.manual_seed(3)
+    tc.reset_parameters()
+    torch.manual_seed(3)
+    torch.nn.init.kaiming_uniform_(torch.empty(128, 8), a=5 ** 0.5)
+    assert torch.equal(tc.W_enc, torch.nn.init.kaiming_uniform_(torch.empty(16, 128), a=5 ** 0.5))
+
+
 def test_twenty_adam_steps_give_the_same_weights_as_the_dense_step():
     torch.manual_seed(1)
     cfg = make_config("topk", d_in=12, d_sae=256, k=6, k_aux=16)

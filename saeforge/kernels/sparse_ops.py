@@ -6,11 +6,14 @@
   of W_encᵀ: a sparse ``[n, B] × [B, d]`` product instead of a dense one)
 
 Each costs O(B·K·d), against O(B·n·d) for the dense products they replace. On CUDA with Triton they
-dispatch to :mod:`saeforge.kernels.triton_ops`; elsewhere they use PyTorch's own sparse kernels
-(``embedding_bag`` and a pre-sorted COO ``sparse.mm``), which need no ``[B, n]`` or ``[B, K, d]``
-temporary.
+dispatch to :mod:`saeforge.kernels.triton_ops`; elsewhere they use ATen's ``embedding_bag`` (its forward
+for the two sums, its per-sample-weight backward for the dots), which needs no ``[B, n]`` or ``[B, K, d]``
+temporary. The two backward products visit the pairs grouped by row of ``W`` (:func:`row_bags`: one
+sort, shared by both when they use the same indices).
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -33,26 +36,59 @@ def gather_sum(idx: Tensor, w: Tensor, W: Tensor) -> Tensor:
     return F.embedding_bag(idx, W, per_sample_weights=w.to(W.dtype), mode="sum")
 
 
-def gather_dots(idx: Tensor, W: Tensor, g: Tensor) -> Tensor:
-    """``out[b, j] = ⟨W[idx[b, j]], g[b]⟩`` for ``idx [B, K]``, ``W [n, d]``, ``g [B, d]`` -> fp32 ``[B, K]``."""
+@dataclass
+class RowBags:
+    """The pairs of ``idx [B, K]`` regrouped by row of ``W``: ``order`` sorts the flattened pairs by row (stable,
+    so tokens stay ascending within a row), ``tokens`` and ``rows`` are each sorted pair's token and row, and
+    ``offsets [n]`` is where each row's pairs start. One sort serves both decoder-backward products."""
+
+    order: Tensor
+    tokens: Tensor
+    rows: Tensor
+    offsets: Tensor
+
+
+def row_bags(idx: Tensor, n: int) -> RowBags:
+    """:class:`RowBags` of ``idx [B, K]`` for a ``W`` of ``n`` rows. Only the row indices are sorted, as int32
+    with a stable 1-D sort (131k pairs: under 1 ms on 2 threads)."""
+    K = idx.shape[1]
+    flat = idx.reshape(-1)
+    order = flat.to(torch.int32).sort(stable=True).indices
+    counts = torch.bincount(flat, minlength=n)
+    return RowBags(order, torch.div(order, K, rounding_mode="floor"), flat[order], torch.cumsum(counts, 0) - counts)
+
+
+def gather_dots(idx: Tensor, W: Tensor, g: Tensor, bags: RowBags | None = None) -> Tensor:
+    """``out[b, j] = ⟨W[idx[b, j]], g[b]⟩`` for ``idx [B, K]``, ``W [n, d]``, ``g [B, d]`` -> fp32 ``[B, K]``.
+
+    On CPU: ATen's per-sample-weight backward of ``embedding_bag`` (one dot per pair, no temporaries) with
+    the roles swapped, W's rows as the bags and g as the table, so the pairs are visited row by row: each
+    row of W is read from memory once and the ``[B, d]`` operand, which fits in cache, is gathered. d = 768,
+    n = 16,384, B = 4,096, K = 32, 2 threads: 0.019 s against 0.037 s visiting the pairs token by token.
+    """
     B, K = idx.shape
     if K == 0:
         return g.new_zeros(B, 0, dtype=torch.float32)
     g = g.to(W.dtype).contiguous()
     if _use_triton(W):
         return triton_ops.gather_dots(idx, W, g)
-    # ATen's per-sample-weight backward of embedding_bag: one dot product per (row, index), no temporaries.
-    flat = idx.reshape(-1)
-    offsets = torch.arange(0, B * K, K, device=idx.device)
-    offset2bag = torch.arange(B, device=idx.device).repeat_interleave(K)
-    out = torch.ops.aten._embedding_bag_per_sample_weights_backward(g, W, flat, offsets, offset2bag, 0, -1)
+    bags = bags if bags is not None else row_bags(idx, W.shape[0])
+    dots = torch.ops.aten._embedding_bag_per_sample_weights_backward(W.contiguous(), g, bags.tokens, bags.offsets,
+                                                                     bags.rows, 0, -1)
+    out = torch.empty(B * K, dtype=dots.dtype, device=dots.device)
+    out[bags.order] = dots
     return out.view(B, K).float()
 
 
-def scatter_rows(idx: Tensor, w: Tensor, src: Tensor, n: int) -> Tensor:
+def scatter_rows(idx: Tensor, w: Tensor, src: Tensor, n: int, bags: RowBags | None = None) -> Tensor:
     """``out [n, d]`` (fp32) with ``out[idx[b, j]] += w[b, j] · src[b]`` for ``idx, w [B, K]``, ``src [B, d]``.
 
     Duplicated ``(row, b)`` pairs add up, so the main and AuxK index sets can be passed concatenated.
+
+    On CPU: an ``embedding_bag`` over ``src`` whose bag i holds the tokens that chose row i, weighted by
+    ``w`` (ATen's fastest sparse kernel there: each output row is written once). Against ``torch.sparse.mm``
+    on a pre-sorted COO matrix (used until the eleventh session), d = 768, n = 16,384, B = 4,096, K = 32,
+    2 threads: 0.027 s against 0.053–0.067 s (docs/performance.md). Empty bags sum to zero.
     """
     B, K = idx.shape
     d = src.shape[1]
@@ -62,34 +98,8 @@ def scatter_rows(idx: Tensor, w: Tensor, src: Tensor, n: int) -> Tensor:
         return src.new_zeros(n, d)
     if _use_triton(src):
         return triton_ops.scatter_rows(idx, w, src, n)
-    return torch.sparse.mm(_sorted_coo(idx, w, n), src)
-
-
-def _sorted_coo(idx: Tensor, w: Tensor, n: int) -> Tensor:
-    """The sparse matrix ``S [n, B]``, ``S[idx[b,j], b] = w[b,j]``, built already coalesced.
-
-    ``sparse.mm`` needs its COO operand sorted by (row, column) without repeats. ATen's own
-    ``coalesce`` sorts int64 ``row·B + col`` keys, which on a busy 2-core machine measured 100× slower
-    than one thread (0.27 s against 0.003 s for 131k keys). Here only the latent indices are sorted, as
-    int32 with a stable 1-D sort: the flattened order is token-major, so the stable sort leaves tokens
-    ascending within each latent. 131k keys, 2 threads: 1.7 ms, against 17.8 ms for the per-row sort of a
-    1 × N int64 tensor used before and 3.2 ms for int64 keys (1.7 / 21 / 7 ms next to a 2-thread matmul
-    in another process).
-    Repeated (latent, token) pairs (possible when index sets are concatenated, or in padding) are
-    summed with one ``index_add``.
-    """
-    B, K = idx.shape
-    rows = idx.reshape(-1)
-    cols = torch.arange(B, device=idx.device).repeat_interleave(K)
-    order = rows.to(torch.int32).sort(stable=True).indices  # stable: tokens stay ascending within a latent
-    rows, cols, vals = rows[order], cols[order], w.reshape(-1)[order]
-    key = rows * B + cols
-    if rows.numel() > 1 and bool((key[1:] == key[:-1]).any()):
-        uniq, inverse = torch.unique_consecutive(key, return_inverse=True)
-        vals = torch.zeros(uniq.numel(), dtype=vals.dtype, device=vals.device).index_add_(0, inverse, vals)
-        rows, cols = torch.div(uniq, B, rounding_mode="floor"), uniq.remainder(B)
-    return torch.sparse_coo_tensor(torch.stack([rows, cols]), vals, (n, B), is_coalesced=True,
-                                   check_invariants=False)
+    bags = bags if bags is not None else row_bags(idx, n)
+    return F.embedding_bag(bags.tokens, src, bags.offsets, mode="sum", per_sample_weights=w.reshape(-1)[bags.order])
 
 
 def index_sum(idx: Tensor, w: Tensor, n: int) -> Tensor:

@@ -136,7 +136,8 @@ class JumpReLUSAE(TargetL0, SAE):
             if self.cfg.d_out == n and not self.cfg.is_transcoder:
                 self.W_enc.copy_((n / m) * self.W_dec.T)
             else:
-                nn.init.uniform_(self.W_enc, -1 / math.sqrt(m), 1 / math.sqrt(m))
+                # drawn in [d_in, d_sae] order: the same numbers whatever W_enc's storage layout
+                self.W_enc.copy_(torch.empty(self.W_enc.shape).uniform_(-1 / math.sqrt(m), 1 / math.sqrt(m)))
 
     @torch.no_grad()
     def init_from_data(self, x: Tensor, y: Tensor) -> None:

@@ -29,6 +29,7 @@ from saeforge.distributed import split_bounds  # noqa: F401  (re-exported)
 from saeforge.errors import SaeforgeError
 from saeforge.sae.base import SAE
 from saeforge.sae.sharded import ShardedTopKSAE
+from saeforge.train.optim import match_param_layout
 
 
 class _Frozen:
@@ -196,6 +197,7 @@ class Parallel:
         else:
             sae.load_state_dict(model)
             opt.load_state_dict(opt_state)
+        match_param_layout(opt)
 
     def full_sae(self, sae: SAE) -> SAE:
         """The ordinary SAE to save and return (collective when sharded)."""
