@@ -204,12 +204,15 @@ def test_free_norm_recipes_take_their_own_adam_scale(tmp_path):
 
 
 def test_sign_descent_defaults_average_power_and_dead_window(tmp_path):
-    # schedule-free sign descent (TopK's default) weighs iterate k by (k+1)^2 and counts a latent dead after
+    # schedule-free sign descent (TopK's default) weighs iterate k by (k+1)^3 (the shared default is 2) and counts a latent dead after
     # 6 tokens per latent without firing; Adam keeps the run-length window (a tenth, at most 10M) and an explicit
-    # value wins for both (measured: docs/recipes/README.md, "Seventh session")
+    # value wins for both; TopK's AuxK α is 1/16, BatchTopK's the published 1/32 (measured: docs/recipes/README.md,
+    # "Seventh session" and "Eleventh session")
     from saeforge.train.config import DEAD_TOKENS, SIGNUM_AVERAGE_POWER, SIGNUM_DEAD_TOKENS_PER_LATENT
 
     assert (SIGNUM_AVERAGE_POWER, SIGNUM_DEAD_TOKENS_PER_LATENT) == (2.0, 6)
+    assert make_config("topk", d_in=D, d_sae=64).aux_coef == 1 / 16
+    assert make_config("batchtopk", d_in=D, d_sae=64).aux_coef == 1 / 32
     tc = TrainConfig(total_tokens=3_000_000, batch_size=4096)
     assert tc.dead_window("signum", 2048) == 12288 and tc.dead_window("signum", 6144) == 36864
     assert tc.dead_window("signum", 64) == 4096  # at least one batch
@@ -217,10 +220,13 @@ def test_sign_descent_defaults_average_power_and_dead_window(tmp_path):
     assert tc.dead_window("adam", 2048) == 300_000
     assert TrainConfig(total_tokens=10**9).dead_window("adam", 2048) == DEAD_TOKENS
     assert TrainConfig(dead_tokens=5000).dead_window("signum", 2048) == 5000
-    assert tc.average_power_or_default() == 2.0 and TrainConfig(average_power=0).average_power_or_default() == 0
-    cfgs = {"topk": make_config("topk", d_in=D, d_sae=64, k=4), "relu": make_config("relu", d_in=D, d_sae=64)}
+    assert tc.average_power_or_default() == 2.0 and TrainConfig(average_power=0).average_power_or_default(3.0) == 0
+    assert tc.average_power_or_default(3.0) == 3.0
+    cfgs = {"topk": make_config("topk", d_in=D, d_sae=64, k=4), "relu": make_config("relu", d_in=D, d_sae=64),
+            "btk": make_config("batchtopk", d_in=D, d_sae=64, k=4)}
     tr = Trainer(cfgs, _stream(), _tc(2, lr=None, total_tokens=10 * 4096, batch_size=4096, dead_tokens=None), tmp_path)
-    assert isinstance(tr.runs["topk"].opt, ScheduleFreeSign) and tr.runs["topk"].opt.defaults["power"] == 2.0
+    assert isinstance(tr.runs["topk"].opt, ScheduleFreeSign) and tr.runs["topk"].opt.defaults["power"] == 3.0
+    assert tr.runs["btk"].opt.defaults["power"] == 2.0  # BatchTopK (and Matryoshka) keep the shared r = 2
     assert tr.runs["topk"].dead_tokens == 4096  # 6 · 64 = 384 tokens, raised to one batch
     assert tr.runs["relu"].dead_tokens == 4096  # adam: a tenth of 40,960 tokens
     tr2 = Trainer({"a": cfgs["topk"]}, _stream(), _tc(2, optimizer="adam", dead_tokens=777), tmp_path / "b")

@@ -179,6 +179,9 @@ class SAE(nn.Module):
     sparse_kernels: bool = True
     chunk_rows: int | None = None  # rows per chunk of the sparse kernels (None: their default)
     has_b_enc: ClassVar[bool] = True
+    # schedule-free sign descent's averaging exponent r for this architecture where TrainConfig.average_power is
+    # unset; None: the trainer's shared SIGNUM_AVERAGE_POWER (saeforge/train/config.py)
+    signum_average_power: ClassVar[float | None] = None
 
     def __init__(self, cfg: SAEConfig):
         super().__init__()

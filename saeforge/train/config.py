@@ -9,7 +9,8 @@ DEAD_TOKENS = 10_000_000  # Gao et al. §A.2's dead-latent window
 # a latent's firings), measured with SIGNUM_AVERAGE_POWER: longer windows left the toy set's surplus latents dead
 # (docs/recipes/README.md, "Seventh session")
 SIGNUM_DEAD_TOKENS_PER_LATENT = 6
-# schedule-free sign descent's default averaging exponent r (Defazio et al.'s and sparsify's is 0), measured
+# schedule-free sign descent's default averaging exponent r (Defazio et al.'s and sparsify's is 0), measured; an
+# architecture may set its own (SAE.signum_average_power: TopK's is 3 since the eleventh session)
 SIGNUM_AVERAGE_POWER = 2.0
 
 from saeforge.config import JsonConfig
@@ -30,8 +31,8 @@ class TrainConfig(JsonConfig):
     # architecture's default_optimizer() (docs/recipes/README.md says which and why)
     optimizer: str | None = None
     momentum: float = 0.95  # signum: the schedule-free interpolation β (sparsify's 0.95)
-    # signum: iterate k weighs (k+1)^r in the schedule-free average (Defazio et al.'s r); None: SIGNUM_AVERAGE_POWER
-    # (2, measured: docs/recipes/README.md); 0 is the paper's and sparsify's
+    # signum: iterate k weighs (k+1)^r in the schedule-free average (Defazio et al.'s r); None: the architecture's
+    # (TopK 3), else SIGNUM_AVERAGE_POWER (2; measured: docs/recipes/README.md); 0 is the paper's and sparsify's
     average_power: float | None = None
     betas: tuple[float, float] | None = None  # None: the recipe's (adam_defaults()), else (0.9, 0.999)
     eps: float | None = None  # None: the recipe's (e.g. Gao et al.'s 6.25e-10 for topk), else 1e-8
@@ -87,6 +88,9 @@ class TrainConfig(JsonConfig):
         default = SIGNUM_DEAD_TOKENS_PER_LATENT * d_sae if optimizer == "signum" else self.total_tokens // 10
         return min(DEAD_TOKENS, max(self.batch_size, default))
 
-    def average_power_or_default(self) -> float:
-        """Schedule-free sign descent's averaging exponent r (``average_power``, else SIGNUM_AVERAGE_POWER)."""
-        return SIGNUM_AVERAGE_POWER if self.average_power is None else self.average_power
+    def average_power_or_default(self, arch_default: float | None = None) -> float:
+        """Schedule-free sign descent's averaging exponent r: ``average_power``, else the architecture's
+        (``SAE.signum_average_power``), else SIGNUM_AVERAGE_POWER."""
+        if self.average_power is not None:
+            return self.average_power
+        return SIGNUM_AVERAGE_POWER if arch_default is None else arch_default

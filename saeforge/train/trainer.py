@@ -206,7 +206,7 @@ class Trainer:
         """``TrainConfig.optimizer`` (else the architecture's ``default_optimizer()``) for ``sae``."""
         cfg = self.cfg
         if kind == "signum":
-            return ScheduleFreeSign(sae.parameters(), lr, cfg.momentum, cfg.average_power_or_default())
+            return ScheduleFreeSign(sae.parameters(), lr, cfg.momentum, cfg.average_power_or_default(sae.signum_average_power))
         hints = sae.adam_defaults()
         betas = tuple(cfg.betas) if cfg.betas is not None else tuple(hints.get("betas", (0.9, 0.999)))
         eps = cfg.eps if cfg.eps is not None else hints.get("eps", 1e-8)
