@@ -331,6 +331,8 @@ CASES: list[tuple[str, A, str] | tuple[str, A, str, int]] = [
     ("train-set-k-abc", lambda w, t: _train_argv(w, t / "o", "--set", "aux_coef=abc"), "aux_coef must be a number"),
     ("train-set-int-abc", lambda w, t: _train_argv(w, t / "o", "--set", "k_aux=abc"), "k_aux must be an integer"),
     ("train-set-nan", lambda w, t: _train_argv(w, t / "o", "--set", "aux_coef=NaN"), "must be a finite number"),
+    ("train-set-aux-negative", lambda w, t: _train_argv(w, t / "o", "--set", "aux_coef=-1"),
+     "aux_coef must be a finite number >= 0"),
     ("train-set-unknown", lambda w, t: _train_argv(w, t / "o", "--set", "bogus=1"), "unknown key(s) ['bogus']"),
     ("train-set-no-equals", lambda w, t: _train_argv(w, t / "o", "--set", "k"), "needs the form key=value"),
     ("train-arch-unknown", lambda w, t: _train_argv(w, t / "o", "--arch", "nope"), "unknown SAE architecture 'nope'"),

@@ -204,10 +204,10 @@ def test_free_norm_recipes_take_their_own_adam_scale(tmp_path):
 
 
 def test_sign_descent_defaults_average_power_and_dead_window(tmp_path):
-    # schedule-free sign descent (TopK's default) weighs iterate k by (k+1)^3 (the shared default is 2) and counts a latent dead after
-    # 6 tokens per latent without firing; Adam keeps the run-length window (a tenth, at most 10M) and an explicit
-    # value wins for both; TopK's AuxK α is 1/16, BatchTopK's the published 1/32 (measured: docs/recipes/README.md,
-    # "Seventh session" and "Eleventh session")
+    # schedule-free sign descent weighs iterate k by (k+1)^r, r = 2 shared and 3 for TopK, and counts a latent dead
+    # after 6 tokens per latent without firing; Adam keeps the run-length window (a tenth, at most 10M) and an
+    # explicit value wins for both; TopK's AuxK α is 1/16, BatchTopK's the published 1/32 (measured:
+    # docs/recipes/README.md, "Seventh session" and "Eleventh session")
     from saeforge.train.config import DEAD_TOKENS, SIGNUM_AVERAGE_POWER, SIGNUM_DEAD_TOKENS_PER_LATENT
 
     assert (SIGNUM_AVERAGE_POWER, SIGNUM_DEAD_TOKENS_PER_LATENT) == (2.0, 6)

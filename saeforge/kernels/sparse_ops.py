@@ -58,6 +58,12 @@ def row_bags(idx: Tensor, n: int) -> RowBags:
     return RowBags(order, torch.div(order, K, rounding_mode="floor"), flat[order], torch.cumsum(counts, 0) - counts)
 
 
+def shared_bags(idx: Tensor, W: Tensor) -> RowBags | None:
+    """The :class:`RowBags` that :func:`gather_dots` and :func:`scatter_rows` can share for ``idx`` and ``W``;
+    None where the Triton kernels take over (they need no sort)."""
+    return None if _use_triton(W) else row_bags(idx, W.shape[0])
+
+
 def gather_dots(idx: Tensor, W: Tensor, g: Tensor, bags: RowBags | None = None) -> Tensor:
     """``out[b, j] = ⟨W[idx[b, j]], g[b]⟩`` for ``idx [B, K]``, ``W [n, d]``, ``g [B, d]`` -> fp32 ``[B, K]``.
 

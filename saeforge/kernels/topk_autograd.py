@@ -30,7 +30,7 @@ import torch
 from torch import Tensor
 
 from saeforge.kernels.selectors import BatchTopKSelector, TopKSelector
-from saeforge.kernels.sparse_ops import gather_dots, gather_sum, index_sum, row_bags, scatter_rows
+from saeforge.kernels.sparse_ops import gather_dots, gather_sum, index_sum, scatter_rows, shared_bags
 
 # Dense pre-activation elements held at once (one chunk of rows): 2^28 = 1 GiB in fp32. The default
 # keeps a 4096 × 16384 batch in one chunk: on a busy 2-core CPU each chunk costs a few thread
@@ -181,7 +181,7 @@ class SparseDecode(torch.autograd.Function):
         v2, i2, W_dec = ctx.saved_tensors
         g2 = g.reshape(-1, W_dec.shape[1])
         g_v = g_w = None
-        bags = row_bags(i2, W_dec.shape[0]) if not W_dec.is_cuda else None  # one sort for both products
+        bags = shared_bags(i2, W_dec)  # one sort for both products
         if ctx.needs_input_grad[0]:
             g_v = gather_dots(i2, W_dec, g2, bags).to(v2.dtype).reshape(*ctx.lead, v2.shape[-1])
         if ctx.needs_input_grad[2]:

@@ -45,6 +45,7 @@ class BatchTopKConfig(SAEConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        self.require_finite("aux_coef", minimum=0.0)
         if not 0 < self.k <= self.d_sae:
             raise SaeforgeError(f"k={self.k} must be between 1 and d_sae={self.d_sae}")
         if self.threshold_beta is not None and not 0 <= self.threshold_beta < 1:

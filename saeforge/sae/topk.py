@@ -33,8 +33,8 @@ from saeforge.sae.geometric_median import geometric_median
 class TopKConfig(SAEConfig):
     k: int = 32
     k_aux: int | None = None  # None: the power of two nearest d_in / 2 (Gao et al. §A.2)
-    # AuxK's α: Gao et al.'s 1/32 doubled (eleventh session, docs/recipes/topk.md: with sign descent's r = 3 it keeps the
-    # toy set's surplus latents alive, 0.78 % dead at 10M tokens against 1.07 %, and recovery over 99 %)
+    # AuxK's α: Gao et al.'s 1/32 doubled (eleventh session, docs/recipes/topk.md: with sign descent's r = 3 it
+    # keeps the toy set's surplus latents alive, 0.78 % dead at 10M tokens against 1.07 %, and recovery over 99 %)
     aux_coef: float = 1 / 16
     multi_topk: bool = False  # add L(4k)/8 (Gao et al. §A.3)
     init_b_dec_geometric_median: bool = True
@@ -43,6 +43,7 @@ class TopKConfig(SAEConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        self.require_finite("aux_coef", minimum=0.0)
         if not 0 < self.k <= self.d_sae:
             raise SaeforgeError(f"k={self.k} must be between 1 and d_sae={self.d_sae}")
         if self.k_aux is None:
@@ -59,6 +60,9 @@ def topk_relu(h: Tensor, k: int) -> tuple[Tensor, Tensor]:
 class TopKSAE(SAE):
     config_class = TopKConfig
     cfg: TopKConfig
+    # r = 3 (iterate k weighs (k+1)³) with AuxK α = 1/16: the toy set's recovery over 99 % at 10M tokens with < 1 %
+    # dead, MiniLM and stories a little better than at the shared r = 2 (eleventh session, docs/recipes/README.md)
+    signum_average_power: ClassVar[float | None] = 3.0
 
     def activate(self, h: Tensor) -> Tensor:
         vals, idx = topk_relu(h, self.cfg.k)
@@ -73,10 +77,6 @@ class TopKSAE(SAE):
 
     def published_lr(self) -> float:
         return 2e-4 / math.sqrt(self.cfg.d_sae / 2**14)
-
-    # r = 3 (iterate k weighs (k+1)³) with AuxK α = 1/16: the toy set's recovery over 99 % at 10M tokens with < 1 %
-    # dead, MiniLM and stories a little better than at the shared r = 2 (eleventh session, docs/recipes/README.md)
-    signum_average_power: ClassVar[float | None] = 3.0
 
     def default_optimizer(self) -> str:
         """Schedule-free sign descent, as sparsify (a deviation from Gao et al.'s Adam, kept because it measured

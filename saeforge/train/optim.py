@@ -79,10 +79,10 @@ class ScheduleFreeSign(torch.optim.Optimizer):
 def match_param_layout(opt: torch.optim.Optimizer) -> None:
     """Give every per-weight state tensor its parameter's memory layout (after ``load_state_dict``).
 
-    Loaded state is contiguous (safetensors), while a weight may be stored transposed (``W_enc`` is latent-major,
-    :func:`saeforge.sae.base.latent_major`); mixing layouts keeps the values but makes every elementwise
-    optimizer pass strided (d = 768, m = 16,384, measured in isolation: 3–4× slower). Values are unchanged, so a resumed run stays
-    byte-identical.
+    Loaded state is contiguous (safetensors), while a weight may be stored transposed (``W_enc`` is
+    latent-major, :func:`saeforge.sae.base.latent_major`); mixing layouts keeps the values but makes every
+    elementwise optimizer pass strided (d = 768, m = 16,384, measured in isolation: 3–4× slower). Values are
+    unchanged, so a resumed run stays byte-identical.
     """
     for group in opt.param_groups:
         for p in group["params"]:
