@@ -29,6 +29,13 @@ from saeforge.kernels import (
 )
 from saeforge.sae import TrainStepInput, create_sae, make_config
 from saeforge.kernels.topk_autograd import sparse_decode as sae_sparse_decode
+from saeforge.kernels import select
+
+
+@pytest.fixture(autouse=True)
+def _prune_small_rows(monkeypatch):
+    """These tests' batches are small; make ``topk_rows`` prune them anyway (the path large batches take)."""
+    monkeypatch.setattr(select, "SMALL", 0)
 
 
 def close(a: torch.Tensor, b: torch.Tensor, rtol: float = 1e-5) -> bool:
@@ -64,6 +71,22 @@ def test_topk_rows_with_ties_and_bf16(m):
     vb, ib = topk_rows(hb, 16)
     assert vb.dtype == torch.bfloat16
     assert torch.equal(vb.sort(-1).values, hb.topk(16).values.sort(-1).values)
+
+
+def test_topk_rows_keeps_nan_and_handles_infinite_rows():
+    """A NaN pre-activation must reach the loss (the trainer's guard reports it), never drop out of the
+    candidates; rows of −inf and rows with a single finite value still give k distinct indices."""
+    g = torch.Generator().manual_seed(3)
+    h = torch.randn(6, 4096, generator=g)
+    h[1, 77] = float("nan")
+    h[2] = float("-inf")
+    h[3] = float("-inf")
+    h[3, 1000] = 2.0
+    v, i = topk_rows(h, 32)
+    assert torch.isnan(v[1]).any() and 77 in i[1].tolist()
+    assert torch.equal(v[0].sort().values, h[0].topk(32).values.sort().values)
+    assert (v[2] == float("-inf")).all() and v[3].max() == 2.0 and 1000 in i[3].tolist()
+    assert (i.sort(-1).values.diff(dim=-1) > 0).all()
 
 
 # ---- primitives ------------------------------------------------------------------------------------

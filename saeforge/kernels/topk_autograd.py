@@ -17,7 +17,8 @@ value gradients per row (:func:`gather_dots`) and the touched decoder rows (:fun
 
 Precision: under ``torch.autocast`` the encoder product runs in the autocast dtype (as autocast would
 run ``x @ W_enc``), the bias is added in fp32 as in the eager model, and every gradient is accumulated
-in fp32 for the fp32 master weights.
+in fp32 for the fp32 master weights. In fp32 the bias rides in the product (``addmm``): no second pass over the
+``[B, n]`` pre-activations (their last bits may differ from ``mm`` + ``add``).
 """
 from __future__ import annotations
 
@@ -113,8 +114,10 @@ class SparseEncode(torch.autograd.Function):
                 if bias is not None and amp is not None:
                     return (part @ w) + bias  # bf16/fp16 product, fp32 bias: promotes to fp32 like eager
                 out = _workspace(part.shape[0], n, w.dtype) if dev.type == "cpu" else None
-                h = torch.mm(part, w, out=out)
-                return h.add_(bias) if bias is not None else h
+                if bias is None:
+                    return torch.mm(part, w, out=out)
+                # the bias rides in the product's epilogue instead of a second pass over [rows, n]
+                return torch.addmm(bias, part, w, out=out)
 
             step = chunk_rows or default_chunk_rows(B, n, dev)
             selector.begin(B, n, dev)
